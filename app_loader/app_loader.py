@@ -1,0 +1,105 @@
+# The app loader: decides whether the user app may run (dependencies met, image
+# intact, not crash-looping) and runs it. Safe-mode reasons are recorded, never silent.
+import sys
+import gc
+import module_format as mf
+import flashfs
+
+APP_STATE_FILE = "/keel/app_state.json"
+CRASH_FILE = "/keel/crash.txt"
+CRASH_LIMIT = 3
+
+# Safe-mode reasons (the enum the status and the cloud report).
+SAFE_DEPENDENCY = "dependency"
+SAFE_INTEGRITY = "integrity"
+SAFE_PLATFORM = "platform"
+SAFE_APP_CRASH = "app-crash"
+SAFE_REQUESTED = "requested"
+
+
+class Decision:
+    def __init__(self, mode="normal", reason=None, missing=None, app="none"):
+        self.mode = mode
+        self.reason = reason
+        self.missing = missing or []
+        self.app = app
+
+
+def _missing(slots):
+    """Unmet dependencies of every valid module, highest requirement per module."""
+    installed = [s.info for s in slots if s.valid]
+    needed = {}
+    for s in slots:
+        if not s.valid:
+            continue
+        for dep in mf.missing_dependencies(s.info, installed):
+            key = (dep[0], dep[1])
+            if needed.get(key, 0) < dep[2]:
+                needed[key] = dep[2]
+    return [mf.dependency_dict((k[0], k[1], v)) for k, v in sorted(needed.items())]
+
+
+def _app_crashes(app_slot):
+    state = flashfs.read_json(APP_STATE_FILE, {})
+    if state.get("sha256") != app_slot.installed_digest():
+        return 0
+    return state.get("crashes", 0)
+
+
+def evaluate(slots):
+    system = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART]
+    app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
+    app = app[0] if app else None
+    for s in system:
+        if not s.valid and s.reason != "empty":
+            return Decision("safe", s.reason, app="not-run")
+    missing = _missing(slots)
+    for s in system:
+        if not s.valid:  # an empty system slot is an unmet dependency of the system
+            missing.append({"function": "system-part", "index": s.index, "version": None})
+    if app is None or (app.info is None and app.reason == "empty"):
+        if missing:
+            return Decision("safe", SAFE_DEPENDENCY, missing, "none")
+        return Decision(app="none")
+    if not app.valid:
+        return Decision("safe", app.reason, missing, "not-run")
+    if missing:
+        return Decision("safe", SAFE_DEPENDENCY, missing, "not-run")
+    if _app_crashes(app) >= CRASH_LIMIT:
+        return Decision("safe", SAFE_APP_CRASH, app="crashed")
+    return Decision(app="not-run")
+
+
+def _record_attempt(app_slot, crashes):
+    flashfs.write_json(APP_STATE_FILE, {"sha256": app_slot.installed_digest(), "crashes": crashes})
+
+
+def save_traceback(exc):
+    import io
+
+    buf = io.StringIO()
+    sys.print_exception(exc, buf)
+    text = buf.getvalue()
+    flashfs.write_atomic(CRASH_FILE, text)
+    return text
+
+
+def last_traceback():
+    return flashfs.read_text(CRASH_FILE)
+
+
+def start_app(app_slot, on_started):
+    """Import the app and run its setup(). Counts the attempt first, so a crash or a
+    power cut during start-up counts too. Returns the app module, or raises."""
+    crashes = _app_crashes(app_slot)
+    _record_attempt(app_slot, crashes + 1)
+    sys.path.append(app_slot.code_dir)
+    gc.collect()
+    on_started(gc.mem_free())
+    import main
+
+    setup = getattr(main, "setup", None)
+    if setup:
+        setup()
+    _record_attempt(app_slot, 0)
+    return main

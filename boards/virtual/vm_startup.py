@@ -1,0 +1,114 @@
+# The virtual board's "firmware" start-up, run by the MicroPython unix port.
+# It plays the part of a real port's frozen _boot.py: it maps the file-backed
+# flash into partitions (the `vboard` module, shaped like esp32.Partition),
+# mounts the LittleFS partition at / and runs /boot.py, as a board would.
+#   micropython -X heapsize=192K vm_startup.py DEVICE_DIR RESET_CAUSE
+import sys
+import os
+import vfs
+import json
+
+_RESET_EXIT = 100  # exit status that asks the host runner for a reset
+
+
+class Partition:
+    _table = {}
+    _flash = None
+    BLOCK_SIZE = 4096
+
+    def __init__(self, label, offset, size):
+        self.label = label
+        self.offset = offset
+        self.size = size
+
+    @classmethod
+    def find(cls, label):
+        return cls._table.get(label)
+
+    def info(self):
+        return (self.label, self.offset, self.size)
+
+    def readblocks(self, block, buf, offset=0):
+        start = block * self.BLOCK_SIZE + offset
+        if start + len(buf) > self.size:
+            raise OSError(22)
+        f = self._flash
+        f.seek(self.offset + start)
+        f.readinto(buf)
+
+    def writeblocks(self, block, buf, offset=None):
+        # Real NOR flash: writing without erase first would AND the bits; we only
+        # allow the pattern the callers use (erase, then program).
+        if offset is None:
+            for i in range(len(buf) // self.BLOCK_SIZE):
+                self.ioctl(6, block + i)
+            offset = 0
+        start = block * self.BLOCK_SIZE + offset
+        if start + len(buf) > self.size:
+            raise OSError(22)
+        f = self._flash
+        f.seek(self.offset + start)
+        f.write(buf)
+        f.flush()
+
+    def ioctl(self, op, arg):
+        if op == 4:  # block count
+            return self.size // self.BLOCK_SIZE
+        if op == 5:  # block size
+            return self.BLOCK_SIZE
+        if op == 6:  # erase one block
+            f = self._flash
+            f.seek(self.offset + arg * self.BLOCK_SIZE)
+            f.write(b"\xff" * self.BLOCK_SIZE)
+            f.flush()
+            return 0
+        return None
+
+
+class _Board:
+    pass
+
+
+def reset():
+    sys.exit(_RESET_EXIT)
+
+
+def _start(device_dir, cause):
+    with open(device_dir + "/board.json") as f:
+        board = json.load(f)
+    Partition._flash = open(device_dir + "/flash.bin", "r+b")
+    Partition.BLOCK_SIZE = board["flash"]["block_size"]
+    for p in board["flash"]["partitions"]:
+        Partition._table[p["label"]] = Partition(p["label"], p["offset"], p["size"])
+
+    vboard = _Board()
+    vboard.Partition = Partition
+    vboard.board = board
+    vboard.reset = reset
+    vboard.reset_cause = lambda: cause
+    vboard.device_dir = device_dir
+    sys.modules["vboard"] = vboard
+
+    fs = Partition.find("fs")
+    try:
+        root = vfs.VfsLfs2(fs)
+    except OSError:
+        print("vboard: formatting the filesystem partition")
+        vfs.VfsLfs2.mkfs(fs)
+        root = vfs.VfsLfs2(fs)
+    vfs.umount("/")
+    vfs.mount(root, "/")
+    os.chdir("/")
+    sys.path.clear()
+    sys.path.append("")
+    sys.path.append("/lib")
+
+
+_start(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "power-on")
+del _start
+try:
+    os.stat("/boot.py")
+except OSError:
+    print("vboard: no /boot.py on the filesystem; nothing to run")
+    sys.exit(0)
+import boot  # noqa: F401  (runs the Keel bootloader stage, as a board runs boot.py)

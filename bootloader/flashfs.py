@@ -1,0 +1,70 @@
+# Small helpers for state kept on the board's filesystem. Every write goes to a
+# temporary file that is renamed over the old one, so a power cut leaves either
+# the old or the new content (LittleFS renames are atomic).
+import os
+import json
+
+
+def exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def is_dir(path):
+    try:
+        return os.stat(path)[0] & 0x4000 != 0
+    except OSError:
+        return False
+
+
+def makedirs(path):
+    built = ""
+    for part in path.split("/"):
+        if not part:
+            continue
+        built += "/" + part
+        if not exists(built):
+            os.mkdir(built)
+
+
+def remove_tree(path):
+    if not exists(path):
+        return
+    if is_dir(path):
+        for name in os.listdir(path):
+            remove_tree(path + "/" + name)
+        os.rmdir(path)
+    else:
+        os.remove(path)
+
+
+def write_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def read_text(path, default=None):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def read_json(path, default=None):
+    text = read_text(path)
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def write_json(path, doc):
+    write_atomic(path, json.dumps(doc))

@@ -1,0 +1,224 @@
+# Keel bootloader: validates every module in flash, installs (extracts) the code
+# of modules that changed, and hands over to the system. See docs/boot-flow.md.
+import sys
+import gc
+import hashlib
+import binascii
+import module_format as mf
+import romfs
+import flashfs
+
+MODULE_ROOT = "/keel/m"
+BOARD_FILE = "/keel/board.json"
+STATUS_FILE = "/keel/status.json"
+RESET_REASON_FILE = "/keel/reset_reason"
+
+_buf = bytearray(512)
+
+
+def _port():
+    try:
+        import vboard as port
+    except ImportError:
+        import esp32 as port
+    return port
+
+
+class Slot:
+    """A flash partition that holds one module, and what the last scan found in it."""
+
+    def __init__(self, part, label, function, index):
+        self.part = part
+        self.label = label
+        self.function = function
+        self.index = index
+        self.size = part.info()[2] if part else 0
+        self.block = part.ioctl(5, 0) if part else 4096
+        self.info = None
+        self.crc_ok = False
+        self.sha256_ok = None
+        self.valid = False
+        self.reason = "empty"
+        self.digest = None
+
+    def read(self, offset, buf):
+        count = min(len(buf), self.size - offset)
+        if count <= 0:
+            return 0
+        view = memoryview(buf)[:count] if count < len(buf) else buf
+        self.part.readblocks(offset // self.block, view, offset % self.block)
+        return count
+
+    @property
+    def code_dir(self):
+        if self.function == mf.FUNCTION_BOOTLOADER:
+            return MODULE_ROOT + "/bl"
+        if self.function == mf.FUNCTION_USER_PART:
+            return MODULE_ROOT + "/app"
+        return MODULE_ROOT + "/s%d" % self.index
+
+    def installed_digest(self):
+        return flashfs.read_text(self.code_dir + "/.sha256")
+
+    def to_dict(self):
+        if self.info is None:
+            return None
+        doc = self.info.to_dict()
+        doc["size"] = self.info.image_size
+        doc["crc_ok"] = self.crc_ok
+        doc["sha256_ok"] = self.sha256_ok
+        doc["valid"] = self.valid
+        doc["slot"] = self.label
+        if not self.valid:
+            doc["invalid_reason"] = self.reason
+        return doc
+
+
+def load_slots(board):
+    port = _port()
+    slots = []
+    for p in board["flash"]["partitions"]:
+        function = p.get("module")
+        if function:
+            part = port.Partition.find(p["label"])
+            slots.append(Slot(part, p["label"], mf.function_id(function), p.get("index", 0)))
+    return slots
+
+
+def scan(slot, platform):
+    """Check a slot's header and CRC (every boot; SHA-256 only when installing)."""
+    if slot.part is None:
+        return
+    slot.read(0, _buf)
+    if _buf[:4] != mf.MAGIC:
+        return
+    try:
+        slot.info, slot.crc_ok, _ = mf.check_image(slot.read, slot.size, None, _buf)
+    except ValueError:
+        slot.reason = "integrity"
+        return
+    slot.digest = mf.stored_sha256(slot.read, slot.info, _buf)
+    if not slot.crc_ok:
+        slot.reason = "integrity"
+    elif slot.info.platform != platform:
+        slot.reason = "platform"
+    elif slot.info.function != slot.function or slot.info.index != slot.index:
+        slot.reason = "slot"
+    else:
+        slot.valid = True
+        slot.reason = None
+        hexdigest = binascii.hexlify(slot.digest).decode()
+        if slot.installed_digest() == hexdigest:
+            slot.sha256_ok = True
+
+
+def install_code(slot):
+    """Verify the SHA-256 and extract the payload into the module's code directory.
+
+    Extracts to a new directory and renames it into place last, so a power cut
+    leaves the old code or a half-written copy that the next boot redoes."""
+    _, _, sha_ok = mf.check_image(slot.read, slot.size, hashlib.sha256, _buf)
+    slot.sha256_ok = sha_ok
+    if not sha_ok:
+        slot.valid = False
+        slot.reason = "integrity"
+        return False
+    final = slot.code_dir
+    fresh = final + ".new"
+    flashfs.remove_tree(fresh)
+    flashfs.makedirs(fresh)
+    try:
+        romfs.extract(slot.read, slot.info.header_size, slot.info.payload_size, fresh, _buf)
+    except (ValueError, OSError) as e:
+        print("keel: cannot install %s: %s" % (slot.label, e))
+        flashfs.remove_tree(fresh)
+        slot.valid = False
+        slot.reason = "integrity"
+        return False
+    flashfs.write_atomic(fresh + "/.sha256", binascii.hexlify(slot.digest).decode())
+    flashfs.remove_tree(final)
+    import os
+
+    os.rename(fresh, final)
+    return True
+
+
+def ensure_installed(slot):
+    if slot.valid and not slot.sha256_ok:
+        print("keel: installing %s %s" % (slot.label, mf.decode_version(slot.info.version)))
+        install_code(slot)
+    elif not slot.valid and slot.function == mf.FUNCTION_USER_PART:
+        # Never run app code that no longer matches a valid module.
+        flashfs.remove_tree(slot.code_dir)
+
+
+def take_reset_reason(port):
+    """The reason the system recorded before its last reset, else the port's cause."""
+    reason = flashfs.read_text(RESET_REASON_FILE)
+    if reason is not None:
+        import os
+
+        os.remove(RESET_REASON_FILE)
+        return reason
+    return port.reset_cause()
+
+
+def reset(reason):
+    flashfs.write_atomic(RESET_REASON_FILE, reason)
+    _port().reset()
+
+
+def vm_info():
+    version = ".".join(str(v) for v in sys.implementation.version[:3])
+    return {"name": sys.implementation.name, "version": version}
+
+
+def halt(slots, reset_reason, reason, missing):
+    """No usable system: record why and wait for new firmware (like DFU mode)."""
+    gc.collect()
+    flashfs.write_json(
+        STATUS_FILE,
+        {
+            "mode": "safe",
+            "safe_mode_reason": reason,
+            "missing": missing,
+            "reset_reason": reset_reason,
+            "vm": vm_info(),
+            "modules": [s.to_dict() for s in slots if s.info],
+            "app": "not-run",
+            "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
+            "stage": "bootloader",
+        },
+    )
+    print("keel: no usable system (%s); waiting for firmware" % reason)
+    import time
+
+    while True:
+        time.sleep(1)
+
+
+def main():
+    port = _port()
+    board = flashfs.read_json(BOARD_FILE)
+    platform = mf.platform_id(board["platform"])
+    reset_reason = take_reset_reason(port)
+    slots = load_slots(board)
+    for slot in slots:
+        scan(slot, platform)
+    for slot in slots:
+        if slot.function == mf.FUNCTION_BOOTLOADER and slot.valid and not slot.sha256_ok:
+            if install_code(slot):
+                print("keel: bootloader updated, resetting")
+                reset("update")
+        else:
+            ensure_installed(slot)
+    core = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
+    if not core or not core[0].valid:
+        if core and core[0].reason != "empty":
+            halt(slots, reset_reason, core[0].reason, [])
+        halt(slots, reset_reason, "dependency", [{"function": "system-part", "index": 1, "version": None}])
+    sys.path.insert(0, core[0].code_dir)
+    gc.collect()
+    import keel_system
+
+    keel_system.start(board, slots, reset_reason)

@@ -1,0 +1,221 @@
+"""keel build: compile .py sources with mpy-cross into ROMFS payloads and module images."""
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from mpremote.romfs import VfsRomWriter
+
+from keel import module_format as mf
+from keel.boards import PLATFORM_PORTS
+from keel.errors import KeelError
+from keel.paths import mpy_cross, source_root
+
+SYSTEM_PARTS_FILE = "system/parts.json"
+
+
+def parse_version(text: str) -> int:
+    try:
+        return mf.encode_version(text)
+    except mf.FormatError as e:
+        raise KeelError(str(e)) from None
+
+
+def system_version() -> str:
+    """The system version declared once in the source tree (system/VERSION)."""
+    return (source_root() / "system" / "VERSION").read_text().strip()
+
+
+def bootloader_version() -> str:
+    return (source_root() / "bootloader" / "VERSION").read_text().strip()
+
+
+def check_platform(platform: str) -> int:
+    try:
+        return mf.platform_id(platform)
+    except mf.FormatError as e:
+        raise KeelError(str(e)) from None
+
+
+_TRACE_LINE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def compile_py(source: Path, shown_name: str) -> bytes:
+    """Compile one file to .mpy bytecode. Errors name the file and line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.mpy"
+        proc = subprocess.run(
+            [mpy_cross(), "-o", str(out), "-s", shown_name, str(source)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            text = (proc.stdout + proc.stderr).strip()
+            where = _TRACE_LINE.search(text)
+            last = text.splitlines()[-1] if text else "mpy-cross failed"
+            if where:
+                raise KeelError(f"{where['file']}:{where['line']}: {last}")
+            raise KeelError(f"{shown_name}: {last}")
+        return out.read_bytes()
+
+
+def make_romfs(files: dict[str, bytes]) -> bytes:
+    """A ROMFS image holding files (paths with '/' separators), in sorted order."""
+    writer = VfsRomWriter()
+    tree: dict = {}
+    for path, data in files.items():
+        node = tree
+        *dirs, name = path.split("/")
+        for d in dirs:
+            node = node.setdefault(d, {})
+        node[name] = data
+
+    def emit(node: dict) -> None:
+        for name in sorted(node):
+            value = node[name]
+            if isinstance(value, dict):
+                writer.opendir(name)
+                emit(value)
+                writer.closedir()
+            else:
+                writer.mkfile(name, value)
+
+    emit(tree)
+    return writer.finalise()
+
+
+def _expand_sources(root: Path, specs: list[str], port: str) -> dict[str, Path]:
+    """Map ROMFS path (of the .py) -> source file.
+
+    "dir/*.py" puts matching files at the top; "dir:dest" copies a package tree into
+    dest, keeping only ports/<port>/ below any 'ports' folder."""
+    found: dict[str, Path] = {}
+    for spec in specs:
+        if ":" in spec:
+            src, dest = spec.split(":", 1)
+            base = root / src
+            for path in sorted(base.rglob("*.py")):
+                rel = path.relative_to(base)
+                parts = rel.parts
+                if "ports" in parts[:-1]:
+                    i = parts.index("ports")
+                    if len(parts) <= i + 1 or parts[i + 1] != port:
+                        continue
+                found[f"{dest}/{rel.as_posix()}"] = path
+        else:
+            matches = sorted(root.glob(spec))
+            if not matches:
+                raise KeelError(f"{SYSTEM_PARTS_FILE}: '{spec}' matches no file")
+            for path in matches:
+                found[path.name] = path
+    return found
+
+
+def _compile_tree(sources: dict[str, Path], root: Path) -> dict[str, bytes]:
+    files = {}
+    for dest, path in sources.items():
+        shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        files[dest[:-3] + ".mpy"] = compile_py(path, shown)
+    return files
+
+
+def _top_names(paths) -> set[str]:
+    return {p.split("/")[0].removesuffix(".mpy") for p in paths}
+
+
+def _dependency(dep: dict, system: int) -> tuple[int, int, int]:
+    version = system if dep["version"] == "system" else parse_version(dep["version"])
+    return (mf.function_id(dep["function"]), dep["index"], version)
+
+
+def build_system(platform: str, version: str | None, out_dir: Path) -> list[Path]:
+    """Build the bootloader and every system part; returns the files written."""
+    root = source_root()
+    platform_id = check_platform(platform)
+    port = PLATFORM_PORTS[platform]
+    version = version or system_version()
+    system = parse_version(version)
+    spec = json.loads((root / SYSTEM_PARTS_FILE).read_text())
+
+    images: list[tuple[str, bytes]] = []
+    seen: dict[str, str] = {}
+
+    def add(label: str, files: dict[str, bytes], info: mf.ModuleInfo, filename: str) -> None:
+        for name in _top_names(files):
+            if name in seen:
+                raise KeelError(f"module '{name}' is in both {seen[name]} and {label}")
+            seen[name] = label
+        images.append((filename, mf.build_image(info, make_romfs(files), hashlib.sha256)))
+
+    bl = spec["bootloader"]
+    bl_files = _compile_tree(_expand_sources(root, bl["sources"], port), root)
+    bl_version = parse_version(bootloader_version())
+    add(
+        "bootloader",
+        bl_files,
+        mf.ModuleInfo(mf.FUNCTION_BOOTLOADER, 0, bl_version, platform_id),
+        f"{platform}-bootloader-{bootloader_version()}.bin",
+    )
+    for part in spec["parts"]:
+        files = _compile_tree(_expand_sources(root, part["sources"], port), root)
+        deps = [_dependency(d, system) for d in part.get("depends", [])]
+        info = mf.ModuleInfo(mf.FUNCTION_SYSTEM_PART, part["index"], system, platform_id, deps)
+        add(
+            f"system part {part['index']}",
+            files,
+            info,
+            f"{platform}-system-part{part['index']}-{version}.bin",
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, data in images:
+        written.append(_write_atomic(out_dir / filename, data))
+    return written
+
+
+def app_dependencies(target: int) -> list[tuple[int, int, int]]:
+    """An app depends on every system part at the version it was built against."""
+    spec = json.loads((source_root() / SYSTEM_PARTS_FILE).read_text())
+    return [(mf.FUNCTION_SYSTEM_PART, p["index"], target) for p in spec["parts"]]
+
+
+def build_app(src_dir: Path, platform: str, target: str | None, out: Path) -> Path:
+    """Compile an app (main.py plus any other .py) into a user part for target."""
+    platform_id = check_platform(platform)
+    target_version = parse_version(target or system_version())
+    src_dir = Path(src_dir)
+    if not (src_dir / "main.py").is_file():
+        raise KeelError(f"{src_dir}: no main.py (the app's entry point)")
+    sources = {}
+    for path in sorted(src_dir.rglob("*.py")):
+        rel = path.relative_to(src_dir).as_posix()
+        if any(fnmatch.fnmatch(part, ".*") or part == "__pycache__" for part in rel.split("/")):
+            continue
+        sources[rel] = path
+    files = {}
+    for rel, path in sources.items():
+        files[rel[:-3] + ".mpy"] = compile_py(path, str(src_dir / rel))
+    info = mf.ModuleInfo(
+        mf.FUNCTION_USER_PART, 1, target_version, platform_id, app_dependencies(target_version)
+    )
+    image = mf.build_image(info, make_romfs(files), hashlib.sha256)
+    return _write_atomic(Path(out), image)
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,142 @@
+"""The keel command line. Each command parses its arguments and calls a library
+function; errors the user can act on are printed on one line with exit status 1."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from keel import build, images, vdev
+from keel.errors import KeelError
+
+
+def parse_size(text: str) -> int:
+    """'192K', '2M' or a number of bytes."""
+    scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale != 1 else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size '{text}' (e.g. 192K)")
+    return int(digits) * scale
+
+
+def cmd_build_system(args) -> int:
+    for path in build.build_system(args.platform, args.version, Path(args.output)):
+        print(f"{path}  {images.read_image(path).name}")
+    return 0
+
+
+def cmd_build_app(args) -> int:
+    path = build.build_app(Path(args.src), args.platform, args.target, Path(args.output))
+    image = images.read_image(path)
+    deps = ", ".join(
+        f"{d['function']} {d['index']} >= {d['version']}" for d in image.to_dict()["dependencies"]
+    )
+    print(f"{path}  user part, {len(image.data)} bytes, depends on {deps}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    image = images.read_image(args.file)
+    if args.json:
+        print(json.dumps(image.to_dict(), indent=2))
+    else:
+        print(images.describe(image))
+    if not image.ok:
+        print(f"keel: {args.file}: {image.problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_vdev_create(args) -> int:
+    written = vdev.create(args.dir, args.system, args.board)
+    print(f"created virtual device {args.dir} (board {args.board})")
+    for image in written:
+        print(f"  {image.name}")
+    return 0
+
+
+def cmd_vdev_flash(args) -> int:
+    for image in vdev.flash(args.dir, args.files):
+        print(f"flashed {image.name} ({len(image.data)} bytes) from {image.path}")
+    return 0
+
+
+def cmd_vdev_run(args) -> int:
+    vdev.run(args.dir, seconds=args.seconds, heap=args.heap)
+    return 0
+
+
+def cmd_vdev_status(args) -> int:
+    doc = vdev.status(args.dir)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"mode            {doc['mode']}" + (f" ({doc['safe_mode_reason']})" if doc["safe_mode_reason"] else ""))
+    for dep in doc["missing"]:
+        print(f"  missing       {dep['function']} {dep['index']} >= {dep['version']}")
+    print(f"app             {doc['app']}")
+    print(f"reset reason    {doc['reset_reason']}")
+    print(f"vm              {doc['vm']['name']} {doc['vm']['version']}")
+    mem = doc["mem"]
+    print(f"heap            {mem['heap_total']} bytes, free at app start {mem['heap_free_at_app_start']}")
+    for m in doc["modules"]:
+        state = "valid" if m["valid"] else f"INVALID ({m.get('invalid_reason')})"
+        print(f"module          {m['function']} {m['index']} {m['version']}  {state}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keel", description="Keel firmware tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build_cmd = commands.add_parser("build", help="build module images")
+    builds = build_cmd.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = builds.add_parser("system", help="build the bootloader and the system parts")
+    p.add_argument("--platform", required=True)
+    p.add_argument("--version", help="system version (default: system/VERSION)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_build_system)
+    p = builds.add_parser("app", help="compile an app into a user part")
+    p.add_argument("src", metavar="SRC_DIR")
+    p.add_argument("--platform", required=True)
+    p.add_argument("--target", help="system version the app needs (default: the current one)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_build_app)
+
+    p = commands.add_parser("inspect", help="show what a module image is and check it")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    vdev_cmd = commands.add_parser("vdev", help="virtual devices")
+    vdevs = vdev_cmd.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = vdevs.add_parser("create", help="make a virtual device with a system installed")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--system", required=True, metavar="SYSTEM_DIR")
+    p.add_argument("--board", default="virtual")
+    p.set_defaults(func=cmd_vdev_create)
+    p = vdevs.add_parser("flash", help="write modules into a virtual device's flash")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_vdev_flash)
+    p = vdevs.add_parser("run", help="boot a virtual device on the MicroPython VM")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--seconds", type=float, metavar="N")
+    p.add_argument("--heap", type=parse_size, metavar="SIZE", help="e.g. 192K (default: board RAM)")
+    p.set_defaults(func=cmd_vdev_run)
+    p = vdevs.add_parser("status", help="what the device recorded at its last boot")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vdev_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeelError as e:
+        print(f"keel: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,100 @@
+"""Reading and checking module images on the host (keel inspect, flashing)."""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel import module_format as mf
+from keel.errors import KeelError
+
+
+@dataclass
+class Image:
+    """A module image read from a file, with what its integrity checks found."""
+
+    path: Path
+    data: bytes
+    info: mf.ModuleInfo
+    crc_ok: bool
+    sha256_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.crc_ok and self.sha256_ok
+
+    @property
+    def problem(self) -> str | None:
+        if not self.crc_ok:
+            return "CRC32 mismatch: the image is corrupt"
+        if not self.sha256_ok:
+            return "SHA-256 mismatch: the image is corrupt"
+        return None
+
+    @property
+    def name(self) -> str:
+        return module_label(self.info)
+
+    def to_dict(self) -> dict:
+        doc = self.info.to_dict()
+        doc.update(size=len(self.data), crc_ok=self.crc_ok, sha256_ok=self.sha256_ok)
+        return doc
+
+
+def module_label(info: mf.ModuleInfo) -> str:
+    name = mf.function_name(info.function)
+    if info.function == mf.FUNCTION_SYSTEM_PART:
+        name += f" {info.index}"
+    return f"{name} {mf.decode_version(info.version)}"
+
+
+def parse_image(data: bytes, path: Path | str = "<bytes>") -> Image:
+    """Check an image held in memory. Raises KeelError if it cannot be read at all."""
+    try:
+        info, crc_ok, sha_ok = mf.check_image(mf.bytes_reader(data), len(data), hashlib.sha256)
+    except mf.FormatError as e:
+        raise KeelError(f"{path}: {e}") from None
+    if len(data) > info.image_size:
+        extra = len(data) - info.image_size
+        raise KeelError(f"{path}: {extra} bytes after the end of the module (corrupt or not a module)")
+    return Image(Path(path), data, info, crc_ok, bool(sha_ok))
+
+
+def read_image(path: Path | str) -> Image:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KeelError(f"{path}: {e.strerror}") from None
+    return parse_image(data, path)
+
+
+def load_valid_image(path: Path | str) -> Image:
+    """Read an image and refuse it unless it is intact."""
+    image = read_image(path)
+    if not image.ok:
+        raise KeelError(f"{path}: {image.problem}")
+    return image
+
+
+def describe(image: Image) -> str:
+    """Human-readable inspect output."""
+    info = image.info
+    lines = [
+        f"{image.path}",
+        f"  function      {mf.function_name(info.function)}",
+        f"  index         {info.index}",
+        f"  version       {mf.decode_version(info.version)}"
+        + ("  (prerelease)" if mf.is_prerelease(info.version) else ""),
+        f"  platform      {mf.platform_name(info.platform)}",
+        f"  size          {len(image.data)} bytes (payload {info.payload_size})",
+        f"  crc32         {'ok' if image.crc_ok else 'MISMATCH'}",
+        f"  sha256        {'ok' if image.sha256_ok else 'MISMATCH'}",
+    ]
+    if info.dependencies:
+        lines.append("  depends on")
+        for d in info.dependencies:
+            dep = mf.dependency_dict(d)
+            lines.append(f"    {dep['function']} {dep['index']} >= {dep['version']}")
+    else:
+        lines.append("  depends on    nothing")
+    return "\n".join(lines)

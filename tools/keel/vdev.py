@@ -1,0 +1,295 @@
+"""Virtual devices: a directory holding a board definition and a file-backed flash.
+
+The device runs on the MicroPython unix port (boards/virtual/vm_startup.py plays the
+part of the port's start-up code). The host side here creates, flashes, runs and
+reads a device, as a factory programmer and a USB bootloader would."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from littlefs import LittleFS
+
+from keel import module_format as mf
+from keel import romfs
+from keel.boards import Board, board_dir, board_from_dict, load_board
+from keel.errors import KeelError
+from keel.images import Image, load_valid_image, module_label
+from keel.paths import micropython, source_root
+
+FLASH_FILE = "flash.bin"
+BOARD_FILE = "board.json"
+PID_FILE = "vm.pid"
+RESET_EXIT = 100  # exit status of the VM when the device asks for a reset
+STATUS_PATH = "/keel/status.json"
+
+
+class VirtualDevice:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def flash_path(self) -> Path:
+        return self.path / FLASH_FILE
+
+    def exists(self) -> bool:
+        return (self.path / BOARD_FILE).is_file() and self.flash_path.is_file()
+
+    def board(self) -> Board:
+        if not self.exists():
+            raise KeelError(f"{self.path}: not a virtual device (make one with 'keel vdev create')")
+        return board_from_dict(json.loads((self.path / BOARD_FILE).read_text()))
+
+    def read_flash(self) -> bytearray:
+        return bytearray(self.flash_path.read_bytes())
+
+    def write_flash(self, flash: bytearray) -> None:
+        """Replace the flash file in one step, so an interrupted write changes nothing."""
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".flash.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(flash)
+        os.replace(tmp, self.flash_path)
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int((self.path / PID_FILE).read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def open_fs(self, flash: bytearray, board: Board) -> LittleFS:
+        part = board.partition("fs")
+        fs = LittleFS(
+            block_size=board.block_size, block_count=part.size // board.block_size, mount=False
+        )
+        fs.context.buffer = bytearray(flash[part.offset : part.offset + part.size])
+        return fs
+
+    def store_fs(self, flash: bytearray, board: Board, fs: LittleFS) -> None:
+        part = board.partition("fs")
+        flash[part.offset : part.offset + part.size] = fs.context.buffer
+
+
+def _place(flash: bytearray, board: Board, image: Image) -> None:
+    slot = board.slot_for(image.info.function, image.info.index)
+    flash[slot.offset : slot.offset + slot.size] = b"\xff" * slot.size
+    flash[slot.offset : slot.offset + len(image.data)] = image.data
+
+
+def check_for_board(board: Board, image: Image) -> None:
+    """Refuse a module for another platform, without a slot, or too big for it."""
+    info = image.info
+    if info.platform != board.platform_id:
+        raise KeelError(
+            f"{image.path}: built for platform {mf.platform_name(info.platform)}, "
+            f"this device is {board.platform}"
+        )
+    slot = board.slot_for(info.function, info.index)
+    if slot is None:
+        raise KeelError(f"{image.path}: board {board.name} has no slot for {module_label(info)}")
+    if len(image.data) > slot.size:
+        raise KeelError(
+            f"{image.path}: {len(image.data)} bytes do not fit the {slot.label} slot "
+            f"({slot.size} bytes)"
+        )
+
+
+def _install_bootloader_code(fs: LittleFS, image: Image) -> None:
+    """Factory step: put the bootloader's code and /boot.py on the filesystem."""
+    info = image.info
+    read = mf.bytes_reader(image.data)
+    fs.makedirs("/keel/m/bl", exist_ok=True)
+    for path, offset, length in romfs.walk(read, info.header_size, info.payload_size):
+        target = "/keel/m/bl/" + path
+        if offset < 0:
+            fs.makedirs(target, exist_ok=True)
+            continue
+        start = info.header_size + offset
+        with fs.open(target, "wb") as f:
+            f.write(image.data[start : start + length])
+    digest = image.data[info.header_size + info.payload_size :][:32]
+    with fs.open("/keel/m/bl/.sha256", "w") as f:
+        f.write(digest.hex())
+    stage0 = (source_root() / "bootloader" / "stage0.py").read_text()
+    with fs.open("/boot.py", "w") as f:
+        f.write(stage0)
+
+
+def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual") -> list[Image]:
+    """Make a virtual device with the bootloader and system parts from system_dir."""
+    device = VirtualDevice(path)
+    if device.exists():
+        raise KeelError(f"{device.path}: a virtual device is already there")
+    board = load_board(board_name)
+    if board.port != "virtual":
+        raise KeelError(f"board {board_name} is not a virtual board")
+    images = [load_valid_image(p) for p in sorted(Path(system_dir).glob("*.bin"))]
+    if not images:
+        raise KeelError(f"{system_dir}: no module images (*.bin) found")
+    for image in images:
+        check_for_board(board, image)
+    functions = {(i.info.function, i.info.index) for i in images}
+    needed = [(p.function, p.index) for p in board.partitions if p.function in
+              (mf.FUNCTION_BOOTLOADER, mf.FUNCTION_SYSTEM_PART)]
+    for function, index in needed:
+        if (function, index) not in functions:
+            label = mf.function_name(function) + (f" {index}" if index else "")
+            raise KeelError(f"{system_dir}: no {label} module")
+
+    flash = bytearray(b"\xff" * board.flash_size)
+    for image in images:
+        _place(flash, board, image)
+    fs = device.open_fs(flash, board)
+    fs.format()
+    fs.mount()
+    fs.makedirs("/keel", exist_ok=True)
+    with fs.open("/keel/board.json", "w") as f:
+        f.write(json.dumps(board.data))
+    boot = [i for i in images if i.info.function == mf.FUNCTION_BOOTLOADER][0]
+    _install_bootloader_code(fs, boot)
+    device.store_fs(flash, board, fs)
+
+    device.path.mkdir(parents=True, exist_ok=True)
+    (device.path / BOARD_FILE).write_text(json.dumps(board.data, indent=2) + "\n")
+    device.write_flash(flash)
+    return images
+
+
+def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
+    """Write modules into the device's flash, as a USB bootloader would.
+
+    Every file is checked before anything is written: all are written or none."""
+    device = VirtualDevice(path)
+    board = device.board()
+    if not files:
+        raise KeelError("no module files given")
+    if device.running_pid():
+        raise KeelError(f"{device.path}: the device is running; stop it before flashing")
+    images = [load_valid_image(p) for p in files]
+    for image in images:
+        check_for_board(board, image)
+    seen = {}
+    for image in images:
+        key = (image.info.function, image.info.index)
+        if key in seen:
+            raise KeelError(f"{image.path} and {seen[key]} go to the same slot")
+        seen[key] = image.path
+    flash_data = device.read_flash()
+    for image in images:
+        _place(flash_data, board, image)
+    device.write_flash(flash_data)
+    return images
+
+
+def status(path: Path | str) -> dict:
+    """What the device recorded in its flash at its last boot."""
+    device = VirtualDevice(path)
+    board = device.board()
+    fs = device.open_fs(device.read_flash(), board)
+    try:
+        fs.mount()
+        with fs.open(STATUS_PATH, "r") as f:
+            return json.loads(f.read())
+    except Exception as e:  # littlefs raises its own error types
+        if isinstance(e, json.JSONDecodeError):
+            raise KeelError(f"{device.path}: the recorded status is unreadable") from None
+        raise KeelError(f"{device.path}: no status recorded yet (has the device booted?)") from None
+
+
+def read_file(path: Path | str, name: str) -> bytes:
+    """Read a file from the device's filesystem (for tools and tests)."""
+    device = VirtualDevice(path)
+    board = device.board()
+    fs = device.open_fs(device.read_flash(), board)
+    fs.mount()
+    with fs.open(name, "rb") as f:
+        return f.read()
+
+
+def _pump(stream, out) -> None:
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        out.write(chunk)
+        out.flush()
+
+
+def run(
+    path: Path | str,
+    seconds: float | None = None,
+    heap: int | None = None,
+    out=None,
+    note=None,
+) -> int:
+    """Boot the device on the MicroPython VM and relay its console to out.
+
+    A reset requested by the device restarts the VM. Stops after `seconds` (as a
+    power cut would) or when the VM exits on its own. Returns the number of boots."""
+    device = VirtualDevice(path)
+    board = device.board()
+    out = out or sys.stdout.buffer
+    note = note or (lambda text: print(f"vdev: {text}", file=sys.stderr, flush=True))
+    if device.running_pid():
+        raise KeelError(f"{device.path}: the device is already running")
+    heap = heap or board.ram
+    startup = board_dir(board.name) / "vm_startup.py"
+    deadline = None if seconds is None else time.monotonic() + seconds
+    cause = "power-on"
+    boots = 0
+    try:
+        while True:
+            boots += 1
+            note(f"boot {boots} ({cause}), heap {heap // 1024}K")
+            proc = subprocess.Popen(
+                [micropython(), "-X", f"heapsize={heap}", str(startup), str(device.path), cause],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            (device.path / PID_FILE).write_text(str(proc.pid))
+            pump = threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True)
+            pump.start()
+            try:
+                code = proc.wait(None if deadline is None else max(0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _power_off(proc)
+                pump.join(2)
+                note(f"stopped after {seconds:g} s")
+                return boots
+            pump.join(2)
+            if code == RESET_EXIT:
+                cause = "soft-reset"
+            elif code == 0:
+                note("the VM exited")
+                return boots
+            else:
+                note(f"the VM died (exit status {code}); restarting as after a panic")
+                cause = "panic"
+                time.sleep(0.2)
+            if deadline is not None and time.monotonic() >= deadline:
+                note(f"stopped after {seconds:g} s")
+                return boots
+    except KeyboardInterrupt:
+        note("interrupted")
+        return boots
+    finally:
+        (device.path / PID_FILE).unlink(missing_ok=True)
+
+
+def _power_off(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def module_digest(image: Image) -> str:
+    return hashlib.sha256(image.data[: image.info.header_size + image.info.payload_size]).hexdigest()
