@@ -45,8 +45,9 @@ def check_platform(platform: str) -> int:
 _TRACE_LINE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
 
 
-def compile_py(source: Path, shown_name: str) -> bytes:
-    """Compile one file to .mpy bytecode. Errors name the file and line."""
+def compile_py(source: Path, shown_name: str, error_name: str | None = None) -> bytes:
+    """Compile one file to .mpy bytecode. shown_name is the file name tracebacks on
+    the device show; errors name error_name (default: the same) and the line."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.mpy"
         proc = subprocess.run(
@@ -58,9 +59,10 @@ def compile_py(source: Path, shown_name: str) -> bytes:
             text = (proc.stdout + proc.stderr).strip()
             where = _TRACE_LINE.search(text)
             last = text.splitlines()[-1] if text else "mpy-cross failed"
+            name = error_name or shown_name
             if where:
-                raise KeelError(f"{where['file']}:{where['line']}: {last}")
-            raise KeelError(f"{shown_name}: {last}")
+                raise KeelError(f"{name}:{where['line']}: {last}")
+            raise KeelError(f"{name}: {last}")
         return out.read_bytes()
 
 
@@ -185,10 +187,15 @@ def app_dependencies(target: int) -> list[tuple[int, int, int]]:
     return [(mf.FUNCTION_SYSTEM_PART, p["index"], target) for p in spec["parts"]]
 
 
-def build_app(src_dir: Path, platform: str, target: str | None, out: Path) -> Path:
-    """Compile an app (main.py plus any other .py) into a user part for target."""
+def build_app(
+    src_dir: Path, platform: str, target: str | None, out: Path, app_version: str = "1.0.0"
+) -> Path:
+    """Compile an app (main.py plus any other .py) into a user part for target.
+
+    The user part's own version is app_version; its dependencies carry target."""
     platform_id = check_platform(platform)
     target_version = parse_version(target or system_version())
+    own_version = parse_version(app_version)
     src_dir = Path(src_dir)
     if not (src_dir / "main.py").is_file():
         raise KeelError(f"{src_dir}: no main.py (the app's entry point)")
@@ -200,9 +207,9 @@ def build_app(src_dir: Path, platform: str, target: str | None, out: Path) -> Pa
         sources[rel] = path
     files = {}
     for rel, path in sources.items():
-        files[rel[:-3] + ".mpy"] = compile_py(path, str(src_dir / rel))
+        files[rel[:-3] + ".mpy"] = compile_py(path, rel, str(src_dir / rel))
     info = mf.ModuleInfo(
-        mf.FUNCTION_USER_PART, 1, target_version, platform_id, app_dependencies(target_version)
+        mf.FUNCTION_USER_PART, 1, own_version, platform_id, app_dependencies(target_version)
     )
     image = mf.build_image(info, make_romfs(files), hashlib.sha256)
     return _write_atomic(Path(out), image)

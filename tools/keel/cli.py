@@ -26,7 +26,9 @@ def cmd_build_system(args) -> int:
 
 
 def cmd_build_app(args) -> int:
-    path = build.build_app(Path(args.src), args.platform, args.target, Path(args.output))
+    path = build.build_app(
+        Path(args.src), args.platform, args.target, Path(args.output), args.app_version
+    )
     image = images.read_image(path)
     deps = ", ".join(
         f"{d['function']} {d['index']} >= {d['version']}" for d in image.to_dict()["dependencies"]
@@ -100,6 +102,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC_DIR")
     p.add_argument("--platform", required=True)
     p.add_argument("--target", help="system version the app needs (default: the current one)")
+    p.add_argument("--app-version", default="1.0.0", help="the app's own version (default 1.0.0)")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.set_defaults(func=cmd_build_app)
 

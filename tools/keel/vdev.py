@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from littlefs import LittleFS
+from littlefs import LittleFS, LittleFSError
 
 from keel import module_format as mf
 from keel import romfs
@@ -197,11 +197,26 @@ def status(path: Path | str) -> dict:
     try:
         fs.mount()
         with fs.open(STATUS_PATH, "r") as f:
-            return json.loads(f.read())
-    except Exception as e:  # littlefs raises its own error types
-        if isinstance(e, json.JSONDecodeError):
-            raise KeelError(f"{device.path}: the recorded status is unreadable") from None
+            doc = json.loads(f.read())
+    except LittleFSError:
         raise KeelError(f"{device.path}: no status recorded yet (has the device booted?)") from None
+    except ValueError:
+        raise KeelError(f"{device.path}: the recorded status is unreadable") from None
+    return _ordered(doc, STATUS_KEYS)
+
+
+# The device writes JSON in whatever order its dicts keep; show it in a fixed one.
+STATUS_KEYS = ("mode", "safe_mode_reason", "missing", "reset_reason", "vm", "app", "mem", "modules")
+MODULE_KEYS = ("function", "index", "version", "platform", "dependencies", "size", "crc_ok",
+               "sha256_ok", "valid")
+
+
+def _ordered(doc: dict, keys: tuple) -> dict:
+    out = {k: doc[k] for k in keys if k in doc}
+    out.update((k, v) for k, v in doc.items() if k not in out)
+    if "modules" in out:
+        out["modules"] = [_ordered(m, MODULE_KEYS) for m in out["modules"]]
+    return out
 
 
 def read_file(path: Path | str, name: str) -> bytes:
@@ -234,7 +249,12 @@ def run(
     device = VirtualDevice(path)
     board = device.board()
     out = out or sys.stdout.buffer
-    note = note or (lambda text: print(f"vdev: {text}", file=sys.stderr, flush=True))
+
+    def note_to_console(text: str) -> None:
+        out.write(f"vdev: {text}\n".encode())
+        out.flush()
+
+    note = note or note_to_console
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is already running")
     heap = heap or board.ram
@@ -242,6 +262,7 @@ def run(
     deadline = None if seconds is None else time.monotonic() + seconds
     cause = "power-on"
     boots = 0
+    proc = None
     try:
         while True:
             boots += 1
@@ -280,6 +301,8 @@ def run(
         note("interrupted")
         return boots
     finally:
+        if proc is not None and proc.poll() is None:
+            _power_off(proc)
         (device.path / PID_FILE).unlink(missing_ok=True)
 
 
@@ -289,7 +312,3 @@ def _power_off(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def module_digest(image: Image) -> str:
-    return hashlib.sha256(image.data[: image.info.header_size + image.info.payload_size]).hexdigest()
