@@ -198,7 +198,7 @@ def status(path: Path | str) -> dict:
         fs.mount()
         with fs.open(STATUS_PATH, "r") as f:
             doc = json.loads(f.read())
-    except LittleFSError:
+    except (LittleFSError, OSError):
         raise KeelError(f"{device.path}: no status recorded yet (has the device booted?)") from None
     except ValueError:
         raise KeelError(f"{device.path}: the recorded status is unreadable") from None
