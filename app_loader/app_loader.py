@@ -8,6 +8,8 @@ import flashfs
 APP_STATE_FILE = "/keel/app_state.json"
 CRASH_FILE = "/keel/crash.txt"
 CRASH_LIMIT = 3
+# An app that has run this long without an exception is no longer crash-looping.
+STABLE_MS = 10000
 
 # Safe-mode reasons (the enum the status and the cloud report).
 SAFE_DEPENDENCY = "dependency"
@@ -90,7 +92,8 @@ def last_traceback():
 
 def start_app(app_slot, on_started):
     """Import the app and run its setup(). Counts the attempt first, so a crash or a
-    power cut during start-up counts too. Returns the app module, or raises."""
+    power cut during start-up counts too; mark_stable() clears the count once the
+    app has run for STABLE_MS. Returns the app module, or raises."""
     crashes = _app_crashes(app_slot)
     _record_attempt(app_slot, crashes + 1)
     sys.path.append(app_slot.code_dir)
@@ -101,5 +104,8 @@ def start_app(app_slot, on_started):
     setup = getattr(main, "setup", None)
     if setup:
         setup()
-    _record_attempt(app_slot, 0)
     return main
+
+
+def mark_stable(app_slot):
+    _record_attempt(app_slot, 0)

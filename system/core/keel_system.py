@@ -9,6 +9,7 @@ import keel_boot
 import app_loader
 
 _LOOP_PAUSE_MS = 1
+_IDLE_PAUSE_MS = 200
 SLOTS = []  # the modules the bootloader found, for the app API
 
 
@@ -50,7 +51,7 @@ def safe_mode(status, decision):
         print(app_loader.last_traceback() or "(none kept)")
     print("keel: the app is not run; flash a fixed app or the system parts it needs")
     while True:
-        time.sleep_ms(200)
+        time.sleep_ms(_IDLE_PAUSE_MS)
 
 
 def _app_crashed(status, exc):
@@ -70,13 +71,17 @@ def _run_app(status, app_slot):
     try:
         app = app_loader.start_app(app_slot, started)
         loop = getattr(app, "loop", None)
-        while loop:
-            loop()
-            time.sleep_ms(_LOOP_PAUSE_MS)
+        began = time.ticks_ms()
+        stable = False
+        while True:
+            if loop:
+                loop()
+            if not stable and time.ticks_diff(time.ticks_ms(), began) >= app_loader.STABLE_MS:
+                app_loader.mark_stable(app_slot)
+                stable = True
+            time.sleep_ms(_LOOP_PAUSE_MS if loop else _IDLE_PAUSE_MS)
     except Exception as e:  # noqa: BLE001 - an app's failure must not take the system down
         _app_crashed(status, e)
-    while True:
-        time.sleep_ms(200)
 
 
 def start(board, slots, reset_reason):
@@ -98,5 +103,5 @@ def start(board, slots, reset_reason):
     if decision.app == "none":
         print("keel: no app installed")
         while True:
-            time.sleep_ms(200)
+            time.sleep_ms(_IDLE_PAUSE_MS)
     _run_app(status, app[0])

@@ -229,10 +229,28 @@ def read_file(path: Path | str, name: str) -> bytes:
         return f.read()
 
 
-def _pump(stream, out) -> None:
-    for chunk in iter(lambda: stream.read1(4096), b""):
-        out.write(chunk)
-        out.flush()
+class Console:
+    """Relays the VM's output to out and keeps what it printed, so callers can wait
+    for a line."""
+
+    def __init__(self, out):
+        self.out = out
+        self.text = bytearray()
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.text += data
+            self.out.write(data)
+            self.out.flush()
+
+    def pump(self, stream) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            self.write(chunk)
+
+    def contains(self, needle: str) -> bool:
+        with self.lock:
+            return needle.encode() in self.text
 
 
 def run(
@@ -240,29 +258,34 @@ def run(
     seconds: float | None = None,
     heap: int | None = None,
     out=None,
-    note=None,
-) -> int:
+    stop_when=None,
+) -> Console:
     """Boot the device on the MicroPython VM and relay its console to out.
 
-    A reset requested by the device restarts the VM. Stops after `seconds` (as a
-    power cut would) or when the VM exits on its own. Returns the number of boots."""
+    A reset requested by the device restarts the VM. Stops, as a power cut would,
+    after `seconds`, or as soon as stop_when(console) is true; or when the VM exits
+    on its own. Returns the console with everything printed."""
     device = VirtualDevice(path)
     board = device.board()
-    out = out or sys.stdout.buffer
-
-    def note_to_console(text: str) -> None:
-        out.write(f"vdev: {text}\n".encode())
-        out.flush()
-
-    note = note or note_to_console
+    console = Console(out or sys.stdout.buffer)
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is already running")
     heap = heap or board.ram
     startup = board_dir(board.name) / "vm_startup.py"
-    deadline = None if seconds is None else time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = None if seconds is None else started + seconds
     cause = "power-on"
     boots = 0
     proc = None
+
+    def note(text: str) -> None:
+        console.write(f"vdev: {text}\n".encode())
+
+    def stop_now() -> bool:
+        if stop_when is not None and stop_when(console):
+            return True
+        return deadline is not None and time.monotonic() >= deadline
+
     try:
         while True:
             boots += 1
@@ -275,31 +298,32 @@ def run(
                 start_new_session=True,
             )
             (device.path / PID_FILE).write_text(str(proc.pid))
-            pump = threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True)
+            pump = threading.Thread(target=console.pump, args=(proc.stdout,), daemon=True)
             pump.start()
-            try:
-                code = proc.wait(None if deadline is None else max(0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            while proc.poll() is None and not stop_now():
+                time.sleep(0.02)
+            if proc.poll() is None:
                 _power_off(proc)
                 pump.join(2)
-                note(f"stopped after {seconds:g} s")
-                return boots
+                note(f"stopped after {time.monotonic() - started:.1f} s")
+                return console
             pump.join(2)
+            code = proc.returncode
             if code == RESET_EXIT:
                 cause = "soft-reset"
             elif code == 0:
                 note("the VM exited")
-                return boots
+                return console
             else:
                 note(f"the VM died (exit status {code}); restarting as after a panic")
                 cause = "panic"
                 time.sleep(0.2)
-            if deadline is not None and time.monotonic() >= deadline:
-                note(f"stopped after {seconds:g} s")
-                return boots
+            if stop_now():
+                note(f"stopped after {time.monotonic() - started:.1f} s")
+                return console
     except KeyboardInterrupt:
         note("interrupted")
-        return boots
+        return console
     finally:
         if proc is not None and proc.poll() is None:
             _power_off(proc)

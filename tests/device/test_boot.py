@@ -1,0 +1,213 @@
+"""Boot, the app loader and safe mode, on the real MicroPython VM."""
+
+import json
+
+HELLO = "hello from keel"
+
+
+def test_normal_boot_runs_the_app(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app("1.1.0"))
+    console = dev.run(until=HELLO)
+    assert HELLO in console
+    assert "SAFE MODE" not in console
+    st = dev.status()
+    assert st["mode"] == "normal"
+    assert st["safe_mode_reason"] is None
+    assert st["missing"] == []
+    assert st["app"] == "running"
+    assert st["reset_reason"] == "power-on"
+    assert st["vm"]["name"] == "micropython"
+    assert st["vm"]["version"].count(".") == 2
+    found = {(m["function"], m["index"]): m for m in st["modules"]}
+    assert set(found) == {("bootloader", 0), ("system-part", 1), ("system-part", 2), ("user-part", 1)}
+    assert all(m["valid"] and m["crc_ok"] and m["sha256_ok"] for m in found.values())
+    assert found[("system-part", 2)]["version"] == "1.1.0"
+
+
+def test_heap_matches_the_board(device, hello_app):
+    dev = device("1.1.0")
+    ram = dev.board().ram
+    dev.flash(hello_app())
+    dev.run(until=HELLO)
+    mem = dev.status()["mem"]
+    # The unix port's GC heap is the -X heapsize figure less a little bookkeeping.
+    assert ram * 0.95 <= mem["heap_total"] <= ram * 1.05
+    assert 0 < mem["heap_free_at_app_start"] < mem["heap_total"]
+    dev.run(until=HELLO, heap=96 * 1024)
+    assert dev.status()["mem"]["heap_total"] <= 96 * 1024
+
+
+def test_app_for_newer_system_enters_safe_mode_then_heals(device, hello_app, systems):
+    dev = device("1.0.0")
+    dev.flash(hello_app("1.1.0"))
+    console = dev.run(until="SAFE MODE (dependency)")
+    assert HELLO not in console
+    st = dev.status()
+    assert st["mode"] == "safe"
+    assert st["safe_mode_reason"] == "dependency"
+    assert st["app"] == "not-run"
+    assert {"function": "system-part", "index": 2, "version": "1.1.0"} in st["missing"]
+    assert {"function": "system-part", "index": 1, "version": "1.1.0"} in st["missing"]
+
+    dev.flash(*sorted(systems["1.1.0"].glob("*.bin")))
+    console = dev.run(until=HELLO)
+    assert HELLO in console
+    st = dev.status()
+    assert (st["mode"], st["app"], st["missing"]) == ("normal", "running", [])
+
+
+def test_one_system_part_behind_is_a_dependency(device, hello_app, systems):
+    """Part 2 at 1.1.0 needs part 1 at 1.1.0: the system's own dependencies count."""
+    dev = device("1.0.0")
+    dev.flash(hello_app("1.0.0"), *systems["1.1.0"].glob("*system-part2*"))
+    console = dev.run(until="SAFE MODE")
+    assert HELLO not in console
+    st = dev.status()
+    assert st["safe_mode_reason"] == "dependency"
+    assert st["missing"] == [{"function": "system-part", "index": 1, "version": "1.1.0"}]
+
+
+def test_app_built_for_older_system_runs_on_newer(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app("1.0.0"))
+    assert HELLO in dev.run(until=HELLO)
+    assert dev.status()["mode"] == "normal"
+
+
+def test_corrupt_user_part_is_integrity_safe_mode(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    dev.corrupt("user", at=40)
+    console = dev.run(until="SAFE MODE")
+    assert "SAFE MODE (integrity)" in console
+    assert HELLO not in console
+    st = dev.status()
+    assert (st["mode"], st["safe_mode_reason"], st["app"]) == ("safe", "integrity", "not-run")
+    app = [m for m in st["modules"] if m["function"] == "user-part"][0]
+    assert app["valid"] is False and app["crc_ok"] is False
+
+
+def test_app_corrupted_after_install_is_not_run_from_its_old_copy(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    assert HELLO in dev.run(until=HELLO)
+    dev.corrupt("user", at=40)
+    console = dev.run(until="SAFE MODE")
+    assert HELLO not in console
+    assert dev.status()["safe_mode_reason"] == "integrity"
+
+
+def test_corrupt_system_part_2_is_integrity_safe_mode(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    dev.corrupt("system2")
+    console = dev.run(until="SAFE MODE")
+    assert HELLO not in console
+    assert dev.status()["safe_mode_reason"] == "integrity"
+
+
+def test_corrupt_system_part_1_halts_in_the_bootloader(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    dev.corrupt("system1")
+    console = dev.run(until="no usable system")
+    assert HELLO not in console
+    st = dev.status()
+    assert (st["mode"], st["safe_mode_reason"], st["stage"]) == ("safe", "integrity", "bootloader")
+
+
+CRASHING = {
+    "main.py": "import sensor\n\ndef setup():\n    sensor.start()\n",
+    "sensor.py": "def start():\n    raise RuntimeError('sensor missing')\n",
+}
+
+
+def test_app_crashing_at_start_up_three_boots_in_a_row(device, make_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("crashing", CRASHING))
+    console = dev.run(until="SAFE MODE")
+    assert console.count("keel: app crashed") == 3
+    assert "SAFE MODE (app-crash)" in console
+    # The traceback names the app's own file and line, and is kept for safe mode.
+    assert 'File "sensor.py", line 2, in start' in console.split("SAFE MODE")[1]
+    assert "RuntimeError: sensor missing" in console.split("SAFE MODE")[1]
+    st = dev.status()
+    assert (st["mode"], st["safe_mode_reason"], st["app"]) == ("safe", "app-crash", "crashed")
+    assert st["reset_reason"] == "app-crash"
+
+    # Still in safe mode on the next power-on: the app is not retried blindly.
+    console = dev.run(until="SAFE MODE")
+    assert "keel: app crashed" not in console
+    assert dev.status()["safe_mode_reason"] == "app-crash"
+
+
+def test_flashing_a_fixed_app_leaves_crash_safe_mode(device, make_app, hello_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("crashing", CRASHING))
+    dev.run(until="SAFE MODE")
+    dev.flash(hello_app())
+    assert HELLO in dev.run(until=HELLO)
+    assert dev.status()["mode"] == "normal"
+
+
+def test_app_that_crashes_once_then_starts_is_not_in_safe_mode(device, make_app):
+    flaky = {
+        "main.py": (
+            "import os\n"
+            "def setup():\n"
+            "    try:\n"
+            "        os.stat('/flaky-once')\n"
+            "    except OSError:\n"
+            "        open('/flaky-once', 'w').close()\n"
+            "        raise ValueError('first boot only')\n"
+            "    print('flaky app up')\n"
+        )
+    }
+    dev = device("1.1.0")
+    dev.flash(make_app("flaky", flaky))
+    console = dev.run(until="flaky app up")
+    assert console.count("keel: app crashed") == 1
+    assert dev.status()["mode"] == "normal"
+
+
+def test_crash_in_loop_counts_too(device, make_app):
+    looping = {"main.py": "def setup():\n    pass\n\ndef loop():\n    raise OSError(5)\n"}
+    dev = device("1.1.0")
+    dev.flash(make_app("loop-crash", looping))
+    console = dev.run(until="SAFE MODE")
+    assert "SAFE MODE (app-crash)" in console
+
+
+def test_system_with_no_app(device):
+    dev = device("1.1.0")
+    console = dev.run(until="no app installed")
+    assert "no app installed" in console
+    st = dev.status()
+    assert (st["mode"], st["app"]) == ("normal", "none")
+
+
+def test_status_is_json_from_the_device_itself(device, hello_app):
+    """The host reads what the VM wrote into the LittleFS partition of the flash."""
+    from keel import vdev
+
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    dev.run(until=HELLO)
+    raw = json.loads(vdev.read_file(dev.path, "/keel/status.json"))
+    assert raw["mode"] == "normal"
+    assert raw["vm"]["name"] == "micropython"
+
+
+def test_prerelease_system_orders_before_its_release(tmp_path, device, make_app):
+    from keel import build
+
+    build.build_system("virtual", "1.2.0-rc.3", tmp_path / "rc")
+    dev = device(system_dir=tmp_path / "rc")
+    dev.flash(make_app("rc-app", {"main.py": "print('rc app up')\n"}, "1.2.0-rc.3"))
+    assert "rc app up" in dev.run(until="rc app up")
+
+    dev.flash(make_app("release-app", {"main.py": "print('release app up')\n"}, "1.2.0"))
+    console = dev.run(until="SAFE MODE")
+    assert "release app up" not in console
+    assert {"function": "system-part", "index": 2, "version": "1.2.0"} in dev.status()["missing"]
