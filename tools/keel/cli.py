@@ -80,7 +80,8 @@ def cmd_vdev_status(args) -> int:
     print(f"reset reason    {doc['reset_reason']}")
     print(f"vm              {doc['vm']['name']} {doc['vm']['version']}")
     mem = doc["mem"]
-    print(f"heap            {mem['heap_total']} bytes, free at app start {mem['heap_free_at_app_start']}")
+    free = mem["heap_free_at_app_start"]
+    print(f"heap            {mem['heap_total']} bytes, free at app start {'-' if free is None else free}")
     for m in doc["modules"]:
         state = "valid" if m["valid"] else f"INVALID ({m.get('invalid_reason')})"
         print(f"module          {m['function']} {m['index']} {m['version']}  {state}")
