@@ -41,14 +41,34 @@ def _missing(slots):
     return [mf.dependency_dict((k[0], k[1], v)) for k, v in sorted(needed.items())]
 
 
-def _app_crashes(app_slot):
+# Resets that end a start-up without a Python exception but still mean the app
+# brought the device down. A power cut or a reset button does not count.
+_HARD_CRASH_RESETS = ("panic", "watchdog")
+
+
+def _crash_state(app_slot):
     state = flashfs.read_json(APP_STATE_FILE, {})
     if state.get("sha256") != app_slot.installed_digest():
-        return 0
-    return state.get("crashes", 0)
+        state = {"sha256": app_slot.installed_digest(), "crashes": 0, "starting": False}
+    return state
 
 
-def evaluate(slots):
+def _app_crashes(app_slot, reset_reason):
+    state = _crash_state(app_slot)
+    if state.get("starting") and reset_reason in _HARD_CRASH_RESETS:
+        state["crashes"] += 1
+        state["starting"] = False
+        flashfs.write_json(APP_STATE_FILE, state)
+    return state["crashes"]
+
+
+def _update_state(app_slot, **fields):
+    state = _crash_state(app_slot)
+    state.update(fields)
+    flashfs.write_json(APP_STATE_FILE, state)
+
+
+def evaluate(slots, reset_reason):
     system = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART]
     app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
     app = app[0] if app else None
@@ -67,22 +87,21 @@ def evaluate(slots):
         return Decision("safe", app.reason, missing, "not-run")
     if missing:
         return Decision("safe", SAFE_DEPENDENCY, missing, "not-run")
-    if _app_crashes(app) >= CRASH_LIMIT:
+    if _app_crashes(app, reset_reason) >= CRASH_LIMIT:
         return Decision("safe", SAFE_APP_CRASH, app="crashed")
     return Decision(app="not-run")
 
 
-def _record_attempt(app_slot, crashes):
-    flashfs.write_json(APP_STATE_FILE, {"sha256": app_slot.installed_digest(), "crashes": crashes})
-
-
-def save_traceback(exc):
+def record_crash(app_slot, exc):
+    """Count a crash and keep its traceback; returns the traceback text."""
     import io
 
     buf = io.StringIO()
     sys.print_exception(exc, buf)
     text = buf.getvalue()
     flashfs.write_atomic(CRASH_FILE, text)
+    state = _crash_state(app_slot)
+    _update_state(app_slot, crashes=state["crashes"] + 1, starting=False)
     return text
 
 
@@ -91,11 +110,11 @@ def last_traceback():
 
 
 def start_app(app_slot, on_started):
-    """Import the app and run its setup(). Counts the attempt first, so a crash or a
-    power cut during start-up counts too; mark_stable() clears the count once the
-    app has run for STABLE_MS. Returns the app module, or raises."""
-    crashes = _app_crashes(app_slot)
-    _record_attempt(app_slot, crashes + 1)
+    """Import the app and run its setup(); returns the app module, or raises.
+
+    Marks the start first, so that if the VM dies before mark_stable() (STABLE_MS
+    later) the next boot counts a crash too."""
+    _update_state(app_slot, starting=True)
     sys.path.append(app_slot.code_dir)
     gc.collect()
     on_started(gc.mem_free())
@@ -108,4 +127,4 @@ def start_app(app_slot, on_started):
 
 
 def mark_stable(app_slot):
-    _record_attempt(app_slot, 0)
+    _update_state(app_slot, crashes=0, starting=False)

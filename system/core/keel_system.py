@@ -54,8 +54,8 @@ def safe_mode(status, decision):
         time.sleep_ms(_IDLE_PAUSE_MS)
 
 
-def _app_crashed(status, exc):
-    text = app_loader.save_traceback(exc)
+def _app_crashed(status, app_slot, exc):
+    text = app_loader.record_crash(app_slot, exc)
     print("keel: app crashed:")
     print(text, end="")
     status.set(app="crashed")
@@ -81,13 +81,13 @@ def _run_app(status, app_slot):
                 stable = True
             time.sleep_ms(_LOOP_PAUSE_MS if loop else _IDLE_PAUSE_MS)
     except Exception as e:  # noqa: BLE001 - an app's failure must not take the system down
-        _app_crashed(status, e)
+        _app_crashed(status, app_slot, e)
 
 
 def start(board, slots, reset_reason):
     SLOTS[:] = slots
     status = Status(slots, reset_reason)
-    decision = app_loader.evaluate(slots)
+    decision = app_loader.evaluate(slots, reset_reason)
     version = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
     print(
         "keel: system %s on %s, reset reason %s"

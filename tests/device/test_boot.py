@@ -211,3 +211,29 @@ def test_prerelease_system_orders_before_its_release(tmp_path, device, make_app)
     console = dev.run(until="SAFE MODE")
     assert "release app up" not in console
     assert {"function": "system-part", "index": 2, "version": "1.2.0"} in dev.status()["missing"]
+
+
+def test_power_cut_while_installing_modules_recovers(device, hello_app):
+    """Cut power at several points of the first boot (while modules are being
+    extracted); every later boot must still reach the app."""
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    for cut_after in (0.02, 0.05, 0.08, 0.12, 0.2):
+        dev.run(seconds=cut_after)
+    console = dev.run(until=HELLO)
+    assert HELLO in console
+    st = dev.status()
+    assert st["mode"] == "normal"
+    assert all(m["valid"] for m in st["modules"])
+
+
+def test_vm_dying_during_start_up_counts_as_a_crash(device, make_app):
+    """No Python exception to catch: the VM itself goes down (here SystemExit, which
+    the system does not catch), the runner restarts it as after a panic."""
+    dying = {"main.py": "import sys\n\ndef setup():\n    sys.exit(3)\n"}
+    dev = device("1.1.0")
+    dev.flash(make_app("dying", dying))
+    console = dev.run(until="SAFE MODE")
+    assert console.count("the VM died") == 3
+    assert "SAFE MODE (app-crash)" in console
+    assert dev.status()["reset_reason"] == "panic"
