@@ -1,11 +1,10 @@
 # Keel bootloader: validates every module in flash, installs (extracts) the code
 # of modules that changed, and hands over to the system. See docs/boot-flow.md.
 import sys
+import os
 import gc
-import hashlib
 import binascii
 import module_format as mf
-import romfs
 import flashfs
 
 MODULE_ROOT = "/keel/m"
@@ -117,6 +116,9 @@ def install_code(slot):
 
     Extracts to a new directory and renames it into place last, so a power cut
     leaves the old code or a half-written copy that the next boot redoes."""
+    import hashlib
+    import romfs  # only needed when something changed: kept off the heap otherwise
+
     _, _, sha_ok = mf.check_image(slot.read, slot.size, hashlib.sha256, _buf)
     slot.sha256_ok = sha_ok
     if not sha_ok:
@@ -137,8 +139,6 @@ def install_code(slot):
         return False
     flashfs.write_atomic(fresh + "/.sha256", binascii.hexlify(slot.digest).decode())
     flashfs.remove_tree(final)
-    import os
-
     os.rename(fresh, final)
     return True
 
@@ -156,8 +156,6 @@ def take_reset_reason(port):
     """The reason the system recorded before its last reset, else the port's cause."""
     reason = flashfs.read_text(RESET_REASON_FILE)
     if reason is not None:
-        import os
-
         os.remove(RESET_REASON_FILE)
         return reason
     return port.reset_cause()
@@ -221,4 +219,6 @@ def main():
     gc.collect()
     import keel_system
 
+    sys.modules.pop("romfs", None)
+    gc.collect()
     keel_system.start(board, slots, reset_reason)
