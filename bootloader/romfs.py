@@ -94,7 +94,8 @@ def copy_out(read, base, offset, length, out, buf):
     view = memoryview(buf)
     while length:
         step = min(length, len(buf))
-        read(base + offset, view[:step])
+        if read(base + offset, view[:step]) != step:
+            raise RomfsError("romfs: truncated")
         out.write(view[:step])
         offset += step
         length -= step
@@ -106,7 +107,7 @@ def extract(read, base, size, dest, buf=None):
     buf = buf or bytearray(256)
     files = 0
     # walk() reuses the start of buf for names, so copy with a separate view.
-    name_buf = bytearray(128)
+    name_buf = bytearray(256)
     for path, offset, length in walk(read, base, size, name_buf):
         target = dest + "/" + path
         if offset < 0:

@@ -24,6 +24,7 @@ DEP_FMT = "<BBxxI"
 DEP_SIZE = const(8)
 SUFFIX_SIZE = const(36)
 MAX_DEPS = const(8)
+MIN_BUFFER = const(84)  # HEADER_SIZE + MAX_DEPS * DEP_SIZE, and more than SUFFIX_SIZE
 
 # Module functions, numbered as in Particle's module_info_t.
 FUNCTION_BOOTLOADER = const(2)
@@ -80,7 +81,8 @@ def platform_id(name):
 
 
 def _number(text, what, limit, original):
-    if not text or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+    ascii_digits = text and all("0" <= c <= "9" for c in text)
+    if not ascii_digits or (len(text) > 1 and text[0] == "0"):
         raise FormatError("invalid version '%s': %s must be a number" % (original, what))
     value = int(text)
     if value > limit:
@@ -122,6 +124,11 @@ def decode_version(value):
         raise FormatError("version 0x%08x has an invalid prerelease tag" % value)
     kind = "rc" if tag & 0x80 else ("beta" if tag & 0x40 else "alpha")
     return "%s-%s.%d" % (text, kind, tag & 0x3F)
+
+
+def _valid_tag(value):
+    tag = value & 0xFF
+    return tag < 0xC0 or tag == _TAG_RELEASE
 
 
 def is_prerelease(value):
@@ -166,6 +173,9 @@ def dependency_dict(dependency):
 def pack_header(info):
     if len(info.dependencies) > MAX_DEPS:
         raise FormatError("at most %d dependencies" % MAX_DEPS)
+    for version in [info.version] + [d[2] for d in info.dependencies]:
+        if not _valid_tag(version):
+            raise FormatError("invalid version 0x%08x" % version)
     out = bytearray(
         struct.pack(
             HEADER_FMT,
@@ -198,11 +208,15 @@ def parse_header(data):
         raise FormatError("unsupported module format version %d" % fmt)
     if ndeps > MAX_DEPS:
         raise FormatError("corrupt header: %d dependencies" % ndeps)
+    if not _valid_tag(version):
+        raise FormatError("corrupt header: invalid version 0x%08x" % version)
     if len(data) < HEADER_SIZE + DEP_SIZE * ndeps:
         raise FormatError("truncated: header ends inside the dependency list")
     deps = []
     for i in range(ndeps):
         dep = struct.unpack_from(DEP_FMT, data, HEADER_SIZE + DEP_SIZE * i)
+        if not _valid_tag(dep[2]):
+            raise FormatError("corrupt header: invalid dependency version 0x%08x" % dep[2])
         deps.append((dep[0], dep[1], dep[2]))
     return ModuleInfo(function, index, version, platform, deps, flags, size)
 
@@ -219,12 +233,15 @@ def build_image(info, payload, sha256):
 def check_image(read, total_size, sha256=None, buf=None):
     """Validate an image read through read(offset, buf) -> count, of total_size bytes.
 
-    Streams with one buffer so it works on a device with little RAM. Returns
+    Streams with one buffer (at least MIN_BUFFER bytes: the largest header) so it
+    works on a device with little RAM. Returns
     (info, crc_ok, sha256_ok); sha256_ok is None when sha256 is not given.
     Raises FormatError when the image is truncated or the header is unreadable.
     """
     if buf is None:
         buf = bytearray(512)
+    if len(buf) < MIN_BUFFER:
+        raise ValueError("check_image needs a buffer of at least %d bytes" % MIN_BUFFER)
     if total_size < HEADER_SIZE:
         raise FormatError("truncated: %d bytes, a header needs %d" % (total_size, HEADER_SIZE))
     got = read(0, buf)
