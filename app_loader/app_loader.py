@@ -16,7 +16,6 @@ SAFE_DEPENDENCY = "dependency"
 SAFE_INTEGRITY = "integrity"
 SAFE_PLATFORM = "platform"
 SAFE_APP_CRASH = "app-crash"
-SAFE_REQUESTED = "requested"
 
 
 class Decision:
@@ -49,7 +48,9 @@ _HARD_CRASH_RESETS = ("panic", "watchdog")
 def _crash_state(app_slot):
     state = flashfs.read_json(APP_STATE_FILE, {})
     if state.get("sha256") != app_slot.installed_digest():
+        # Another app: its predecessor's crashes and traceback are not its own.
         state = {"sha256": app_slot.installed_digest(), "crashes": 0, "starting": False}
+        flashfs.remove_tree(CRASH_FILE)
     return state
 
 
@@ -76,8 +77,10 @@ def evaluate(slots, reset_reason):
         if not s.valid and s.reason != "empty":
             return Decision("safe", s.reason, app="not-run")
     missing = _missing(slots)
+    listed = [(m["function"], m["index"]) for m in missing]
     for s in system:
-        if not s.valid:  # an empty system slot is an unmet dependency of the system
+        # An empty system slot is an unmet dependency of the system itself.
+        if not s.valid and ("system-part", s.index) not in listed:
             missing.append({"function": "system-part", "index": s.index, "version": None})
     if app is None or (app.info is None and app.reason == "empty"):
         if missing:
@@ -115,7 +118,7 @@ def start_app(app_slot, on_started):
     Marks the start first, so that if the VM dies before mark_stable() (STABLE_MS
     later) the next boot counts a crash too."""
     _update_state(app_slot, starting=True)
-    sys.path.append(app_slot.code_dir)
+    sys.path.insert(sys.path.index("/lib"), app_slot.code_dir)
     gc.collect()
     on_started(gc.mem_free())
     import main

@@ -16,10 +16,12 @@ _buf = bytearray(512)
 
 
 def _port():
+    # The flash and reset primitives of the board's port. Only the virtual board
+    # has one so far; real ports get theirs with USB flashing (esp32, nrf).
     try:
         import vboard as port
     except ImportError:
-        import esp32 as port
+        raise RuntimeError("keel: no flash port for this board yet")
     return port
 
 
@@ -102,7 +104,7 @@ def scan(slot, platform):
     elif slot.info.platform != platform:
         slot.reason = "platform"
     elif slot.info.function != slot.function or slot.info.index != slot.index:
-        slot.reason = "slot"
+        slot.reason = "integrity"  # a module in another module's slot
     else:
         slot.valid = True
         slot.reason = None
@@ -215,7 +217,8 @@ def main():
         if core and core[0].reason != "empty":
             halt(slots, reset_reason, core[0].reason, [])
         halt(slots, reset_reason, "dependency", [{"function": "system-part", "index": 1, "version": None}])
-    sys.path.insert(0, core[0].code_dir)
+    # Module code only: a stray /main.py at the filesystem root must not shadow the app.
+    sys.path[:] = [core[0].code_dir, MODULE_ROOT + "/bl", "/lib"]
     gc.collect()
     import keel_system
 

@@ -37,15 +37,14 @@ class Partition:
         f.readinto(buf)
 
     def writeblocks(self, block, buf, offset=None):
-        # Real NOR flash: writing without erase first would AND the bits; we only
-        # allow the pattern the callers use (erase, then program).
+        # As esp32.Partition: without an offset, whole blocks are erased and written;
+        # with one, bytes are written in place (the caller erased them before).
+        start = block * self.BLOCK_SIZE + (offset or 0)
+        if start + len(buf) > self.size:
+            raise OSError(22)
         if offset is None:
             for i in range(len(buf) // self.BLOCK_SIZE):
                 self.ioctl(6, block + i)
-            offset = 0
-        start = block * self.BLOCK_SIZE + offset
-        if start + len(buf) > self.size:
-            raise OSError(22)
         f = self._flash
         f.seek(self.offset + start)
         f.write(buf)
@@ -57,6 +56,8 @@ class Partition:
         if op == 5:  # block size
             return self.BLOCK_SIZE
         if op == 6:  # erase one block
+            if not 0 <= arg < self.size // self.BLOCK_SIZE:
+                return -22
             f = self._flash
             f.seek(self.offset + arg * self.BLOCK_SIZE)
             f.write(b"\xff" * self.BLOCK_SIZE)

@@ -48,7 +48,7 @@ def safe_mode(status, decision):
         print("keel:   missing %s" % _describe(dep))
     if decision.reason == app_loader.SAFE_APP_CRASH:
         print("keel: the app crashed %d boots in a row; last traceback:" % app_loader.CRASH_LIMIT)
-        print(app_loader.last_traceback() or "(none kept)")
+        print(app_loader.last_traceback() or "(no traceback: the VM itself went down)")
     print("keel: the app is not run; flash a fixed app or the system parts it needs")
     while True:
         time.sleep_ms(_IDLE_PAUSE_MS)
@@ -80,7 +80,9 @@ def _run_app(status, app_slot):
                 app_loader.mark_stable(app_slot)
                 stable = True
             time.sleep_ms(_LOOP_PAUSE_MS if loop else _IDLE_PAUSE_MS)
-    except Exception as e:  # noqa: BLE001 - an app's failure must not take the system down
+    except KeyboardInterrupt:
+        raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
+    except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
         _app_crashed(status, app_slot, e)
 
 

@@ -1,9 +1,4 @@
 # The app API (system part 2). Apps `import keel`. Docs: docs/api.md.
-import sys
-
-_boot = sys.modules.get("keel_boot")
-
-
 def system_version():
     """The installed system version, as a semver string."""
     import module_format as mf

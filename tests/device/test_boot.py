@@ -228,12 +228,50 @@ def test_power_cut_while_installing_modules_recovers(device, hello_app):
 
 
 def test_vm_dying_during_start_up_counts_as_a_crash(device, make_app):
-    """No Python exception to catch: the VM itself goes down (here SystemExit, which
-    the system does not catch), the runner restarts it as after a panic."""
-    dying = {"main.py": "import sys\n\ndef setup():\n    sys.exit(3)\n"}
+    """No Python exception to catch: the VM process itself is killed, as a hard
+    fault would end it; the runner restarts it as after a panic."""
+    dying = {"main.py": "import os\n\ndef setup():\n    os.system('kill -9 $PPID')\n"}
     dev = device("1.1.0")
     dev.flash(make_app("dying", dying))
     console = dev.run(until="SAFE MODE")
     assert console.count("the VM died") == 3
     assert "SAFE MODE (app-crash)" in console
     assert dev.status()["reset_reason"] == "panic"
+
+
+def test_app_calling_sys_exit_is_a_crash_not_the_end_of_the_system(device, make_app):
+    exiting = {"main.py": "import sys\n\ndef setup():\n    sys.exit(0)\n"}
+    dev = device("1.1.0")
+    dev.flash(make_app("exiting", exiting))
+    console = dev.run(until="SAFE MODE")
+    assert "SystemExit" in console
+    assert "the VM exited" not in console
+    assert dev.status()["safe_mode_reason"] == "app-crash"
+
+
+def test_a_stray_main_py_on_the_filesystem_does_not_shadow_the_app(device, make_app):
+    from keel import vdev
+
+    dev = device("1.1.0")
+    dev.flash(make_app("real", {"main.py": "print('the real app')\n"}))
+    flash = vdev.VirtualDevice(dev.path)
+    data, board = flash.read_flash(), flash.board()
+    fs = flash.open_fs(data, board)
+    fs.mount()
+    with fs.open("/main.py", "w") as f:
+        f.write("print('an impostor')\n")
+    flash.store_fs(data, board, fs)
+    flash.write_flash(data)
+    console = dev.run(until="the real app")
+    assert "the real app" in console and "an impostor" not in console
+
+
+def test_crash_traceback_belongs_to_the_current_app(device, make_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("crashing", CRASHING))
+    dev.run(until="SAFE MODE")
+    killer = {"main.py": "import os\n\ndef setup():\n    os.system('kill -9 $PPID')\n"}
+    dev.flash(make_app("killer", killer))
+    console = dev.run(until="SAFE MODE")
+    assert "sensor missing" not in console
+    assert "no traceback" in console

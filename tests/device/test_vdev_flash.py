@@ -102,3 +102,13 @@ def test_create_refuses_an_existing_device(device, systems):
     dev = device("1.0.0")
     with pytest.raises(KeelError, match="already there"):
         vdev.create(dev.path, systems["1.0.0"])
+
+
+def test_create_refuses_two_images_for_one_slot(tmp_path, systems):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for version in ("1.0.0", "1.1.0"):
+        for f in systems[version].glob("*.bin"):
+            (mixed / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(KeelError, match="same slot"):
+        vdev.create(tmp_path / "dev", mixed)

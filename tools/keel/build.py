@@ -174,7 +174,8 @@ def build_system(platform: str, version: str | None, out_dir: Path) -> list[Path
             f"{platform}-system-part{part['index']}-{version}.bin",
         )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KeelError(f"{out_dir}: not a directory")
     written = []
     for filename, data in images:
         written.append(_write_atomic(out_dir / filename, data))
@@ -216,8 +217,13 @@ def build_app(
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    if path.is_dir():
+        raise KeelError(f"{path}: is a directory (give a file name with -o)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise KeelError(f"{path}: cannot write: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -44,7 +44,7 @@ def cmd_inspect(args) -> int:
     else:
         print(images.describe(image))
     if not image.ok:
-        print(f"keel: {args.file}: {image.problem}", file=sys.stderr)
+        print(f"keel: error: {args.file}: {image.problem}", file=sys.stderr)
         return 1
     return 0
 

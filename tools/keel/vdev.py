@@ -102,6 +102,17 @@ def check_for_board(board: Board, image: Image) -> None:
         )
 
 
+def check_images_for_board(board: Board, images: list[Image]) -> None:
+    """Check a set of modules to be written together: each fits, none collide."""
+    seen = {}
+    for image in images:
+        check_for_board(board, image)
+        key = (image.info.function, image.info.index)
+        if key in seen:
+            raise KeelError(f"{image.path} and {seen[key]} go to the same slot")
+        seen[key] = image.path
+
+
 def _install_bootloader_code(fs: LittleFS, image: Image) -> None:
     """Factory step: put the bootloader's code and /boot.py on the filesystem."""
     info = image.info
@@ -134,8 +145,7 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     images = [load_valid_image(p) for p in sorted(Path(system_dir).glob("*.bin"))]
     if not images:
         raise KeelError(f"{system_dir}: no module images (*.bin) found")
-    for image in images:
-        check_for_board(board, image)
+    check_images_for_board(board, images)
     functions = {(i.info.function, i.info.index) for i in images}
     needed = [(p.function, p.index) for p in board.partitions if p.function in
               (mf.FUNCTION_BOOTLOADER, mf.FUNCTION_SYSTEM_PART)]
@@ -174,14 +184,7 @@ def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is running; stop it before flashing")
     images = [load_valid_image(p) for p in files]
-    for image in images:
-        check_for_board(board, image)
-    seen = {}
-    for image in images:
-        key = (image.info.function, image.info.index)
-        if key in seen:
-            raise KeelError(f"{image.path} and {seen[key]} go to the same slot")
-        seen[key] = image.path
+    check_images_for_board(board, images)
     flash_data = device.read_flash()
     for image in images:
         _place(flash_data, board, image)
