@@ -63,7 +63,17 @@ class Slot:
 
     def to_dict(self):
         if self.info is None:
-            return None
+            # Something that is not a readable module: report the slot itself.
+            return {
+                "function": mf.function_name(self.function),
+                "index": self.index,
+                "version": None,
+                "valid": False,
+                "crc_ok": False,
+                "sha256_ok": None,
+                "slot": self.label,
+                "invalid_reason": self.reason,
+            }
         doc = self.info.to_dict()
         doc["size"] = self.info.image_size
         doc["crc_ok"] = self.crc_ok
@@ -91,7 +101,10 @@ def scan(slot, platform):
     if slot.part is None:
         return
     slot.read(0, _buf)
+    if _buf[:4] == b"\xff\xff\xff\xff":
+        return  # erased: no module here
     if _buf[:4] != mf.MAGIC:
+        slot.reason = "integrity"
         return
     try:
         slot.info, slot.crc_ok, _ = mf.check_image(slot.read, slot.size, None, _buf)
@@ -184,7 +197,7 @@ def halt(slots, reset_reason, reason, missing):
             "missing": missing,
             "reset_reason": reset_reason,
             "vm": vm_info(),
-            "modules": [s.to_dict() for s in slots if s.info],
+            "modules": [s.to_dict() for s in slots if s.reason != "empty"],
             "app": "not-run",
             "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
             "stage": "bootloader",

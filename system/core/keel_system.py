@@ -23,7 +23,7 @@ class Status:
             "missing": [],
             "reset_reason": reset_reason,
             "vm": keel_boot.vm_info(),
-            "modules": [s.to_dict() for s in slots if s.info],
+            "modules": [s.to_dict() for s in slots if s.reason != "empty"],
             "app": "none",
             "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
             "stage": "system",

@@ -275,3 +275,13 @@ def test_crash_traceback_belongs_to_the_current_app(device, make_app):
     console = dev.run(until="SAFE MODE")
     assert "sensor missing" not in console
     assert "no traceback" in console
+
+
+def test_user_slot_with_a_damaged_header_is_integrity_not_empty(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    dev.corrupt("user", at=0)  # the magic itself
+    console = dev.run(until="SAFE MODE")
+    assert "SAFE MODE (integrity)" in console
+    app = [m for m in dev.status()["modules"] if m["function"] == "user-part"][0]
+    assert (app["valid"], app["version"], app["invalid_reason"]) == (False, None, "integrity")

@@ -84,7 +84,7 @@ def cmd_vdev_status(args) -> int:
     print(f"heap            {mem['heap_total']} bytes, free at app start {'-' if free is None else free}")
     for m in doc["modules"]:
         state = "valid" if m["valid"] else f"INVALID ({m.get('invalid_reason')})"
-        print(f"module          {m['function']} {m['index']} {m['version']}  {state}")
+        print(f"module          {m['function']} {m['index']} {m['version'] or '-'}  {state}")
     return 0
 
 
