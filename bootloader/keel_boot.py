@@ -129,8 +129,9 @@ def scan(slot, platform):
 def install_code(slot):
     """Verify the SHA-256 and extract the payload into the module's code directory.
 
-    Extracts to a new directory and renames it into place last, so a power cut
-    leaves the old code or a half-written copy that the next boot redoes."""
+    Extracts to a new directory and swaps it into place with renames, so a power
+    cut leaves the old code, or the new, or a half-written copy that the next boot
+    redoes (stage0 finishes an interrupted swap of the bootloader's own code)."""
     import hashlib
     import romfs  # only needed when something changed: kept off the heap otherwise
 
@@ -153,8 +154,13 @@ def install_code(slot):
         slot.reason = "integrity"
         return False
     flashfs.write_atomic(fresh + "/.sha256", binascii.hexlify(slot.digest).decode())
-    flashfs.remove_tree(final)
+    # Two renames swap the directories; there is always a whole copy to boot from.
+    old = final + ".old"
+    flashfs.remove_tree(old)
+    if flashfs.exists(final):
+        os.rename(final, old)
     os.rename(fresh, final)
+    flashfs.remove_tree(old)
     return True
 
 

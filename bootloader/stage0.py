@@ -7,13 +7,15 @@ _BL = "/keel/m/bl"
 try:
     os.stat(_BL)
 except OSError:
-    # A power cut between removing the old bootloader code and renaming the new
-    # copy into place: the new copy is complete once its .sha256 marker exists.
-    try:
-        os.stat(_BL + ".new/.sha256")
-        os.rename(_BL + ".new", _BL)
-    except OSError:
-        pass
+    # A power cut between the two renames of an install: take the new copy if it
+    # is complete (its .sha256 marker is written last), else the old one.
+    for _src in (_BL + ".new/.sha256", _BL + ".old/.sha256"):
+        try:
+            os.stat(_src)
+            os.rename(_src[:-8], _BL)
+            break
+        except OSError:
+            pass
 sys.path.insert(0, _BL)
 try:
     import keel_boot

@@ -75,7 +75,7 @@ def cmd_vdev_status(args) -> int:
         return 0
     print(f"mode            {doc['mode']}" + (f" ({doc['safe_mode_reason']})" if doc["safe_mode_reason"] else ""))
     for dep in doc["missing"]:
-        print(f"  missing       {dep['function']} {dep['index']} >= {dep['version']}")
+        print(f"  missing       {dep['function']} {dep['index']} >= {dep['version'] or 'any'}")
     print(f"app             {doc['app']}")
     print(f"reset reason    {doc['reset_reason']}")
     print(f"vm              {doc['vm']['name']} {doc['vm']['version']}")
