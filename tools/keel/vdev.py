@@ -210,6 +210,7 @@ def status(path: Path | str) -> dict:
 
 # The device writes JSON in whatever order its dicts keep; show it in a fixed one.
 STATUS_KEYS = ("mode", "safe_mode_reason", "missing", "reset_reason", "vm", "app", "mem", "modules")
+DEP_KEYS = ("function", "index", "version")
 MODULE_KEYS = ("function", "index", "version", "platform", "dependencies", "size", "crc_ok",
                "sha256_ok", "valid")
 
@@ -217,8 +218,9 @@ MODULE_KEYS = ("function", "index", "version", "platform", "dependencies", "size
 def _ordered(doc: dict, keys: tuple) -> dict:
     out = {k: doc[k] for k in keys if k in doc}
     out.update((k, v) for k, v in doc.items() if k not in out)
-    if "modules" in out:
-        out["modules"] = [_ordered(m, MODULE_KEYS) for m in out["modules"]]
+    for key, keys in (("modules", MODULE_KEYS), ("missing", DEP_KEYS), ("dependencies", DEP_KEYS)):
+        if isinstance(out.get(key), list):
+            out[key] = [_ordered(item, keys) for item in out[key]]
     return out
 
 
