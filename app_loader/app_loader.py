@@ -16,6 +16,9 @@ SAFE_DEPENDENCY = "dependency"
 SAFE_INTEGRITY = "integrity"
 SAFE_PLATFORM = "platform"
 SAFE_APP_CRASH = "app-crash"
+SAFE_REQUESTED = "requested"
+
+SAFE_REQUEST_FILE = "/keel/safe_request"
 
 
 class Decision:
@@ -69,13 +72,29 @@ def _update_state(app_slot, **fields):
     flashfs.write_json(APP_STATE_FILE, state)
 
 
+def request_safe_mode():
+    """Ask for safe mode at the next boot only (keel.enter_safe_mode())."""
+    flashfs.write_atomic(SAFE_REQUEST_FILE, "1")
+
+
+def _take_safe_request():
+    if flashfs.exists(SAFE_REQUEST_FILE):
+        flashfs.remove_tree(SAFE_REQUEST_FILE)
+        return True
+    return False
+
+
 def evaluate(slots, reset_reason):
+    requested = _take_safe_request()
     system = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART]
     app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
     app = app[0] if app else None
     for s in system:
         if not s.valid and s.reason != "empty":
             return Decision("safe", s.reason, app="not-run")
+    if requested:
+        has_app = app is not None and app.reason != "empty"
+        return Decision("safe", SAFE_REQUESTED, app="not-run" if has_app else "none")
     missing = _missing(slots)
     listed = [(m["function"], m["index"]) for m in missing]
     for s in system:
@@ -92,6 +111,7 @@ def evaluate(slots, reset_reason):
         return Decision("safe", SAFE_DEPENDENCY, missing, "not-run")
     if _app_crashes(app, reset_reason) >= CRASH_LIMIT:
         return Decision("safe", SAFE_APP_CRASH, app="crashed")
+
     return Decision(app="not-run")
 
 

@@ -1,5 +1,5 @@
-# Hardware abstraction layer. Each peripheral's API is declared once in hal/<name>.py;
-# its implementation lives in hal/ports/<port>/, chosen once here at import time.
+# Hardware abstraction layer. Each peripheral's API is declared once in hal/<name>.py
+# and implemented in hal/ports/<port>/<name>.py; the port is chosen once, here.
 # Only the running board's port is built into system part 1.
 import sys
 
@@ -7,3 +7,53 @@ _PORTS = {"linux": "virtual", "esp32": "esp32", "nrf": "nrf"}
 PORT = _PORTS.get(sys.platform)
 if PORT is None:
     raise ImportError("keel: no HAL port for platform '%s'" % sys.platform)
+
+BOARD_FILE = "/keel/board.json"
+_board = None
+
+
+def board():
+    """The board definition (boards/<name>/board.json, copied to the device)."""
+    global _board
+    if _board is None:
+        import json
+
+        with open(BOARD_FILE) as f:
+            _board = json.load(f)
+    return _board
+
+
+def backend(name):
+    """The port's implementation module of peripheral `name`."""
+    return __import__("hal.ports.%s.%s" % (PORT, name), None, None, (name,))
+
+
+def pin_id(name):
+    """The port's pin identifier for a board pin name ("D7", "A0", "LED")."""
+    pins = board()["pins"]
+    spec = pins.get(name)
+    if spec is None:
+        alias = board().get("aliases", {}).get(name)
+        spec = pins.get(alias) if alias else None
+    if spec is None:
+        raise ValueError("board %s has no pin %s" % (board()["name"], name))
+    return spec["id"]
+
+
+def pin_has(name, capability):
+    spec = board()["pins"].get(board().get("aliases", {}).get(name, name))
+    return bool(spec) and capability in spec.get("caps", ())
+
+
+_services = []
+
+
+def service():
+    """Run the port's pending background work (called by the system loop)."""
+    for fn in _services:
+        fn()
+
+
+def add_service(fn):
+    if fn not in _services:
+        _services.append(fn)

@@ -70,8 +70,25 @@ class _Board:
     pass
 
 
+_DEEP_SLEEP_EXIT = 101  # ... and for a deep sleep (the length is in the I/O log)
+
+
 def reset():
     sys.exit(_RESET_EXIT)
+
+
+def deep_sleep():
+    sys.exit(_DEEP_SLEEP_EXIT)
+
+
+def _io_files(device_dir):
+    # The board's pins and peripherals, as the host sees them: the VM appends state
+    # changes to io.log (new each boot) and reads commands appended to io.in.
+    out = open(device_dir + "/io.log", "w")
+    open(device_dir + "/io.in", "ab").close()
+    cmds = open(device_dir + "/io.in", "rb")
+    cmds.seek(0, 2)
+    return out, cmds
 
 
 def _start(device_dir, cause):
@@ -86,7 +103,14 @@ def _start(device_dir, cause):
     vboard.Partition = Partition
     vboard.board = board
     vboard.reset = reset
+    vboard.deep_sleep = deep_sleep
     vboard.reset_cause = lambda: cause
+    vboard.io_out, vboard.io_in = _io_files(device_dir)
+    try:
+        with open(device_dir + "/uid") as f:
+            vboard.uid = f.read().strip()
+    except OSError:
+        vboard.uid = "000000000000000000000000"
     vboard.device_dir = device_dir
     sys.modules["vboard"] = vboard
 

@@ -1,5 +1,5 @@
 # System part 1 entry point: starts the system, asks the app loader what to run,
-# records the device's state and runs the app or safe mode.
+# records the device's state, then runs the app or safe mode beside the system loop.
 import sys
 import gc
 import time
@@ -7,10 +7,12 @@ import module_format as mf
 import flashfs
 import keel_boot
 import app_loader
+import runtime
+import led
 
 _LOOP_PAUSE_MS = 1
-_IDLE_PAUSE_MS = 200
 SLOTS = []  # the modules the bootloader found, for the app API
+RESET_REASON = [None]
 
 
 class Status:
@@ -43,15 +45,26 @@ def safe_mode(status, decision):
     status.set(
         mode="safe", safe_mode_reason=decision.reason, missing=decision.missing, app=decision.app
     )
+    led.set_state("safe-mode")
     print("keel: SAFE MODE (%s)" % decision.reason)
     for dep in decision.missing:
         print("keel:   missing %s" % _describe(dep))
     if decision.reason == app_loader.SAFE_APP_CRASH:
         print("keel: the app crashed %d boots in a row; last traceback:" % app_loader.CRASH_LIMIT)
         print(app_loader.last_traceback() or "(no traceback: the VM itself went down)")
-    print("keel: the app is not run; flash a fixed app or the system parts it needs")
-    while True:
-        time.sleep_ms(_IDLE_PAUSE_MS)
+    if decision.reason == app_loader.SAFE_REQUESTED:
+        print("keel: safe mode was requested; the next reset runs the app again")
+    else:
+        print("keel: the app is not run; flash a fixed app or the system parts it needs")
+    runtime.run_forever()
+
+
+def reset(reason):
+    """Reset the device, telling subscribers first (system event reset-pending)."""
+    import events
+
+    events.emit(events.RESET_PENDING, reason)
+    keel_boot.reset(reason)
 
 
 def _app_crashed(status, app_slot, exc):
@@ -59,7 +72,34 @@ def _app_crashed(status, app_slot, exc):
     print("keel: app crashed:")
     print(text, end="")
     status.set(app="crashed")
-    keel_boot.reset("app-crash")
+    reset("app-crash")
+
+
+def _stable_watch(app_slot):
+    began = time.ticks_ms()
+    done = [False]
+
+    def check():
+        if not done[0] and time.ticks_diff(time.ticks_ms(), began) >= app_loader.STABLE_MS:
+            app_loader.mark_stable(app_slot)
+            done[0] = True
+
+    return check
+
+
+def _run_async(coro):
+    import asyncio
+
+    async def system_task():
+        while True:
+            runtime.process()
+            await asyncio.sleep_ms(10)
+
+    async def both():
+        asyncio.create_task(system_task())
+        await coro
+
+    asyncio.run(both())
 
 
 def _run_app(status, app_slot):
@@ -70,24 +110,26 @@ def _run_app(status, app_slot):
 
     try:
         app = app_loader.start_app(app_slot, started)
+        runtime.add_service(_stable_watch(app_slot))
+        main = getattr(app, "main", None)
+        result = main() if main else None
+        if hasattr(result, "send"):  # async def main()
+            _run_async(result)
         loop = getattr(app, "loop", None)
-        began = time.ticks_ms()
-        stable = False
-        while True:
-            if loop:
-                loop()
-            if not stable and time.ticks_diff(time.ticks_ms(), began) >= app_loader.STABLE_MS:
-                app_loader.mark_stable(app_slot)
-                stable = True
-            time.sleep_ms(_LOOP_PAUSE_MS if loop else _IDLE_PAUSE_MS)
+        while loop:
+            loop()
+            runtime.process()
+            time.sleep_ms(_LOOP_PAUSE_MS)
     except KeyboardInterrupt:
         raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
     except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
         _app_crashed(status, app_slot, e)
+    runtime.run_forever()
 
 
 def start(board, slots, reset_reason):
     SLOTS[:] = slots
+    RESET_REASON[0] = reset_reason
     status = Status(slots, reset_reason)
     decision = app_loader.evaluate(slots, reset_reason)
     version = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
@@ -100,10 +142,10 @@ def start(board, slots, reset_reason):
     for s in slots:
         if s.function == mf.FUNCTION_SYSTEM_PART and s.index > 1:
             sys.path.insert(0, s.code_dir)
+    led.set_state("offline")
     status.set(app=decision.app)
     app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
     if decision.app == "none":
         print("keel: no app installed")
-        while True:
-            time.sleep_ms(_IDLE_PAUSE_MS)
+        runtime.run_forever()
     _run_app(status, app[0])

@@ -27,6 +27,7 @@ class Board:
     platform: str
     port: str
     ram: int
+    heap: int
     flash_size: int
     block_size: int
     partitions: list[Partition]
@@ -75,6 +76,7 @@ def board_from_dict(data: dict) -> Board:
         platform=data["platform"],
         port=data["port"],
         ram=data["ram"],
+        heap=data.get("heap", data["ram"]),
         flash_size=data["flash"]["size"],
         block_size=data["flash"]["block_size"],
         partitions=partitions,

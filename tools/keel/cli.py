@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from keel import build, images, vdev
+from keel import build, images, vdev, vio
 from keel.errors import KeelError
 
 
@@ -88,6 +88,41 @@ def cmd_vdev_status(args) -> int:
     return 0
 
 
+def cmd_vdev_io(args) -> int:
+    device = vdev.VirtualDevice(args.dir)
+    board = device.board().data
+    running = device.running_pid() is not None
+    drive = vio.commands(board, args.set, args.analog, args.press, args.sensor, args.event)
+    asks = [("call", *vio._split(c, "--call NAME[=ARG]")) for c in args.call]
+    asks += [("get", name, None) for name in args.get]
+    if (drive or asks) and not running:
+        raise KeelError(f"{args.dir}: the device is not running (start it with keel vdev run)")
+    for command in drive:
+        vio.send(device.path, command)
+    for op, name, arg in asks:
+        result = vio.call(device.path, op, name, arg)
+        print(json.dumps(result) if args.json else result)
+    if drive or asks:
+        return 0
+    state = vio.snapshot(device.path, running)
+    if args.json:
+        print(json.dumps(state, indent=2))
+        return 0
+    print(f"running         {'yes' if running else 'no'}")
+    led = state["status_led"] or {}
+    print(f"status LED      {led.get('color')} {led.get('pattern')}")
+    for name, pin in sorted(state["pins"].items()):
+        print(f"pin {name:<11} {pin.get('mode', 'in')} {pin.get('value')}")
+    for name, pwm in sorted(state["pwm"].items()):
+        print(f"pwm {name:<11} {pwm['freq']} Hz duty {pwm['duty_u16']}/65535")
+    cloud = state["cloud"]
+    print(f"cloud           {cloud['queued']} events queued; functions {cloud['functions']}; variables {cloud['variables']}")
+    print("console (last lines):")
+    for line in state["console"]:
+        print(f"  {line}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Keel firmware tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,6 +167,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vdev_status)
+    p = vdevs.add_parser("io", help="see and drive a running virtual board's pins and peripherals")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="PIN=VALUE",
+                   help="drive an input pin: 0, 1 or float")
+    p.add_argument("--press", action="append", default=[], metavar="BUTTON[=SECONDS]",
+                   help="press the button (default 0.1 s)")
+    p.add_argument("--analog", action="append", default=[], metavar="PIN=VALUE",
+                   help="set an analog input, 0..65535")
+    p.add_argument("--sensor", action="append", default=[], metavar="MODEL=VALUE",
+                   help="set a simulated sensor's reading (tmp102=25.0)")
+    p.add_argument("--call", action="append", default=[], metavar="NAME[=ARG]",
+                   help="call a cloud function on the device")
+    p.add_argument("--get", action="append", default=[], metavar="NAME",
+                   help="read a cloud variable on the device")
+    p.add_argument("--event", action="append", default=[], metavar="NAME[=DATA]",
+                   help="deliver a cloud event to the device's subscriptions")
+    p.set_defaults(func=cmd_vdev_io)
     return parser
 
 

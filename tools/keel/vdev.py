@@ -4,8 +4,8 @@ The device runs on the MicroPython unix port (boards/virtual/vm_startup.py plays
 part of the port's start-up code). The host side here creates, flashes, runs and
 reads a device, as a factory programmer and a USB bootloader would."""
 
-import hashlib
 import json
+import secrets
 import os
 import signal
 import subprocess
@@ -23,11 +23,14 @@ from keel.boards import Board, board_dir, board_from_dict, load_board
 from keel.errors import KeelError
 from keel.images import Image, load_valid_image, module_label
 from keel.paths import micropython, source_root
+from keel.vio import CONSOLE_LOG, IO_IN, IO_LOG
 
 FLASH_FILE = "flash.bin"
 BOARD_FILE = "board.json"
 PID_FILE = "vm.pid"
+UID_FILE = "uid"  # the board's unique id (hal.device.unique_id)
 RESET_EXIT = 100  # exit status of the VM when the device asks for a reset
+DEEP_SLEEP_EXIT = 101  # ... and when it goes into deep sleep
 STATUS_PATH = "/keel/status.json"
 
 
@@ -169,6 +172,7 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
 
     device.path.mkdir(parents=True, exist_ok=True)
     (device.path / BOARD_FILE).write_text(json.dumps(board.data, indent=2) + "\n")
+    (device.path / UID_FILE).write_text(secrets.token_hex(12) + "\n")
     device.write_flash(flash)
     return images
 
@@ -235,19 +239,25 @@ def read_file(path: Path | str, name: str) -> bytes:
 
 
 class Console:
-    """Relays the VM's output to out and keeps what it printed, so callers can wait
-    for a line."""
+    """Relays the VM's output to out and to <device>/console.log, and keeps what it
+    printed, so callers can wait for a line."""
 
-    def __init__(self, out):
+    def __init__(self, out, log_path: Path):
         self.out = out
         self.text = bytearray()
         self.lock = threading.Lock()
+        self.log = open(log_path, "wb")
 
     def write(self, data: bytes) -> None:
         with self.lock:
             self.text += data
             self.out.write(data)
             self.out.flush()
+            self.log.write(data)
+            self.log.flush()
+
+    def close(self) -> None:
+        self.log.close()
 
     def pump(self, stream) -> None:
         for chunk in iter(lambda: stream.read1(4096), b""):
@@ -256,6 +266,50 @@ class Console:
     def contains(self, needle: str) -> bool:
         with self.lock:
             return needle.encode() in self.text
+
+
+class BoardMonitor:
+    """What the runner simulates outside the CPU: the watchdog and the deep-sleep
+    timer. It follows the VM's io.log (new each boot)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self.restart()
+
+    def restart(self) -> None:
+        self.log_path.write_bytes(b"")
+        self.offset = 0
+        self.wdt_timeout_ms = None
+        self.last_feed = 0.0
+        self.sleep_ms = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            kind = rec.get("k")
+            if kind == "wdt":
+                self.wdt_timeout_ms = rec.get("timeout")
+                self.last_feed = time.monotonic()
+            elif kind == "wdt-feed":
+                self.last_feed = time.monotonic()
+            elif kind == "deep-sleep":
+                self.sleep_ms = rec.get("ms", 0)
+
+    def watchdog_expired(self) -> bool:
+        if not self.wdt_timeout_ms:
+            return False
+        return time.monotonic() - self.last_feed > self.wdt_timeout_ms / 1000
 
 
 def run(
@@ -272,10 +326,12 @@ def run(
     on its own. Returns the console with everything printed."""
     device = VirtualDevice(path)
     board = device.board()
-    console = Console(out or sys.stdout.buffer)
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is already running")
-    heap = heap or board.ram
+    console = Console(out or sys.stdout.buffer, device.path / CONSOLE_LOG)
+    monitor = BoardMonitor(device.path / IO_LOG)
+    (device.path / IO_IN).write_bytes(b"")
+    heap = heap or board.heap
     startup = board_dir(board.name) / "vm_startup.py"
     started = time.monotonic()
     deadline = None if seconds is None else started + seconds
@@ -295,6 +351,7 @@ def run(
         while True:
             boots += 1
             note(f"boot {boots} ({cause}), heap {heap // 1024}K")
+            monitor.restart()
             proc = subprocess.Popen(
                 [micropython(), "-X", f"heapsize={heap}", str(startup), str(device.path), cause],
                 stdout=subprocess.PIPE,
@@ -305,8 +362,19 @@ def run(
             (device.path / PID_FILE).write_text(str(proc.pid))
             pump = threading.Thread(target=console.pump, args=(proc.stdout,), daemon=True)
             pump.start()
+            watchdog = False
             while proc.poll() is None and not stop_now():
                 time.sleep(0.02)
+                monitor.poll()
+                if monitor.watchdog_expired():
+                    watchdog = True
+                    _power_off(proc)
+                    break
+            if watchdog:
+                pump.join(2)
+                note("watchdog expired: resetting the board")
+                cause = "watchdog"
+                continue
             if proc.poll() is None:
                 _power_off(proc)
                 pump.join(2)
@@ -314,8 +382,16 @@ def run(
                 return console
             pump.join(2)
             code = proc.returncode
+            monitor.poll()
             if code == RESET_EXIT:
                 cause = "soft-reset"
+            elif code == DEEP_SLEEP_EXIT:
+                ms = monitor.sleep_ms or 0
+                note(f"deep sleep for {ms} ms")
+                wake = time.monotonic() + ms / 1000
+                while time.monotonic() < wake and not stop_now():
+                    time.sleep(0.02)
+                cause = "deep-sleep"
             elif code == 0:
                 note("the VM exited")
                 return console
@@ -333,6 +409,7 @@ def run(
         if proc is not None and proc.poll() is None:
             _power_off(proc)
         (device.path / PID_FILE).unlink(missing_ok=True)
+        console.close()
 
 
 def _power_off(proc: subprocess.Popen) -> None:

@@ -1,0 +1,53 @@
+# The system loop: the system's own work runs between the app's loop() calls, in
+# keel.delay(), and beside an async app as a task. Nothing here blocks.
+import time
+import hal
+from hal import button
+import events
+import led
+
+_services = [led.service]
+_pressed_at = [None]
+
+
+def add_service(fn):
+    """fn() runs on every pass of the system loop; it must return quickly."""
+    if fn not in _services:
+        _services.append(fn)
+
+
+def _button_service():
+    down = button.pressed()
+    started = _pressed_at[0]
+    if down and started is None:
+        _pressed_at[0] = time.ticks_ms()
+    elif not down and started is not None:
+        _pressed_at[0] = None
+        events.emit(events.BUTTON, time.ticks_diff(time.ticks_ms(), started))
+
+
+_services.append(_button_service)
+
+
+def process():
+    """One pass of the system's work."""
+    hal.service()
+    for fn in _services:
+        fn()
+
+
+def delay(ms):
+    """Wait ms milliseconds while the system keeps working."""
+    end = time.ticks_add(time.ticks_ms(), ms)
+    while True:
+        process()
+        left = time.ticks_diff(end, time.ticks_ms())
+        if left <= 0:
+            return
+        time.sleep_ms(left if left < 5 else 5)
+
+
+def run_forever(pause_ms=20):
+    while True:
+        process()
+        time.sleep_ms(pause_ms)

@@ -1,0 +1,54 @@
+# A small persistent key-value store for apps, kept on the filesystem outside the
+# module code, so it survives resets and module updates. Every change is written
+# to a new file renamed over the old one: a power cut keeps the old or the new.
+import json
+import flashfs
+
+PATH = "/keel/data/store.json"
+MAX_BYTES = 4096
+MAX_KEY = 32
+
+_cache = [None]
+
+
+def _data():
+    if _cache[0] is None:
+        _cache[0] = flashfs.read_json(PATH, {})
+    return _cache[0]
+
+
+def _save(data):
+    text = json.dumps(data)
+    if len(text) > MAX_BYTES:
+        raise ValueError("store full: %d bytes, the limit is %d" % (len(text), MAX_BYTES))
+    flashfs.makedirs("/keel/data")
+    flashfs.write_atomic(PATH, text)
+    _cache[0] = data
+
+
+def get(key, default=None):
+    return _data().get(key, default)
+
+
+def set(key, value):
+    """Store a JSON-serialisable value under key (a string of up to 32 characters)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY:
+        raise ValueError("store keys are strings of 1 to %d characters" % MAX_KEY)
+    data = dict(_data())
+    data[key] = value
+    _save(data)
+
+
+def delete(key):
+    if key in _data():
+        data = dict(_data())
+        del data[key]
+        _save(data)
+
+
+def keys():
+    return list(_data().keys())
+
+
+def clear():
+    _save({})
