@@ -182,9 +182,17 @@ def take_reset_reason(port):
     return port.reset_cause()
 
 
+_resetting = [False]
+
+
 def reset(reason):
     flashfs.write_atomic(RESET_REASON_FILE, reason)
+    _resetting[0] = True  # a port may reset by unwinding (SystemExit): not an app crash
     _port().reset()
+
+
+def resetting():
+    return _resetting[0]
 
 
 def vm_info():
@@ -237,7 +245,7 @@ def main():
             halt(slots, reset_reason, core[0].reason, [])
         halt(slots, reset_reason, "dependency", [{"function": "system-part", "index": 1, "version": None}])
     # Module code only: a stray /main.py at the filesystem root must not shadow the app.
-    sys.path[:] = [core[0].code_dir, MODULE_ROOT + "/bl", "/lib"]
+    sys.path[:] = [core[0].code_dir, MODULE_ROOT + "/bl", ".frozen", "/lib"]
     gc.collect()
     import keel_system
 

@@ -123,6 +123,8 @@ def _run_app(status, app_slot):
     except KeyboardInterrupt:
         raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
     except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
+        if keel_boot.resetting():
+            raise
         _app_crashed(status, app_slot, e)
     runtime.run_forever()
 

