@@ -182,17 +182,15 @@ def take_reset_reason(port):
     return port.reset_cause()
 
 
-_resetting = [False]
-
-
 def reset(reason):
     flashfs.write_atomic(RESET_REASON_FILE, reason)
-    _resetting[0] = True  # a port may reset by unwinding (SystemExit): not an app crash
     _port().reset()
 
 
 def resetting():
-    return _resetting[0]
+    """True while the port resets or sleeps by unwinding the stack (the virtual
+    board exits the VM): that SystemExit is not an app crash."""
+    return getattr(_port(), "exiting", False)
 
 
 def vm_info():

@@ -73,12 +73,17 @@ class _Board:
 _DEEP_SLEEP_EXIT = 101  # ... and for a deep sleep (the length is in the I/O log)
 
 
+def _exit(code):
+    sys.modules["vboard"].exiting = True
+    sys.exit(code)
+
+
 def reset():
-    sys.exit(_RESET_EXIT)
+    _exit(_RESET_EXIT)
 
 
 def deep_sleep():
-    sys.exit(_DEEP_SLEEP_EXIT)
+    _exit(_DEEP_SLEEP_EXIT)
 
 
 def _io_files(device_dir):
@@ -101,7 +106,6 @@ def _start(device_dir, cause):
 
     vboard = _Board()
     vboard.Partition = Partition
-    vboard.board = board
     vboard.reset = reset
     vboard.deep_sleep = deep_sleep
     vboard.reset_cause = lambda: cause

@@ -7,6 +7,7 @@ import module_format as mf
 import flashfs
 import keel_boot
 import app_loader
+import hal
 import runtime
 import led
 
@@ -130,6 +131,7 @@ def _run_app(status, app_slot):
 
 
 def start(board, slots, reset_reason):
+    hal.use_board(board)
     SLOTS[:] = slots
     RESET_REASON[0] = reset_reason
     status = Status(slots, reset_reason)

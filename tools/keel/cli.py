@@ -177,7 +177,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--analog", action="append", default=[], metavar="PIN=VALUE",
                    help="set an analog input, 0..65535")
     p.add_argument("--sensor", action="append", default=[], metavar="MODEL=VALUE",
-                   help="set a simulated sensor's reading (tmp102=25.0)")
+                   help="set a simulated sensor's reading (tmp102=25.0; tmp102=none to release it)")
     p.add_argument("--call", action="append", default=[], metavar="NAME[=ARG]",
                    help="call a cloud function on the device")
     p.add_argument("--get", action="append", default=[], metavar="NAME",

@@ -37,6 +37,8 @@ def fold(records: list[dict]) -> dict:
     state: dict = {
         "pins": {},
         "pwm": {},
+        "analog": {},
+        "sensors": {},
         "status_led": None,
         "button": {"presses": 0},
         "uart": {},
@@ -54,6 +56,10 @@ def fold(records: list[dict]) -> dict:
                 state["pwm"].pop(rec["pin"], None)
             else:
                 state["pwm"][rec["pin"]] = {"freq": rec.get("freq"), "duty_u16": rec.get("duty_u16")}
+        elif kind == "analog":
+            state["analog"][rec.get("pin")] = rec.get("value")
+        elif kind == "sensor":
+            state["sensors"][rec.get("model")] = rec.get("value")
         elif kind == "led":
             led = {"color": rec.get("color"), "pattern": rec.get("pattern")}
             if "rgb" in rec:
@@ -159,6 +165,8 @@ def _press_command(board: dict, text: str) -> dict:
 
 def _sensor_command(text: str) -> dict:
     model, value = _split(text, "--sensor MODEL=VALUE")
+    if value == "none":  # back to the simulated reading
+        return {"op": "sensor", "model": model, "value": None}
     try:
         return {"op": "sensor", "model": model, "value": float(value)}
     except (TypeError, ValueError):

@@ -10,6 +10,8 @@ _in = vboard.io_in
 _pos = _in.seek(0, 2)
 _partial = b""
 _handlers = {}
+_waiting = []  # commands that came before their handler (the app imports HAL lazily)
+_MAX_WAITING = 16
 
 
 def emit(kind, **fields):
@@ -21,8 +23,12 @@ def emit(kind, **fields):
 
 
 def on(op, handler):
-    """handler(command_dict) runs, from the system loop, for each host command op."""
+    """handler(command_dict) runs, from the system loop, for each host command op.
+    Commands of that op that arrived before the handler existed run now."""
     _handlers[op] = handler
+    for cmd in [c for c in _waiting if c.get("op") == op]:
+        _waiting.remove(cmd)
+        _dispatch(cmd)
 
 
 def poll():
@@ -39,17 +45,22 @@ def poll():
     for line in lines:
         try:
             cmd = json.loads(line)
-            handler = _handlers.get(cmd.get("op"))
         except ValueError:
             emit("error", message="bad command")
             continue
-        if handler is None:
+        if cmd.get("op") in _handlers:
+            _dispatch(cmd)
+        elif len(_waiting) < _MAX_WAITING:
+            _waiting.append(cmd)
+        else:
             emit("error", message="no handler for %s" % cmd.get("op"))
-            continue
-        try:
-            handler(cmd)
-        except Exception as e:  # a bad command must not stop the board
-            emit("error", message="%s: %r" % (cmd.get("op"), e))
+
+
+def _dispatch(cmd):
+    try:
+        _handlers[cmd["op"]](cmd)
+    except Exception as e:  # a bad command must not stop the board
+        emit("error", message="%s: %r" % (cmd.get("op"), e))
 
 
 import hal  # noqa: E402  (hal is initialised before any backend is imported)
