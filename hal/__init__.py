@@ -12,6 +12,12 @@ BOARD_FILE = "/keel/board.json"
 _board = None
 
 
+def use_board(data):
+    """Share the board definition the bootloader already read (one copy in RAM)."""
+    global _board
+    _board = data
+
+
 def board():
     """The board definition (boards/<name>/board.json, copied to the device)."""
     global _board
