@@ -374,3 +374,32 @@ def test_sensor_example_reads_plausible_values(device, make_app):
         assert running.call("call", "led", "off") == 0
         running.wait_io(lambda s: s["pins"]["D7"]["value"] == 0)
         assert running.call("call", "led", "purple") == -1
+
+
+def test_remaining_calls(device, make_app):
+    """Calls not covered above: off(), Timer.change_period(), board-level HAL bits."""
+    source = (
+        "import keel\n"
+        "from hal import power, button, device as hw\n"
+        "seen = []\n"
+        "def handler(e, d):\n"
+        "    seen.append(d)\n"
+        "def setup():\n"
+        "    keel.on('reset-pending', handler)\n"
+        "    keel.off('reset-pending', handler)\n"
+        "    print('OFF', seen)\n"
+        "    n = [0]\n"
+        "    t = keel.Timer(1000, lambda: n.__setitem__(0, n[0] + 1))\n"
+        "    t.start()\n"
+        "    t.change_period(30)\n"
+        "    keel.delay(200)\n"
+        "    print('FAST', n[0] >= 4)\n"
+        "    t0 = keel.millis()\n"
+        "    power.sleep_ms(50)\n"
+        "    print('SLEPT', keel.millis() - t0 >= 50)\n"
+        "    print('CAUSE', power.reset_cause(), 'BUTTON', button.pressed())\n"
+        "    print('UID', hw.unique_id() == keel.device_id())\n"
+    )
+    _, out = run_app(device, make_app, "remaining", source, "UID")
+    assert "OFF []" in out and "FAST True" in out and "SLEPT True" in out
+    assert "CAUSE power-on BUTTON False" in out and "UID True" in out
