@@ -52,6 +52,18 @@ def pin_has(name, capability):
 
 
 _services = []
+_scheduler = [None]
+
+
+def set_scheduler(fn):
+    """The system's way to run app callbacks (handlers of pin interrupts)."""
+    _scheduler[0] = fn
+
+
+def schedule(fn, *args):
+    if _scheduler[0] is None:
+        return fn(*args)
+    return _scheduler[0](fn, *args)
 
 
 def service():

@@ -1,6 +1,6 @@
 # Resets and sleep.
 #
-#   reset()           restart the board now (the system records why first)
+#   reset()           restart the board now (keel.reset() records why first; this does not)
 #   reset_cause()     "power-on", "soft-reset", "watchdog", "deep-sleep", "panic", ...
 #   sleep_ms(ms)      light sleep: the CPU waits, RAM and peripherals keep their state
 #   deep_sleep(ms)    power down; the board restarts after ms with cause "deep-sleep"

@@ -1,6 +1,6 @@
-# System events: a small publish/subscribe bus inside the device. Handlers run in
-# the system loop, one after another; one that raises is logged and skipped.
-import sys
+# System events: a small publish/subscribe bus inside the device, and the one way
+# the system calls app code from its loop (call_app): an exception there is an app
+# crash, raised again at the end of the system loop's pass, in the app's context.
 
 # The events the system emits (keel.on(name, handler)).
 CLOUD_CONNECTED = "cloud-connected"
@@ -28,8 +28,22 @@ def unsubscribe(name, handler):
 
 def emit(name, data=None):
     for handler in _handlers.get(name, ()):
-        try:
-            handler(name, data)
-        except Exception as e:  # one bad subscriber must not stop the others
-            print("keel: event handler for %s failed:" % name)
-            sys.print_exception(e)
+        call_app(handler, name, data)
+
+
+_app_error = [None]
+
+
+def call_app(fn, *args):
+    """Run an app callback; keep its exception (the first) for take_app_error()."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported as an app crash by the system loop
+        if _app_error[0] is None:
+            _app_error[0] = e
+
+
+def take_app_error():
+    e = _app_error[0]
+    _app_error[0] = None
+    return e

@@ -12,6 +12,7 @@ import runtime
 import led
 
 _LOOP_PAUSE_MS = 1
+_IDLE_PAUSE_MS = 20
 SLOTS = []  # the modules the bootloader found, for the app API
 RESET_REASON = [None]
 
@@ -89,18 +90,34 @@ def _stable_watch(app_slot):
 
 
 def _run_async(coro):
+    """Run an async main() with the system loop as a task beside it. If app code
+    fails inside the system's pass (a timer, a handler), main() is cancelled and
+    the error raised here, so it counts as a crash like any other."""
     import asyncio
 
-    async def system_task():
+    failed = []
+
+    async def system_task(app_task):
         while True:
-            runtime.process()
+            try:
+                runtime.process()
+            except Exception as e:  # noqa: BLE001 - handed to the app runner below
+                failed.append(e)
+                app_task.cancel()
+                return
             await asyncio.sleep_ms(10)
 
     async def both():
-        asyncio.create_task(system_task())
-        await coro
+        app_task = asyncio.create_task(coro)
+        asyncio.create_task(system_task(app_task))
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            pass
 
     asyncio.run(both())
+    if failed:
+        raise failed[0]
 
 
 def _run_app(status, app_slot):
@@ -117,17 +134,18 @@ def _run_app(status, app_slot):
         if hasattr(result, "send"):  # async def main()
             _run_async(result)
         loop = getattr(app, "loop", None)
-        while loop:
-            loop()
-            runtime.process()
-            time.sleep_ms(_LOOP_PAUSE_MS)
+        pause = _LOOP_PAUSE_MS if loop else _IDLE_PAUSE_MS
+        while True:
+            if loop:
+                loop()
+            runtime.process()  # raises an app callback's exception
+            time.sleep_ms(pause)
     except KeyboardInterrupt:
         raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
     except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
         if keel_boot.resetting():
             raise
         _app_crashed(status, app_slot, e)
-    runtime.run_forever()
 
 
 def start(board, slots, reset_reason):

@@ -6,6 +6,8 @@ from hal import button
 import events
 import led
 
+hal.set_scheduler(events.call_app)  # pin interrupt handlers are app callbacks too
+
 _services = [led.service]
 _pressed_at = [None]
 
@@ -30,10 +32,14 @@ _services.append(_button_service)
 
 
 def process():
-    """One pass of the system's work."""
+    """One pass of the system's work. Raises the exception of an app callback
+    (timer, handler, interrupt) that failed during the pass."""
     hal.service()
     for fn in _services:
         fn()
+    error = events.take_app_error()
+    if error is not None:
+        raise error
 
 
 def delay(ms):

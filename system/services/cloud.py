@@ -4,6 +4,7 @@
 # On the virtual board the host can call functions, read variables and send events
 # through the host link (keel vdev io --call/--get/--event), as the cloud will.
 import sys
+import events
 from hal import hostlink
 
 MAX_NAME = 64
@@ -30,7 +31,7 @@ def publish(name, data=None):
     _check_name("event", name)
     if data is not None and not isinstance(data, str):
         data = str(data)
-    if data is not None and len(data) > MAX_DATA:
+    if data is not None and len(data.encode()) > MAX_DATA:
         raise ValueError("event data is at most %d bytes" % MAX_DATA)
     _stats["published"] += 1
     session = _session[0]
@@ -100,7 +101,7 @@ def status():
 def deliver_event(name, data):
     for prefix, handler in _subscriptions:
         if name.startswith(prefix):
-            handler(name, data)
+            events.call_app(handler, name, data)
 
 
 def call_function(name, arg):
@@ -117,7 +118,10 @@ def read_variable(name):
     getter = _variables.get(name)
     if getter is None:
         raise KeyError("no variable '%s'" % name)
-    return getter()
+    value = getter()
+    if not isinstance(value, (int, float, bool, str)):
+        raise TypeError("variable '%s' is %s, not int, float, bool or str" % (name, type(value)))
+    return value
 
 
 def _reply(cmd, action):
@@ -125,7 +129,7 @@ def _reply(cmd, action):
         hostlink.emit("reply", id=cmd.get("id"), ok=True, result=action())
     except Exception as e:  # the caller gets the error; the app keeps running
         hostlink.emit("reply", id=cmd.get("id"), ok=False, error="%s: %s" % (type(e).__name__, e))
-        if not isinstance(e, (KeyError, TypeError)):
+        if not isinstance(e, KeyError):  # the app's own code failed: show where
             sys.print_exception(e)
 
 

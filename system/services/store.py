@@ -19,11 +19,18 @@ def _data():
 
 def _save(data):
     text = json.dumps(data)
-    if len(text) > MAX_BYTES:
-        raise ValueError("store full: %d bytes, the limit is %d" % (len(text), MAX_BYTES))
+    try:
+        # What is stored is what reads back: refuse what JSON cannot hold (objects,
+        # nan) instead of writing a file the next boot cannot parse.
+        stored = json.loads(text)
+    except ValueError:
+        raise ValueError("store values must be JSON: numbers, strings, lists, dicts, None")
+    size = len(text.encode())
+    if size > MAX_BYTES:
+        raise ValueError("store full: %d bytes, the limit is %d" % (size, MAX_BYTES))
     flashfs.makedirs("/keel/data")
     flashfs.write_atomic(PATH, text)
-    _cache[0] = data
+    _cache[0] = stored
 
 
 def get(key, default=None):

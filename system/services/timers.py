@@ -1,6 +1,7 @@
 # Software timers: callbacks run from the system loop (between loop() calls, in
 # keel.delay() and beside an async app), so they never interrupt app code.
 import time
+import events
 import runtime
 
 _active = []
@@ -29,6 +30,8 @@ class Timer:
             _active.remove(self)
 
     def change_period(self, period_ms):
+        if period_ms <= 0:
+            raise ValueError("period_ms must be positive")
         self.period_ms = period_ms
         if self.running:
             self.start()
@@ -48,7 +51,7 @@ def _service():
             timer._due = time.ticks_add(now, timer.period_ms)  # fell behind: skip, don't burst
         else:
             timer._due = time.ticks_add(timer._due, timer.period_ms)
-        timer.callback()
+        events.call_app(timer.callback)
 
 
 runtime.add_service(_service)

@@ -403,3 +403,90 @@ def test_remaining_calls(device, make_app):
     _, out = run_app(device, make_app, "remaining", source, "UID")
     assert "OFF []" in out and "FAST True" in out and "SLEPT True" in out
     assert "CAUSE power-on BUTTON False" in out and "UID True" in out
+
+
+@pytest.mark.parametrize(
+    "name, source",
+    [
+        (
+            "timer-no-loop",
+            "import keel\n"
+            "def boom():\n"
+            "    raise RuntimeError('timer failed')\n"
+            "def setup():\n"
+            "    keel.Timer(50, boom, one_shot=True).start()\n",
+        ),
+        (
+            "timer-async",
+            "import asyncio, keel\n"
+            "def boom():\n"
+            "    raise RuntimeError('timer failed')\n"
+            "async def main():\n"
+            "    keel.Timer(50, boom, one_shot=True).start()\n"
+            "    while True:\n"
+            "        await asyncio.sleep_ms(20)\n",
+        ),
+        (
+            "event-handler",
+            "import keel\n"
+            "def boom(e, d):\n"
+            "    raise RuntimeError('timer failed')\n"
+            "def setup():\n"
+            "    keel.on('reset-pending', boom)\n"
+            "    import events\n"
+            "    events.emit('reset-pending', 'test')\n",
+        ),
+    ],
+)
+def test_app_callback_errors_are_app_crashes(device, make_app, name, source):
+    dev, out = run_app(device, make_app, name, source, "SAFE MODE")
+    assert "SAFE MODE (app-crash)" in out
+    assert out.count("RuntimeError: timer failed") >= 3
+    assert dev.status()["app"] == "crashed"
+
+
+def test_interrupt_and_subscription_handler_errors_are_app_crashes(device, make_app):
+    source = (
+        "import keel\n"
+        "from hal.gpio import Pin\n"
+        "def bad_irq(pin):\n"
+        "    raise ValueError('irq handler failed')\n"
+        "def setup():\n"
+        "    Pin('D2', Pin.IN).irq(bad_irq, Pin.IRQ_RISING)\n"
+        "    print('ARMED')\n"
+    )
+    dev = device("1.1.0")
+    dev.flash(make_app("irq-crash", {"main.py": source}))
+    with dev.start() as running:
+        running.wait_for("ARMED")
+        running.send(op="set", pin="D2", value=1)
+        out = running.wait_for("ValueError: irq handler failed")
+    assert "keel: app crashed" in out
+
+
+def test_store_refuses_values_json_cannot_hold(device, make_app):
+    source = (
+        "import keel\n"
+        "class Thing:\n"
+        "    pass\n"
+        "def setup():\n"
+        "    keel.store.set('ok', (1, 2))\n"
+        "    print('TUPLE READS BACK AS', keel.store.get('ok'))\n"
+        "    for bad in (Thing(), float('nan')):\n"
+        "        try:\n"
+        "            keel.store.set('bad', bad)\n"
+        "        except ValueError:\n"
+        "            print('REFUSED')\n"
+        "    keel.store.set('snow', '\\u2603' * 1300)\n"
+        "    try:\n"
+        "        keel.store.set('more', '\\u2603' * 200)\n"
+        "    except ValueError as e:\n"
+        "        print('BYTES', 'store full' in str(e))\n"
+        "    print('KEYS', sorted(keel.store.keys()))\n"
+    )
+    dev, out = run_app(device, make_app, "store-json", source, "KEYS")
+    assert "TUPLE READS BACK AS [1, 2]" in out
+    assert out.count("REFUSED") == 2
+    assert "BYTES True" in out  # 1300 + 200 snowmen are 4500 bytes of UTF-8
+    assert "KEYS ['ok', 'snow']" in out
+    assert "KEYS ['ok', 'snow']" in dev.run(until="KEYS")  # the file still parses

@@ -111,7 +111,7 @@ def _drive(cmd):
     if line.handler and before != after and line.mode == 0:
         edge = Pin.IRQ_RISING if after else Pin.IRQ_FALLING
         if line.trigger & edge:
-            line.handler(line.pin)
+            hal.schedule(line.handler, line.pin)
 
 
 link.on("set", _drive)
