@@ -3,8 +3,9 @@
 # Only the running board's port is built into system part 1.
 import sys
 
-_PORTS = {"linux": "virtual", "esp32": "esp32", "nrf": "nrf"}
-PORT = _PORTS.get(sys.platform)
+_PORTS = {"linux": "virtual", "esp32": "esp32"}
+# The nrf port names its platform after the board ("nrf52840-PDK", "nrf52", ...).
+PORT = "nrf" if sys.platform.startswith("nrf") else _PORTS.get(sys.platform)
 if PORT is None:
     raise ImportError("keel: no HAL port for platform '%s'" % sys.platform)
 

@@ -14,3 +14,10 @@ def keel_env():
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def pytest_addoption(parser):
+    # Hardware-in-the-loop options, here at the root so `pytest tests --port X` works too.
+    group = parser.getgroup("keel-hil", "Keel hardware-in-the-loop tests (tests/hil)")
+    group.addoption("--port", default=None, help="serial port of a board, e.g. /dev/ttyUSB0")
+    group.addoption("--board", default=None, help="its board folder under boards/, e.g. esp32_generic")

@@ -1,0 +1,29 @@
+# ESP32 PWM: machine.PWM on the LEDC peripheral. 8 channels share 4 timers, so at
+# most 4 different frequencies run at once; the duty resolution falls as the
+# frequency rises (about 16 bits at 1 kHz, 1 bit at 40 MHz).
+import machine
+import hal
+
+
+class PWM:
+    def __init__(self, name, freq=5000, duty_u16=32768):
+        if not hal.pin_has(name, "pwm"):
+            raise ValueError("pin %s has no PWM" % name)
+        self._name = name
+        self._pwm = machine.PWM(machine.Pin(hal.pin_id(name)), freq=freq, duty_u16=duty_u16)
+
+    def freq(self, hz=None):
+        if hz is None:
+            return self._pwm.freq()
+        self._pwm.freq(hz)
+
+    def duty_u16(self, d=None):
+        if d is None:
+            return self._pwm.duty_u16()
+        self._pwm.duty_u16(d)
+
+    def deinit(self):
+        self._pwm.deinit()
+
+    def __repr__(self):
+        return "PWM(%s)" % self._name

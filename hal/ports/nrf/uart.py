@@ -1,0 +1,38 @@
+# nRF52840 UART. The nrf port has one UART, UART(0), on pins fixed when the firmware
+# is built (PCA10056: TX P0.06, RX P0.08, with RTS/CTS flow control on P0.05/P0.07);
+# the board's entry records them, they cannot be moved from here. 8N1 only, and a
+# 64-byte receive buffer. Where that UART also carries the REPL, reads race with it.
+import machine
+from hal.ports.nrf import buses
+
+
+class UART:
+    def __init__(self, bus, baudrate=115200, bits=8, parity=None, stop=1, timeout=0):
+        spec = buses.find("uart", bus)
+        if bits != 8 or parity is not None or stop != 1:
+            raise ValueError("nrf: UART is 8N1 only")
+        self._bus = bus
+        # timeout: ms to wait for the first byte; the port needs at least 1.
+        self._uart = machine.UART(
+            spec.get("id", 0), baudrate=baudrate, timeout=max(1, timeout), timeout_char=1
+        )
+
+    def deinit(self):
+        pass  # the port keeps its only UART running (it may be the REPL)
+
+    def write(self, buf):
+        return self._uart.write(buf)
+
+    def any(self):
+        return self._uart.any()
+
+    def read(self, nbytes=None):
+        if nbytes is None:
+            return self._uart.read()
+        return self._uart.read(nbytes)
+
+    def readline(self):
+        return self._uart.readline()
+
+    def __repr__(self):
+        return "UART(%d)" % self._bus
