@@ -30,4 +30,18 @@ show keel vdev flash "$DEMO_DIR/device" "$DEMO_DIR"/s110/*.bin
 show keel vdev run "$DEMO_DIR/device" --seconds 3
 show keel vdev status "$DEMO_DIR/device"
 
+step "The sensor example: drive and watch the running board from the host"
+show keel build app examples/sensor --platform virtual --target 1.1.0 -o "$DEMO_DIR/sensor.bin"
+show keel vdev flash "$DEMO_DIR/device" "$DEMO_DIR/sensor.bin"
+keel vdev run "$DEMO_DIR/device" --seconds 6 > "$DEMO_DIR/sensor-console.txt" &
+runner=$!
+sleep 2.5
+show keel vdev io "$DEMO_DIR/device" --get temperature
+show keel vdev io "$DEMO_DIR/device" --sensor tmp102=28.5
+sleep 1.2
+show keel vdev io "$DEMO_DIR/device" --get temperature
+show keel vdev io "$DEMO_DIR/device" --call led=on
+show keel vdev io "$DEMO_DIR/device"
+wait "$runner"
+
 step "Done: the app runs once its dependencies are met. Files are in $DEMO_DIR"
