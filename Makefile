@@ -5,16 +5,26 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= /tmp/keel-demo
 
-.PHONY: setup demo test test-host test-device clean
+.PHONY: setup demo test test-host test-device clean mosquitto
 
 setup: $(STAMP)
 
 # Re-runs only when the pins or the tools' package description change.
-$(STAMP): requirements.txt tools/pyproject.toml
+$(STAMP): requirements.txt tools/pyproject.toml cloud/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e tools
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e tools -e cloud
+	@$(MAKE) --no-print-directory mosquitto
 	touch $@
+
+# The cloud tests also run against a real Mosquitto, from Debian's packages.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -qq mosquitto >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq mosquitto >/dev/null)) && \
+	  echo "installed mosquitto"; \
+	else echo "mosquitto is not installed (not root, or no apt-get): its tests will fail"; fi
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
