@@ -185,6 +185,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--event", action="append", default=[], metavar="NAME[=DATA]",
                    help="deliver a cloud event to the device's subscriptions")
     p.set_defaults(func=cmd_vdev_io)
+
+    from keel import cloudcli
+
+    cloudcli.add_commands(commands)
     return parser
 
 
@@ -193,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeelError as e:
+        print(f"keel: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the cloud's own user-facing errors
+        if type(e).__name__ not in ("CloudError", "RegistryError"):
+            raise
         print(f"keel: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

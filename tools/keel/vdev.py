@@ -228,6 +228,23 @@ def _ordered(doc: dict, keys: tuple) -> dict:
     return out
 
 
+def write_files(path: Path | str, files: dict[str, bytes]) -> None:
+    """Write files into the device's filesystem (factory provisioning)."""
+    device = VirtualDevice(path)
+    if device.running_pid():
+        raise KeelError(f"{device.path}: the device is running; stop it first")
+    board = device.board()
+    flash_data = device.read_flash()
+    fs = device.open_fs(flash_data, board)
+    fs.mount()
+    for name, data in files.items():
+        fs.makedirs(name.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(name, "wb") as f:
+            f.write(data)
+    device.store_fs(flash_data, board, fs)
+    device.write_flash(flash_data)
+
+
 def read_file(path: Path | str, name: str) -> bytes:
     """Read a file from the device's filesystem (for tools and tests)."""
     device = VirtualDevice(path)

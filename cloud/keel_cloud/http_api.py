@@ -1,0 +1,168 @@
+"""The HTTP JSON API under /api/, with bearer-token auth; the keel CLI uses it.
+
+  GET  /api/devices                          every device
+  GET  /api/devices/NAME                     one device, with its modules
+  GET  /api/devices/NAME/variables/VAR       {"value": …}
+  POST /api/devices/NAME/functions/FN        {"arg": "…"} -> {"result": …}
+  POST /api/events                           {"name": …, "data": …} to every device
+  GET  /api/events?after=SEQ&device=NAME&wait=S   events devices published (long poll)
+"""
+
+import hmac
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlparse
+
+from keel_cloud.service import DeviceError, FleetService
+
+log = logging.getLogger("keel.cloud.http")
+MAX_BODY = 16 * 1024
+MAX_WAIT = 25.0
+
+
+def device_summary(device: dict) -> dict:
+    return {k: device[k] for k in ("name", "id", "platform", "online", "mode", "system_version")}
+
+
+def device_detail(device: dict) -> dict:
+    out = device_summary(device)
+    describe = device["describe"]
+    out.update(
+        last_seen=device["last_seen"],
+        safe_mode_reason=describe.get("safe_mode_reason"),
+        missing=describe.get("missing", []),
+        reset_reason=describe.get("reset_reason"),
+        vm=describe.get("vm"),
+        app=describe.get("app"),
+        functions=describe.get("functions", []),
+        variables=describe.get("variables", []),
+        modules=describe.get("modules", []),
+    )
+    return out
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "ApiServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # route to logging, not stderr
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, status: HTTPStatus, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorised(self) -> bool:
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.server.token)
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        return body
+
+    def _handle(self, method: str) -> None:
+        url = urlparse(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        if not parts or parts[0] != "api":
+            return self._send(HTTPStatus.NOT_FOUND, {"error": "not found"})
+        if not self._authorised():
+            return self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API token"})
+        try:
+            body = self._body() if method == "POST" else {}
+            result = self.server.route(method, parts[1:], parse_qs(url.query), body)
+            self._send(HTTPStatus.OK, result)
+        except ApiError as e:
+            self._send(e.status, {"error": str(e)})
+        except DeviceError as e:
+            self._send(HTTPStatus.GATEWAY_TIMEOUT if "did not answer" in str(e) else HTTPStatus.BAD_GATEWAY,
+                       {"error": str(e)})
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: FleetService, token: str):
+        super().__init__(address, _Handler)
+        self.service = service
+        self.registry = service.registry
+        self.token = token
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="keel-http", daemon=True)
+        thread.start()
+        return thread
+
+    def _device(self, name: str) -> dict:
+        device = self.registry.device(name)
+        if device is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no device '{name}'")
+        return device
+
+    def _online(self, name: str) -> dict:
+        device = self._device(name)
+        if not device["online"]:
+            raise ApiError(HTTPStatus.CONFLICT, f"device '{name}' is offline")
+        return device
+
+    def route(self, method: str, parts: list[str], query: dict, body: dict):
+        match method, parts:
+            case "GET", ["devices"]:
+                return [device_summary(d) for d in self.registry.devices()]
+            case "GET", ["devices", name]:
+                return device_detail(self._device(name))
+            case "GET", ["devices", name, "variables", var]:
+                device = self._online(name)
+                return {"value": self.service.request(device["id"], "get", var)}
+            case "POST", ["devices", name, "functions", fn]:
+                device = self._online(name)
+                arg = body.get("arg", "")
+                if not isinstance(arg, str):
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "arg must be a string")
+                return {"result": self.service.request(device["id"], "call", fn, arg)}
+            case "POST", ["events"]:
+                name = body.get("name")
+                if not isinstance(name, str) or not 0 < len(name) <= 64:
+                    raise ApiError(HTTPStatus.BAD_REQUEST, "an event needs a name of 1 to 64 characters")
+                data = body.get("data")
+                targets = [d["id"] for d in self.registry.devices()]
+                return {"sent_to": self.service.send_event(name, data, targets)}
+            case "GET", ["events"]:
+                after = int((query.get("after") or ["0"])[0])
+                wait = min(float((query.get("wait") or ["0"])[0]), MAX_WAIT)
+                device_id = None
+                if query.get("device"):
+                    device_id = self._device(query["device"][0])["id"]
+                if after < 0:  # "from now on"
+                    return {"events": [], "last": self.registry.last_event_seq()}
+                events = self.service.wait_events(after, device_id, wait)
+                return {"events": events, "last": events[-1]["seq"] if events else after}
+        raise ApiError(HTTPStatus.NOT_FOUND, "no such API endpoint")

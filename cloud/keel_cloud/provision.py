@@ -1,0 +1,47 @@
+"""Device identities: a key and a certificate (CN = the device id) signed by the
+cloud's CA, plus the CA and the cloud's address, as the files the device reads
+from /keel/cloud/. The device is registered under its name at the same time."""
+
+import json
+import re
+
+from keel_cloud.config import CloudDir, CloudError, parse_address
+from keel_cloud.registry import Registry, RegistryError
+
+DEVICE_DIR = "/keel/cloud"
+KEEPALIVE = 30
+_ID = re.compile(r"^[0-9a-f]{24}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str | None = None) -> dict[str, bytes]:
+    """Issue the device's identity and register it; returns {device path: content}."""
+    if not _ID.match(device_id):
+        raise CloudError(f"'{device_id}' is not a device id (24 lowercase hex digits)")
+    if not _NAME.match(name):
+        raise CloudError(f"invalid device name '{name}' (letters, digits, '.', '_', '-'; at most 64)")
+    cloud_dir.require()
+    config = cloud_dir.config()
+    registry = Registry(config.database or cloud_dir.registry_path)
+    try:
+        registry.add_device(device_id, name, platform)
+    except RegistryError as e:
+        raise CloudError(str(e)) from None
+    finally:
+        registry.close()
+    ca = cloud_dir.ca()
+    identity = ca.issue(device_id)
+    if config.broker:
+        from urllib.parse import urlparse
+
+        url = urlparse(config.broker)
+        host, port = url.hostname, url.port or 8883
+    else:
+        host, port = parse_address(config.mqtt, 8883)
+    settings = {"host": host, "port": port, "server_name": config.server_name, "keepalive": KEEPALIVE}
+    return {
+        f"{DEVICE_DIR}/key.der": identity.key_der,
+        f"{DEVICE_DIR}/cert.der": identity.cert_der,
+        f"{DEVICE_DIR}/ca.der": ca.cert_der,
+        f"{DEVICE_DIR}/cloud.json": json.dumps(settings).encode(),
+    }

@@ -1,0 +1,109 @@
+"""keel cloud serve: the broker (embedded amqtt behind the gate, or an external
+broker), the fleet service and the HTTP API, in one process."""
+
+import asyncio
+import logging
+import signal
+import ssl
+import threading
+from urllib.parse import urlparse
+
+from keel_cloud import pki
+from keel_cloud.config import CloudDir, CloudError, parse_address
+from keel_cloud.http_api import ApiServer
+from keel_cloud.registry import Registry
+from keel_cloud.service import FleetService
+
+log = logging.getLogger("keel.cloud")
+
+
+def service_tls(cloud_dir: CloudDir, server_name: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cloud_dir.path / pki.CA_CERT))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cloud_dir.path / pki.SERVICE_PEM))
+    ctx.check_hostname = server_name is not None
+    return ctx
+
+
+class _LoopThread:
+    """An asyncio loop in a thread, for the embedded broker."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="keel-broker", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Cloud:
+    """A running Keel Cloud (what `keel cloud serve` starts)."""
+
+    def __init__(self, cloud_dir: CloudDir, mqtt: str | None = None, http: str | None = None,
+                 broker: str | None = None):
+        self.dir = cloud_dir
+        self.config = cloud_dir.init(mqtt, http, broker)
+        self.registry = None
+        self.broker = None
+        self.loop = None
+        self.service = None
+        self.api = None
+
+    def start(self) -> None:
+        config = self.config
+        self.registry = Registry(config.database or self.dir.registry_path)
+        for device in self.registry.devices():  # fresh session: devices will say again
+            self.registry.set_online(device["id"], False)
+        if config.broker:
+            url = urlparse(config.broker)
+            if url.scheme != "mqtts" or not url.hostname:
+                raise CloudError(f"--broker must be mqtts://HOST:PORT, not '{config.broker}'")
+            host, port = url.hostname, url.port or 8883
+            tls = service_tls(self.dir, config.server_name)
+        else:
+            from keel_cloud.broker import EmbeddedBroker
+
+            self.loop = _LoopThread()
+            self.broker = EmbeddedBroker(self.dir)
+            self.loop.run(self.broker.start())
+            host, port, tls = "127.0.0.1", self.broker.internal_port, None
+        self.service = FleetService(self.registry, host, port, tls)
+        self.service.start()
+        http_host, http_port = parse_address(config.http, 8780)
+        self.api = ApiServer((http_host, http_port), self.service, self.dir.token())
+        self.api.start()
+
+    def stop(self) -> None:
+        if self.api:
+            self.api.shutdown()
+            self.api.server_close()
+        if self.service:
+            self.service.stop()
+        if self.broker:
+            self.loop.run(self.broker.stop())
+            self.loop.stop()
+        if self.registry:
+            self.registry.close()
+
+
+def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> None:
+    cloud = Cloud(cloud_dir, mqtt, http, broker)
+    try:
+        cloud.start()
+    except OSError as e:
+        cloud.stop()
+        raise CloudError(f"cannot start the cloud: {e}") from None
+    config = cloud.config
+    where = config.broker or f"mqtts://{config.mqtt} (embedded broker)"
+    out(f"Keel Cloud: devices connect to {where}; API on http://{config.http}/api/; data in {cloud_dir.path}")
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    out("Keel Cloud: stopping")
+    cloud.stop()

@@ -1,0 +1,142 @@
+"""The fleet service: a privileged MQTT client that keeps the registry up to date
+from what devices send, and carries calls, variable reads and events to them."""
+
+import itertools
+import json
+import logging
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from keel_cloud import pki
+from keel_cloud.registry import Registry
+
+log = logging.getLogger("keel.cloud.service")
+PREFIX = "devices/"
+REQUEST_TIMEOUT = 5.0
+
+
+class DeviceError(Exception):
+    """A call or read that failed on the device or did not come back in time."""
+
+
+class FleetService:
+    def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None):
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._ids = itertools.count(1)
+        self._pending: dict[int, dict] = {}
+        self._pending_lock = threading.Lock()
+        self._events = threading.Condition()
+        self._connected = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=pki.SERVICE_CN, clean_session=True
+        )
+        if tls is not None:
+            self.client.tls_set_context(tls)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 10)
+
+    # Life cycle
+
+    def start(self, wait: float = 10.0) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self._connected.wait(wait):
+            raise ConnectionError(f"the fleet service cannot reach the broker at {self.host}:{self.port}")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason, properties=None):
+        if reason.is_failure:
+            log.error("broker refused the service: %s", reason)
+            return
+        client.subscribe("devices/+/status", qos=1)
+        client.subscribe("devices/+/describe", qos=1)
+        client.subscribe("devices/+/events/#", qos=1)
+        client.subscribe("devices/+/reply", qos=1)
+        self._connected.set()
+        log.info("fleet service connected to the broker")
+
+    def _on_disconnect(self, client, userdata, flags, reason, properties=None):
+        self._connected.clear()
+        log.warning("fleet service lost the broker (%s); reconnecting", reason)
+
+    # Incoming
+
+    def _on_message(self, client, userdata, msg):
+        parts = msg.topic.split("/", 3)
+        if len(parts) < 3 or parts[0] != "devices":
+            return
+        device_id, kind = parts[1], parts[2]
+        if not self.registry.known(device_id):
+            log.warning("message from unregistered device %s ignored", device_id)
+            return
+        try:
+            if kind == "status":
+                self.registry.set_online(device_id, msg.payload == b"online")
+            elif kind == "describe":
+                self.registry.set_describe(device_id, json.loads(msg.payload))
+            elif kind == "events" and len(parts) == 4:
+                data = msg.payload.decode("utf-8", errors="replace") if msg.payload else None
+                self.registry.add_event(device_id, parts[3], data)
+                with self._events:
+                    self._events.notify_all()
+            elif kind == "reply":
+                self._on_reply(json.loads(msg.payload))
+            self.registry.seen(device_id)
+        except (ValueError, UnicodeDecodeError) as e:
+            log.warning("bad %s message from %s: %s", kind, device_id, e)
+
+    def _on_reply(self, reply: dict) -> None:
+        with self._pending_lock:
+            waiter = self._pending.get(reply.get("id"))
+        if waiter is not None:
+            waiter["reply"] = reply
+            waiter["done"].set()
+
+    # Outgoing
+
+    def request(self, device_id: str, kind: str, name: str, arg=None, timeout: float = REQUEST_TIMEOUT):
+        """Send a call or get to a device and wait for its reply."""
+        request_id = next(self._ids)
+        waiter = {"done": threading.Event(), "reply": None}
+        with self._pending_lock:
+            self._pending[request_id] = waiter
+        try:
+            payload = {"id": request_id, "name": name}
+            if kind == "call":
+                payload["arg"] = arg if arg is not None else ""
+            self.client.publish(f"devices/{device_id}/{kind}", json.dumps(payload), qos=1)
+            if not waiter["done"].wait(timeout):
+                raise DeviceError(f"the device did not answer within {timeout:g} s")
+        finally:
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+        reply = waiter["reply"]
+        if not reply.get("ok"):
+            raise DeviceError(reply.get("error") or "the device refused the request")
+        return reply.get("result")
+
+    def send_event(self, name: str, data: str | None, device_ids: list[str]) -> int:
+        """A cloud event to devices (their subscriptions get it)."""
+        for device_id in device_ids:
+            self.client.publish(f"devices/{device_id}/inbox/{name}", data or "", qos=1)
+        return len(device_ids)
+
+    def wait_events(self, after: int, device_id: str | None, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        with self._events:
+            while True:
+                found = self.registry.events(after, device_id)
+                left = deadline - time.monotonic()
+                if found or left <= 0:
+                    return found
+                self._events.wait(min(left, 1.0))

@@ -1,0 +1,214 @@
+"""The keel commands that talk to Keel Cloud (cloud serve, device provision, list,
+device show, get, call, publish, subscribe). The cloud itself is the keel_cloud
+package (cloud/)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from keel_cloud.client import ApiClient
+from keel_cloud.config import CloudDir, CloudError
+
+from keel import vdev
+
+
+def cloud_dir(args) -> CloudDir:
+    return CloudDir(getattr(args, "cloud", None))
+
+
+def cmd_cloud_serve(args) -> int:
+    from keel_cloud.server import serve
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    serve(CloudDir(args.data or args.cloud), args.mqtt, args.http, args.broker,
+          out=lambda text: print(text, flush=True))
+    return 0
+
+
+def cmd_cloud_mosquitto_config(args) -> int:
+    from keel_cloud.mosquitto import write_config
+
+    directory = cloud_dir(args).require()
+    path = write_config(directory, Path(args.dir), port=args.port, listen=args.listen)
+    print(f"wrote {path}; run: mosquitto -c {path}")
+    print(f"then: keel cloud serve --broker mqtts://{args.listen}:{args.port}")
+    return 0
+
+
+def cmd_device_provision(args) -> int:
+    from keel_cloud.provision import identity_files
+
+    if args.port:
+        return _provision_board(args)
+    device = vdev.VirtualDevice(args.dir)
+    board = device.board()
+    device_id = (device.path / vdev.UID_FILE).read_text().strip()
+    name = args.name or device.path.name
+    files = identity_files(cloud_dir(args), device_id, name, board.platform)
+    vdev.write_files(device.path, files)
+    print(f"provisioned {name} (device id {device_id}); it connects at its next boot")
+    return 0
+
+
+def _provision_board(args) -> int:
+    """The same over a board's raw REPL (mpremote's transport)."""
+    from mpremote.transport_serial import SerialTransport
+    from keel_cloud.provision import identity_files
+
+    transport = SerialTransport(args.port, baudrate=115200)
+    try:
+        transport.enter_raw_repl()
+        device_id = transport.eval(
+            "__import__('binascii').hexlify(__import__('machine').unique_id()).decode()"
+        )
+        device_id = (device_id + "0" * 24)[:24]
+        platform = transport.eval("__import__('sys').platform")
+        files = identity_files(cloud_dir(args), device_id, args.name or device_id, platform)
+        for path in ("/keel", "/keel/cloud"):
+            transport.exec(f"import os\ntry:\n os.mkdir('{path}')\nexcept OSError:\n pass")
+        for path, data in files.items():
+            transport.fs_writefile(path, data)
+        transport.exit_raw_repl()
+    finally:
+        transport.close()
+    print(f"provisioned {args.name or device_id} (device id {device_id}) on {args.port}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    devices = ApiClient(cloud_dir(args)).devices()
+    if args.json:
+        print(json.dumps(devices, indent=2))
+        return 0
+    if not devices:
+        print("no devices (provision one with keel device provision)")
+    for d in devices:
+        state = "online" if d["online"] else "offline"
+        mode = f" safe mode" if d["mode"] == "safe" else ""
+        print(f"{d['name']:<20} {d['id']}  {d['platform'] or '-':<9} {state:<7} "
+              f"system {d['system_version'] or '-'}{mode}")
+    return 0
+
+
+def cmd_device_show(args) -> int:
+    device = ApiClient(cloud_dir(args)).device(args.name)
+    if args.json:
+        print(json.dumps(device, indent=2))
+        return 0
+    print(f"{device['name']} ({device['id']})")
+    print(f"  platform      {device['platform']}")
+    print(f"  state         {'online' if device['online'] else 'offline'}, mode {device['mode']}"
+          + (f" ({device['safe_mode_reason']})" if device.get("safe_mode_reason") else ""))
+    print(f"  system        {device['system_version']}")
+    print(f"  reset reason  {device.get('reset_reason')}")
+    for dep in device.get("missing", []):
+        print(f"  missing       {dep['function']} {dep['index']} >= {dep['version'] or 'any'}")
+    for m in device.get("modules", []):
+        state = "valid" if m.get("valid") else "INVALID"
+        print(f"  module        {m['function']} {m['index']} {m.get('version')}  {state}")
+    print(f"  functions     {', '.join(device.get('functions', [])) or '-'}")
+    print(f"  variables     {', '.join(device.get('variables', [])) or '-'}")
+    return 0
+
+
+def cmd_get(args) -> int:
+    value = ApiClient(cloud_dir(args)).get(args.name, args.variable)
+    print(value if not isinstance(value, (dict, list)) else json.dumps(value))
+    return 0
+
+
+def cmd_call(args) -> int:
+    print(ApiClient(cloud_dir(args)).call(args.name, args.function, args.arg))
+    return 0
+
+
+def cmd_publish(args) -> int:
+    count = ApiClient(cloud_dir(args)).publish(args.event, args.data)
+    print(f"published {args.event} to {count} device(s)")
+    return 0
+
+
+def cmd_subscribe(args) -> int:
+    client = ApiClient(cloud_dir(args))
+    after = client.events(-1, args.name, 0)["last"]
+    seen = 0
+    while args.count is None or seen < args.count:
+        reply = client.events(after, args.name, wait=20)
+        for event in reply["events"]:
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
+                print(f"{stamp} {event['device']} {event['name']} {event['data'] or ''}", flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+        after = reply["last"]
+    return 0
+
+
+def add_commands(commands) -> None:
+    def cloud_option(p):
+        p.add_argument("--cloud", metavar="DIR", help="the cloud directory (default $KEEL_CLOUD or ~/.keel/cloud)")
+
+    cloud = commands.add_parser("cloud", help="run Keel Cloud")
+    clouds = cloud.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = clouds.add_parser("serve", help="start the cloud: broker, fleet service, HTTP API")
+    p.add_argument("--data", metavar="DIR", help="the cloud directory (created on first start)")
+    cloud_option(p)
+    p.add_argument("--mqtt", metavar="HOST:PORT", help="where devices connect (default 127.0.0.1:8883)")
+    p.add_argument("--http", metavar="HOST:PORT", help="the HTTP API (default 127.0.0.1:8780)")
+    p.add_argument("--broker", metavar="mqtts://HOST:PORT", help="use an external broker (Mosquitto)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_cloud_serve)
+    p = clouds.add_parser("mosquitto-config", help="write a Mosquitto configuration and ACL")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--listen", default="127.0.0.1")
+    cloud_option(p)
+    p.set_defaults(func=cmd_cloud_mosquitto_config)
+
+    device = commands.add_parser("device", help="devices in the cloud")
+    devices = device.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = devices.add_parser("provision", help="give a device its identity and the cloud's address")
+    p.add_argument("dir", metavar="DIR", nargs="?", help="a virtual device")
+    p.add_argument("--name")
+    p.add_argument("--port", help="a board's serial port instead of a virtual device")
+    cloud_option(p)
+    p.set_defaults(func=cmd_device_provision)
+    p = devices.add_parser("show", help="one device: state, versions, modules")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    cloud_option(p)
+    p.set_defaults(func=cmd_device_show)
+
+    p = commands.add_parser("list", help="every device, online or not, with its system version")
+    p.add_argument("--json", action="store_true")
+    cloud_option(p)
+    p.set_defaults(func=cmd_list)
+    p = commands.add_parser("get", help="read a device's variable")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("variable", metavar="VARIABLE")
+    cloud_option(p)
+    p.set_defaults(func=cmd_get)
+    p = commands.add_parser("call", help="call a device's function")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("function", metavar="FUNCTION")
+    p.add_argument("arg", metavar="ARG", nargs="?", default="")
+    cloud_option(p)
+    p.set_defaults(func=cmd_call)
+    p = commands.add_parser("publish", help="send an event to the devices")
+    p.add_argument("event", metavar="NAME")
+    p.add_argument("data", metavar="DATA", nargs="?")
+    cloud_option(p)
+    p.set_defaults(func=cmd_publish)
+    p = commands.add_parser("subscribe", help="print events devices publish")
+    p.add_argument("name", metavar="NAME", nargs="?", help="only this device")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    cloud_option(p)
+    p.set_defaults(func=cmd_subscribe)
