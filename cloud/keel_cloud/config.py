@@ -43,6 +43,7 @@ class CloudConfig:
     server_name: str = SERVER_NAME  # the broker certificate's name devices check
     broker: str | None = None  # mqtts://HOST:PORT of an external broker, else embedded
     database: str | None = None  # a URL (postgresql://…) instead of the SQLite registry
+    keepalive: int = 30  # seconds, given to devices at provisioning
     extra: dict = field(default_factory=dict)
 
 

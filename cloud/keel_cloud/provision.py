@@ -9,7 +9,6 @@ from keel_cloud.config import CloudDir, CloudError, parse_address
 from keel_cloud.registry import Registry, RegistryError
 
 DEVICE_DIR = "/keel/cloud"
-KEEPALIVE = 30
 _ID = re.compile(r"^[0-9a-f]{24}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -38,7 +37,8 @@ def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str
         host, port = url.hostname, url.port or 8883
     else:
         host, port = parse_address(config.mqtt, 8883)
-    settings = {"host": host, "port": port, "server_name": config.server_name, "keepalive": KEEPALIVE}
+    settings = {"host": host, "port": port, "server_name": config.server_name,
+                "keepalive": config.keepalive}
     return {
         f"{DEVICE_DIR}/key.der": identity.key_der,
         f"{DEVICE_DIR}/cert.der": identity.cert_der,
