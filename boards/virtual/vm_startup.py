@@ -92,7 +92,7 @@ def _io_files(device_dir):
     out = open(device_dir + "/io.log", "w")
     open(device_dir + "/io.in", "ab").close()
     cmds = open(device_dir + "/io.in", "rb")
-    cmds.seek(0, 2)
+    cmds.seek(0, 2)  # commands from before this boot are not for it
     return out, cmds
 
 

@@ -34,7 +34,10 @@ def _save(data):
 
 
 def get(key, default=None):
-    return _data().get(key, default)
+    value = _data().get(key, default)
+    if isinstance(value, (list, dict)):  # a copy: changing it must not change the store
+        value = json.loads(json.dumps(value))
+    return value
 
 
 def set(key, value):

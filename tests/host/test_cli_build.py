@@ -340,3 +340,21 @@ def test_build_system_invalid_version(keel_cli, expect_cli_error, tmp_path):
     )
     assert not out.exists()
 
+
+
+def test_app_module_named_like_a_system_module_is_refused(tmp_path):
+    from keel import build
+    from keel.errors import KeelError
+
+    src = tmp_path / "app"
+    src.mkdir()
+    (src / "main.py").write_text("import log\n")
+    (src / "log.py").write_text("x = 1\n")
+    out = tmp_path / "app.bin"
+    with pytest.raises(KeelError, match="log have the names of system modules"):
+        build.build_app(src, "virtual", "1.0.0", out)
+    assert not out.exists()
+    (src / "log.py").rename(src / "mylog.py")
+    (src / "main.py").write_text("import mylog\n")
+    build.build_app(src, "virtual", "1.0.0", out)
+    assert out.exists()

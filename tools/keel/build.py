@@ -182,6 +182,17 @@ def build_system(platform: str, version: str | None, out_dir: Path) -> list[Path
     return written
 
 
+def system_module_names(platform: str) -> set[str]:
+    """Top-level module names the bootloader and system parts put on sys.path."""
+    root = source_root()
+    spec = json.loads((root / SYSTEM_PARTS_FILE).read_text())
+    port = PLATFORM_PORTS[platform]
+    names: set[str] = set()
+    for part in [spec["bootloader"], *spec["parts"]]:
+        names |= _top_names(p[:-3] for p in _expand_sources(root, part["sources"], port))
+    return names
+
+
 def app_dependencies(target: int) -> list[tuple[int, int, int]]:
     """An app depends on every system part at the version it was built against."""
     spec = json.loads((source_root() / SYSTEM_PARTS_FILE).read_text())
@@ -206,6 +217,12 @@ def build_app(
         if any(fnmatch.fnmatch(part, ".*") or part == "__pycache__" for part in rel.split("/")):
             continue
         sources[rel] = path
+    taken = sorted(_top_names(rel[:-3] for rel in sources) & system_module_names(platform))
+    if taken:
+        raise KeelError(
+            f"{src_dir}: app module(s) {', '.join(taken)} have the names of system modules, "
+            "which come first on the device's sys.path; rename them"
+        )
     files = {}
     for rel, path in sources.items():
         files[rel[:-3] + ".mpy"] = compile_py(path, rel, str(src_dir / rel))

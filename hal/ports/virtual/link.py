@@ -7,7 +7,7 @@ import vboard
 
 _out = vboard.io_out
 _in = vboard.io_in
-_pos = _in.seek(0, 2)
+_pos = _in.tell()  # where the VM started: commands sent since then are read
 _partial = b""
 _handlers = {}
 _waiting = []  # commands that came before their handler (the app imports HAL lazily)
