@@ -6,6 +6,7 @@ import logging
 import signal
 import ssl
 import threading
+import time
 from urllib.parse import urlparse
 
 from keel_cloud import pki
@@ -101,9 +102,11 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
     config = cloud.config
     where = config.broker or f"mqtts://{config.mqtt} (embedded broker)"
     out(f"Keel Cloud: devices connect to {where}; API on http://{config.http}/api/; data in {cloud_dir.path}")
-    done = threading.Event()
+    # A plain flag: the handler must not take a lock the main thread may hold.
+    stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
+        signal.signal(sig, lambda *_: stop.append(True))
+    while not stop:
+        time.sleep(0.2)
     out("Keel Cloud: stopping")
     cloud.stop()

@@ -32,6 +32,7 @@ class FleetService:
         self._pending_lock = threading.Lock()
         self._events = threading.Condition()
         self._connected = threading.Event()
+        self._stopping = False
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=pki.SERVICE_CN, clean_session=True
         )
@@ -51,6 +52,7 @@ class FleetService:
             raise ConnectionError(f"the fleet service cannot reach the broker at {self.host}:{self.port}")
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -67,7 +69,8 @@ class FleetService:
 
     def _on_disconnect(self, client, userdata, flags, reason, properties=None):
         self._connected.clear()
-        log.warning("fleet service lost the broker (%s); reconnecting", reason)
+        if not self._stopping:
+            log.warning("fleet service lost the broker (%s); reconnecting", reason)
 
     # Incoming
 
