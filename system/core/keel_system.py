@@ -58,7 +58,16 @@ def safe_mode(status, decision):
         print("keel: safe mode was requested; the next reset runs the app again")
     else:
         print("keel: the app is not run; flash a fixed app or the system parts it needs")
+    _start_cloud(status)  # a device in safe mode still reports why, and can be fixed
     runtime.run_forever()
+
+
+def _start_cloud(status):
+    # Only provisioned devices load the session's code (docs/protocol.md).
+    if flashfs.exists("/keel/cloud/cloud.json"):
+        import cloud_session
+
+        cloud_session.start(status.doc)
 
 
 def reset(reason):
@@ -166,6 +175,7 @@ def start(board, slots, reset_reason):
             sys.path.insert(0, s.code_dir)
     led.set_state("offline")
     status.set(app=decision.app)
+    _start_cloud(status)
     app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
     if decision.app == "none":
         print("keel: no app installed")

@@ -1,6 +1,8 @@
 # The app's side of the cloud: events, subscriptions, functions and variables.
-# Until a cloud session exists (the cloud issue), publish() queues events in RAM
-# (bounded; the oldest are dropped and counted) and connected() is False.
+# On a provisioned device the system runs the cloud session (system/core/
+# cloud_session.py) and this module attaches to it; while it is not connected (or
+# its window is full) publish() queues events in RAM (bounded; the oldest are
+# dropped and counted), sent oldest first once it is.
 # On the virtual board the host can call functions, read variables and send events
 # through the host link (keel vdev io --call/--get/--event), as the cloud will.
 import sys
@@ -35,8 +37,7 @@ def publish(name, data=None):
         raise ValueError("event data is at most %d bytes" % MAX_DATA)
     _stats["published"] += 1
     session = _session[0]
-    if session is not None and session.connected():
-        session.publish(name, data)
+    if session is not None and not _queue and session.publish(name, data):
         hostlink.emit("publish", name=name, data=data, sent=True)
         return True
     dropped = len(_queue) >= MAX_QUEUE
@@ -76,6 +77,19 @@ def _register(table, kind, name, fn):
         raise ValueError("at most %d %ss" % (MAX_HANDLERS, kind))
     table[name] = fn
     hostlink.emit("registry", functions=sorted(_functions), variables=sorted(_variables))
+    if _session[0] is not None:
+        _session[0].changed()  # the cloud gets a new describe
+
+
+def names():
+    """(functions, variables), for the session's describe."""
+    return sorted(_functions), sorted(_variables)
+
+
+def send_queued(session):
+    """The session, connected: send the queued events, oldest first, while it takes them."""
+    while _queue and session.publish(*_queue[0]):
+        _queue.pop(0)
 
 
 def connected():
@@ -104,10 +118,14 @@ def deliver_event(name, data):
             events.call_app(handler, name, data)
 
 
+class NotFound(KeyError):
+    pass
+
+
 def call_function(name, arg):
     fn = _functions.get(name)
     if fn is None:
-        raise KeyError("no function '%s'" % name)
+        raise NotFound("no function '%s'" % name)
     result = fn(arg if arg is not None else "")
     if not isinstance(result, (int, str)) or isinstance(result, bool):
         raise TypeError("function '%s' returned %s, not int or str" % (name, type(result)))
@@ -117,7 +135,7 @@ def call_function(name, arg):
 def read_variable(name):
     getter = _variables.get(name)
     if getter is None:
-        raise KeyError("no variable '%s'" % name)
+        raise NotFound("no variable '%s'" % name)
     value = getter()
     if not isinstance(value, (int, float, bool, str)):
         raise TypeError("variable '%s' is %s, not int, float, bool or str" % (name, type(value)))
@@ -129,10 +147,22 @@ def _reply(cmd, action):
         hostlink.emit("reply", id=cmd.get("id"), ok=True, result=action())
     except Exception as e:  # the caller gets the error; the app keeps running
         hostlink.emit("reply", id=cmd.get("id"), ok=False, error="%s: %s" % (type(e).__name__, e))
-        if not isinstance(e, KeyError):  # the app's own code failed: show where
+        if not isinstance(e, NotFound):  # the app's own code failed: show where
             sys.print_exception(e)
 
 
 hostlink.on("call", lambda cmd: _reply(cmd, lambda: call_function(cmd["name"], cmd.get("arg"))))
 hostlink.on("get", lambda cmd: _reply(cmd, lambda: read_variable(cmd["name"])))
 hostlink.on("event", lambda cmd: deliver_event(cmd["name"], cmd.get("data")))
+
+
+def _attach_session():
+    # The system started the session (part 1) if the device is provisioned.
+    module = sys.modules.get("cloud_session")
+    session = module.current() if module is not None else None
+    if session is not None:
+        _session[0] = session
+        session.attach(sys.modules[__name__])
+
+
+_attach_session()
