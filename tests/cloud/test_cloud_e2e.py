@@ -114,6 +114,7 @@ def fleet_story(tmp_path, system, cloud):
         assert {d["system_version"] for d in devices.values()} == {"1.1.0"}
         assert {d["platform"] for d in devices.values()} == {"virtual"}
 
+        assert "to 2 device(s)" in cloud.keel("publish", "maintenance", "tonight").stdout
         value = float(cloud.keel("get", "sensor1", "temperature").stdout)
         assert 15 <= value <= 30
         assert cloud.keel("call", "sensor1", "led", "on").stdout.strip() == "1"
