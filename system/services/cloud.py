@@ -89,7 +89,8 @@ def names():
 def send_queued(session):
     """The session, connected: send the queued events, oldest first, while it takes them."""
     while _queue and session.publish(*_queue[0]):
-        _queue.pop(0)
+        name, data = _queue.pop(0)
+        hostlink.emit("publish", name=name, data=data, sent=True, queued=len(_queue))
 
 
 def connected():

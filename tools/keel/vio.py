@@ -75,8 +75,7 @@ def fold(records: list[dict]) -> dict:
             cloud = state["cloud"]
             cloud["events"].append({"name": rec["name"], "data": rec.get("data"), "sent": rec.get("sent")})
             cloud["events"] = cloud["events"][-EVENT_LINES:]
-            if not rec.get("sent"):
-                cloud["queued"] = rec.get("queued", cloud["queued"])
+            cloud["queued"] = rec.get("queued", cloud["queued"])
         elif kind == "registry":
             state["cloud"]["functions"] = rec.get("functions", [])
             state["cloud"]["variables"] = rec.get("variables", [])
