@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= /tmp/keel-demo
 
-.PHONY: setup demo test test-host test-device clean mosquitto
+.PHONY: setup demo test test-host test-device clean system-packages mosquitto postgresql
 
 setup: $(STAMP)
 
@@ -14,8 +14,12 @@ $(STAMP): requirements.txt tools/pyproject.toml cloud/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e tools -e cloud
-	@$(MAKE) --no-print-directory mosquitto
+	@$(MAKE) --no-print-directory system-packages
 	touch $@
+
+# What the tests need from Debian, installed when missing (as root, with apt-get;
+# `apt-get update` only if the install fails without it). Quick when all is there.
+system-packages: mosquitto postgresql
 
 # The cloud tests also run against a real Mosquitto, from Debian's packages.
 mosquitto:
@@ -25,6 +29,16 @@ mosquitto:
 	   (apt-get update -qq >/dev/null && apt-get install -y -qq mosquitto >/dev/null)) && \
 	  echo "installed mosquitto"; \
 	else echo "mosquitto is not installed (not root, or no apt-get): its tests will fail"; fi
+
+# ... and the registry's against a PostgreSQL server they start (initdb, pg_ctl).
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)) && \
+	  echo "installed postgresql"; \
+	else echo "PostgreSQL is not installed (not root, or no apt-get): its registry tests will fail"; fi
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh

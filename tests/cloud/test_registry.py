@@ -1,0 +1,414 @@
+"""The registry, the same tests against SQLite and against a real PostgreSQL server
+(Debian's, started here on a free 127.0.0.1 port with trust authentication for TCP),
+and the whole cloud on PostgreSQL when cloud.json names it."""
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from keel_cloud import registry as registry_module
+from keel_cloud.registry import Registry, RegistryError
+
+WAIT = 30  # seconds: bound for initdb, and for the server to start and stop
+DEVICE_KEYS = {"name", "id", "platform", "online", "mode", "system_version", "last_seen", "describe"}
+EVENT_KEYS = {"seq", "device", "id", "name", "data", "ts"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_id() -> str:
+    return secrets.token_hex(12)
+
+
+def postgres_bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    if not found:
+        pytest.fail("PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/initdb): "
+                    "install Debian's postgresql package (make setup, as root)")
+    return Path(found[-1]).parent
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server for this session, in its own directory under /tmp; the URL of
+    a database on it. initdb refuses root, so as root the server runs as 'postgres'."""
+    bindir = postgres_bindir()
+    prefix = []
+    if os.geteuid() == 0:
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("no 'postgres' account to run PostgreSQL as (install Debian's postgresql)")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    base = Path(tempfile.mkdtemp(prefix="keel-pg-"))
+    if prefix:
+        os.chown(base, account.pw_uid, account.pw_gid)
+    data, log = base / "data", base / "postgres.log"
+
+    def run(*args, timeout=WAIT):
+        return subprocess.run(prefix + [str(bindir / args[0]), *args[1:]], cwd=base, timeout=timeout,
+                              capture_output=True, text=True)
+
+    port = free_port()
+    try:
+        done = run("initdb", "-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C",
+                   "--auth-local=trust", "--auth-host=trust")
+        if done.returncode:
+            pytest.fail(f"initdb failed:\n{done.stdout}{done.stderr}")
+        done = run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", str(WAIT),
+                   "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {base}", "start",
+                   timeout=WAIT + 10)
+        if done.returncode:
+            server_log = log.read_text() if log.exists() else ""
+            pytest.fail(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}{server_log}")
+        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("CREATE DATABASE keel_registry")
+        yield f"postgresql://postgres@127.0.0.1:{port}/keel_registry"
+    finally:
+        if data.is_dir():
+            stopped = run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", str(WAIT), "stop",
+                          timeout=WAIT + 10)
+            if stopped.returncode and (data / "postmaster.pid").exists():
+                run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", str(WAIT), "stop",
+                    timeout=WAIT + 10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def pg_rows(url: str, sql: str, args=()) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        cursor = conn.execute(sql, args)
+        return cursor.fetchall() if cursor.description is not None else []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where a registry lives: a new SQLite file, or the PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        return tmp_path / "registry.db"
+    url = request.getfixturevalue("postgres_url")
+    pg_rows(url, "DROP TABLE IF EXISTS events, devices")
+    return url
+
+
+@pytest.fixture
+def reg(target):
+    registry = Registry(target)
+    yield registry
+    registry.close()
+
+
+def describe(version="1.1.0", mode="normal", platform="virtual"):
+    return {
+        "platform": platform,
+        "mode": mode,
+        "modules": [
+            {"function": "system-part", "index": 2, "version": "9.9.9"},
+            {"function": "system-part", "index": 1, "version": version},
+            {"function": "user-part", "index": 1, "version": "0.1.0"},
+        ],
+    }
+
+
+# Devices
+
+
+def test_an_empty_registry(reg):
+    assert reg.devices() == []
+    assert reg.device("nobody") is None
+    assert reg.events() == []
+    assert reg.last_event_seq() == 0
+    assert not reg.known(new_id())
+
+
+def test_add_and_rename_a_device(reg):
+    device_id = new_id()
+    reg.add_device(device_id, "sensor1", "virtual")
+    assert reg.known(device_id)
+    device = reg.device("sensor1")
+    assert device == {"name": "sensor1", "id": device_id, "platform": "virtual", "online": False,
+                      "mode": None, "system_version": None, "last_seen": None, "describe": {}}
+    assert reg.device(device_id) == device
+
+    reg.add_device(device_id, "sensor-renamed")  # the same id: renamed, platform kept
+    assert reg.device("sensor1") is None
+    renamed = reg.device("sensor-renamed")
+    assert (renamed["id"], renamed["platform"]) == (device_id, "virtual")
+    assert [d["name"] for d in reg.devices()] == ["sensor-renamed"]
+
+    reg.add_device(device_id, "sensor-renamed", "other")  # a platform given replaces it
+    assert reg.device(device_id)["platform"] == "other"
+
+
+def test_a_name_taken_by_another_device_is_refused(reg):
+    first, second = new_id(), new_id()
+    reg.add_device(first, "sensor1")
+    reg.add_device(second, "sensor2")
+    with pytest.raises(RegistryError, match=f"the name 'sensor1' is taken by device {first}"):
+        reg.add_device(second, "sensor1")
+    with pytest.raises(RegistryError, match="taken"):
+        reg.add_device(new_id(), "sensor1")
+    assert reg.device("sensor1")["id"] == first
+    assert reg.device("sensor2")["id"] == second
+    assert len(reg.devices()) == 2
+
+
+def test_ids_and_names_wider_than_their_columns_are_refused(reg):
+    with pytest.raises(RegistryError, match="device name"):
+        reg.add_device(new_id(), "n" * 65)
+    with pytest.raises(RegistryError, match="device id"):
+        reg.add_device("i" * 33, "sensor1")
+    with pytest.raises(RegistryError, match="device name"):
+        reg.add_device(new_id(), "")
+    assert reg.devices() == []
+
+
+def test_online_describe_and_shapes(reg):
+    device_id = new_id()
+    reg.add_device(device_id, "sensor1")
+    before = time.time()
+    reg.set_online(device_id, True)
+    device = reg.device("sensor1")
+    assert device["online"] is True
+    assert isinstance(device["last_seen"], float) and device["last_seen"] >= before - 1
+
+    reg.set_describe(device_id, describe("1.2.3", "safe"))
+    device = reg.device(device_id)
+    assert set(device) == DEVICE_KEYS
+    assert device["system_version"] == "1.2.3"  # system-part 1, not 2
+    assert device["mode"] == "safe"
+    assert device["platform"] == "virtual"  # from the describe
+    assert device["describe"] == describe("1.2.3", "safe")
+
+    seen = device["last_seen"]
+    time.sleep(0.01)
+    reg.seen(device_id)
+    assert reg.device(device_id)["last_seen"] > seen
+
+    reg.set_online(device_id, False)
+    assert reg.device(device_id)["online"] is False
+
+    reg.set_describe(device_id, {"platform": "virtual", "modules": []})
+    device = reg.device(device_id)
+    assert (device["system_version"], device["mode"]) == (None, None)
+
+
+def test_devices_sorted_by_name_alike_in_both(reg):
+    names = ["b", "B", "a_1", "a-2", "Z", "a"]
+    for name in names:
+        reg.add_device(new_id(), name)
+    listed = reg.devices()
+    assert [d["name"] for d in listed] == sorted(names)  # code point order, whatever the collation
+    assert all(set(d) == DEVICE_KEYS for d in listed)
+
+
+def test_device_by_name_comes_before_by_id(reg):
+    first, second = new_id(), new_id()
+    reg.add_device(first, "sensor1")
+    reg.add_device(second, first)  # named like the other device's id
+    assert reg.device(first)["id"] == second
+    assert reg.device(second)["id"] == second
+    assert reg.device("sensor1")["id"] == first
+
+
+def test_platform_from_a_device_is_stored_alike(reg):
+    device_id = new_id()
+    reg.add_device(device_id, "sensor1")
+    reg.set_describe(device_id, {"platform": "p" * 40 + "\x00", "modules": []})
+    assert reg.device(device_id)["platform"] == "p" * 32
+    reg.set_describe(device_id, {"platform": 7})
+    assert reg.device(device_id)["platform"] == "7"
+
+
+# Events
+
+
+def test_events_added_and_listed(reg):
+    a, b = new_id(), new_id()
+    reg.add_device(a, "alpha")
+    reg.add_device(b, "beta")
+    seqs = [
+        reg.add_event(a, "temp", "21.5"),
+        reg.add_event(b, "button", None),
+        reg.add_event(a, "temp", "22.0"),
+        reg.add_event(b, "button", "long"),
+    ]
+    assert all(isinstance(s, int) for s in seqs)
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    assert reg.last_event_seq() == seqs[-1]
+
+    events = reg.events()
+    assert [e["seq"] for e in events] == seqs
+    assert all(set(e) == EVENT_KEYS for e in events)
+    assert events[0]["device"] == "alpha" and events[0]["id"] == a
+    assert (events[0]["name"], events[0]["data"]) == ("temp", "21.5")
+    assert events[1]["data"] is None
+    assert isinstance(events[0]["ts"], float)
+
+    assert [e["seq"] for e in reg.events(after=seqs[1])] == seqs[2:]
+    assert reg.events(after=seqs[-1]) == []
+    assert [e["seq"] for e in reg.events(device_id=b)] == [seqs[1], seqs[3]]
+    assert [e["seq"] for e in reg.events(after=seqs[1], device_id=b)] == [seqs[3]]
+    assert [e["seq"] for e in reg.events(limit=2)] == seqs[:2]
+
+    reg.add_device(a, "alpha2")  # events follow the device's current name
+    assert {e["device"] for e in reg.events(device_id=a)} == {"alpha2"}
+
+
+def test_events_are_trimmed_per_device(reg, monkeypatch):
+    monkeypatch.setattr(registry_module, "KEEP_EVENTS", 3)
+    a, b = new_id(), new_id()
+    reg.add_device(a, "alpha")
+    reg.add_device(b, "beta")
+    for i in range(6):  # interleaved: the other device's events take seqs in between
+        reg.add_event(a, "a", str(i))
+        if i < 2:
+            reg.add_event(b, "b", str(i))
+    assert [e["data"] for e in reg.events(device_id=a)] == ["3", "4", "5"]
+    assert [e["data"] for e in reg.events(device_id=b)] == ["0", "1"]
+    last = reg.add_event(b, "b", "2")
+    reg.add_event(b, "b", "3")
+    assert [e["data"] for e in reg.events(device_id=b)] == ["1", "2", "3"]
+    assert [e["data"] for e in reg.events(device_id=a)] == ["3", "4", "5"]
+    assert reg.last_event_seq() == last + 1
+
+
+def test_event_text_is_stored_alike(reg):
+    device_id = new_id()
+    reg.add_device(device_id, "sensor1")
+    reg.add_event(device_id, "n" * 70, "a\x00b")
+    event = reg.events()[0]
+    assert event["name"] == "n" * 64
+    assert event["data"] == "a\ufffdb"
+
+
+def test_events_from_many_threads(reg):
+    device_ids = [new_id() for _ in range(4)]
+    for i, device_id in enumerate(device_ids):
+        reg.add_device(device_id, f"d{i}")
+    seqs, errors = [], []
+
+    def publish(device_id):
+        try:
+            for i in range(25):
+                seqs.append(reg.add_event(device_id, "tick", str(i)))
+                reg.seen(device_id)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=publish, args=(d,)) for d in device_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(set(seqs)) == 100
+    assert len(reg.events(limit=1000)) == 100
+    assert reg.last_event_seq() == max(seqs)
+
+
+def test_data_kept_after_close_and_reopen(target):
+    device_id = new_id()
+    reg = Registry(target)
+    reg.add_device(device_id, "sensor1", "virtual")
+    reg.set_describe(device_id, describe("1.1.0"))
+    reg.set_online(device_id, True)
+    first = reg.add_event(device_id, "temp", "20")
+    reg.close()
+
+    reg = Registry(target)  # the schema is there already: kept as it is
+    try:
+        device = reg.device("sensor1")
+        assert (device["id"], device["online"], device["system_version"]) == (device_id, True, "1.1.0")
+        assert [(e["seq"], e["data"]) for e in reg.events()] == [(first, "20")]
+        assert reg.last_event_seq() == first
+        assert reg.add_event(device_id, "temp", "21") > first
+    finally:
+        reg.close()
+
+
+# PostgreSQL only
+
+
+def test_bad_or_unreachable_postgresql_urls(tmp_path):
+    port = free_port()
+    cases = [
+        (f"postgresql://keel:hunter2@127.0.0.1:{port}/keel", "cannot connect to the PostgreSQL registry"),
+        (f"postgres://127.0.0.1:{port}/keel?password=hunter2", "cannot connect to the PostgreSQL registry"),
+        ("postgresql://keel:hunter2@[::1/keel", "invalid database URL"),
+        ("postgresql://127.0.0.1/keel?nosuchoption=1", "invalid database URL"),
+        ("mysql://keel:hunter2@127.0.0.1/keel", "unsupported database"),
+    ]
+    for url, expected in cases:
+        with pytest.raises(RegistryError) as raised:
+            Registry(url)
+        message = str(raised.value)
+        assert expected in message, message
+        assert "\n" not in message and "hunter2" not in message, message
+
+
+def test_unknown_postgresql_database(postgres_url):
+    url = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(RegistryError, match='database "no_such_database" does not exist'):
+        Registry(url)
+
+
+def test_reconnects_after_the_server_drops_the_connection(postgres_url):
+    pg_rows(postgres_url, "DROP TABLE IF EXISTS events, devices")
+    reg = Registry(postgres_url)
+    try:
+        device_id = new_id()
+        reg.add_device(device_id, "sensor1")
+        pg_rows(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        with pytest.raises(RegistryError, match="failed"):
+            reg.devices()
+        assert reg.device("sensor1")["id"] == device_id  # a new connection
+    finally:
+        reg.close()
+
+
+def test_the_cloud_uses_postgresql_when_cloud_json_says(postgres_url, tmp_path):
+    from keel_cloud.client import ApiClient
+    from keel_cloud.config import CloudDir
+    from keel_cloud.provision import identity_files
+    from keel_cloud.server import Cloud
+
+    pg_rows(postgres_url, "DROP TABLE IF EXISTS events, devices")
+    cloud_dir = CloudDir(tmp_path / "cloud")
+    config = cloud_dir.init(mqtt=f"127.0.0.1:{free_port()}", http=f"127.0.0.1:{free_port()}")
+    config.database = postgres_url
+    cloud_dir.save_config(config)
+    assert cloud_dir.config().database == postgres_url
+
+    device_id = new_id()
+    files = identity_files(cloud_dir, device_id, "pgdevice", "virtual")
+    assert "/keel/cloud/cert.der" in files
+    assert pg_rows(postgres_url, "SELECT id, name, platform, online FROM devices") == [
+        (device_id, "pgdevice", "virtual", 0)]
+    assert not cloud_dir.registry_path.exists()  # no SQLite registry beside it
+
+    cloud = Cloud(cloud_dir)  # what `keel cloud serve` runs
+    cloud.start()
+    try:
+        listed = ApiClient(cloud_dir).devices()
+        assert [(d["name"], d["id"], d["online"]) for d in listed] == [("pgdevice", device_id, False)]
+    finally:
+        cloud.stop()
+    assert not cloud_dir.registry_path.exists()
