@@ -1,5 +1,6 @@
 """The keel CLI's client of the cloud's HTTP API."""
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -56,3 +57,11 @@ class ApiClient:
         if device:
             query["device"] = device
         return self._request("GET", "/events?" + urlencode(query), timeout=wait + 10)
+
+    def flash(self, name: str, image: bytes, module: dict) -> dict:
+        """Start an update over the air; {"transfer": ID, "size", "sha256"}."""
+        body = {"image": base64.b64encode(image).decode(), "module": module}
+        return self._request("POST", f"/devices/{quote(name, safe='')}/flash", body, timeout=60)
+
+    def transfer(self, transfer_id: str) -> dict:
+        return self._request("GET", f"/transfers/{quote(str(transfer_id), safe='')}")

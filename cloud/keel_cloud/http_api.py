@@ -6,7 +6,17 @@
   POST /api/devices/NAME/functions/FN        {"arg": "…"} -> {"result": …}
   POST /api/events                           {"name": …, "data": …} to every device
   GET  /api/events?after=SEQ&device=NAME&wait=S   events devices published (long poll)
+  POST /api/devices/NAME/flash               {"image": base64, "module": {function, index,
+                                             version, platform}} -> {"transfer": ID}
+  GET  /api/transfers/ID                     {"state": "sending"|"pending"|"failed", "size",
+                                             "acknowledged", "error", …}
 """
+
+import base64
+import binascii
+import hashlib
+import itertools
+import time
 
 import hmac
 import json
@@ -16,11 +26,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
+from keel_cloud.ota import OtaError
 from keel_cloud.service import DeviceError, FleetService
 
 log = logging.getLogger("keel.cloud.http")
 MAX_BODY = 16 * 1024
 MAX_WAIT = 25.0
+MAX_IMAGE = 4 * 1024 * 1024  # the largest module image the flash endpoint takes
+MODULE_KEYS = ("function", "index", "version", "platform")
+KEEP_TRANSFERS = 100  # finished transfers remembered for GET /api/transfers/ID
 
 
 def device_summary(device: dict) -> dict:
@@ -70,9 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.server.token)
 
-    def _body(self) -> dict:
+    def _body(self, limit: int = MAX_BODY) -> dict:
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        if length > limit:
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
         raw = self.rfile.read(length) if length else b"{}"
         try:
@@ -91,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             return self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API token"})
         try:
-            body = self._body() if method == "POST" else {}
+            flash = method == "POST" and parts[-1:] == ["flash"]
+            body = self._body(MAX_IMAGE * 4 // 3 + 4096 if flash else MAX_BODY) if method == "POST" else {}
             result = self.server.route(method, parts[1:], parse_qs(url.query), body)
             self._send(HTTPStatus.OK, result)
         except ApiError as e:
@@ -115,6 +130,9 @@ class ApiServer(ThreadingHTTPServer):
         self.service = service
         self.registry = service.registry
         self.token = token
+        self._transfer_ids = itertools.count(1)
+        self._transfers: dict[str, dict] = {}
+        self._transfers_lock = threading.Lock()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="keel-http", daemon=True)
@@ -165,4 +183,62 @@ class ApiServer(ThreadingHTTPServer):
                     return {"events": [], "last": self.registry.last_event_seq()}
                 events = self.service.wait_events(after, device_id, wait)
                 return {"events": events, "last": events[-1]["seq"] if events else after}
+            case "POST", ["devices", name, "flash"]:
+                return self._start_flash(self._online(name), body)
+            case "GET", ["transfers", transfer_id]:
+                with self._transfers_lock:
+                    transfer = self._transfers.get(transfer_id)
+                    if transfer is None:
+                        raise ApiError(HTTPStatus.NOT_FOUND, f"no transfer '{transfer_id}'")
+                    return dict(transfer)
         raise ApiError(HTTPStatus.NOT_FOUND, "no such API endpoint")
+
+    # Updates over the air
+
+    def _start_flash(self, device: dict, body: dict) -> dict:
+        try:
+            image = base64.b64decode(body.get("image") or "", validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64") from None
+        if not image:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "no image")
+        if len(image) > MAX_IMAGE:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the image is over {MAX_IMAGE} bytes")
+        module = body.get("module")
+        if not isinstance(module, dict) or any(k not in module for k in MODULE_KEYS):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "module must give function, index, version and platform")
+        module = {k: module[k] for k in MODULE_KEYS}
+        if device["platform"] and module["platform"] != device["platform"]:
+            raise ApiError(HTTPStatus.CONFLICT, f"the module is for {module['platform']}, "
+                           f"device '{device['name']}' is {device['platform']}")
+        if self.service.ota.busy(device["id"]):
+            raise ApiError(HTTPStatus.CONFLICT, f"an update to '{device['name']}' is in progress")
+        transfer_id = str(next(self._transfer_ids))
+        record = {"id": transfer_id, "device": device["name"], "state": "sending",
+                  "sha256": hashlib.sha256(image).hexdigest(), "size": len(image),
+                  "acknowledged": 0, "bytes_sent": 0, "error": None, "started": time.time(),
+                  "module": module}
+        with self._transfers_lock:
+            self._transfers[transfer_id] = record
+            finished = [k for k, v in self._transfers.items() if v["state"] != "sending"]
+            for k in finished[:-KEEP_TRANSFERS]:
+                del self._transfers[k]
+
+        def progress(done: int):
+            with self._transfers_lock:
+                record["acknowledged"] = done
+
+        def run():
+            try:
+                result = self.service.ota.send(device["id"], image, module, progress)
+                update = {"state": "pending", "acknowledged": len(image), "bytes_sent": result["bytes_sent"]}
+            except OtaError as e:
+                update = {"state": "failed", "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - reported to the client, and logged
+                log.exception("update of %s failed", device["name"])
+                update = {"state": "failed", "error": f"internal error: {e}"}
+            with self._transfers_lock:
+                record.update(update, finished=time.time())
+
+        threading.Thread(target=run, name=f"keel-ota-{transfer_id}", daemon=True).start()
+        return {"transfer": transfer_id, "size": len(image), "sha256": record["sha256"]}

@@ -11,6 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from keel_cloud import pki
+from keel_cloud.ota import OtaSender
 from keel_cloud.registry import Registry
 
 log = logging.getLogger("keel.cloud.service")
@@ -42,6 +43,7 @@ class FleetService:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 10)
+        self.ota = OtaSender(lambda topic, payload, qos: self.client.publish(topic, payload, qos=qos))
 
     # Life cycle
 
@@ -64,6 +66,7 @@ class FleetService:
         client.subscribe("devices/+/describe", qos=1)
         client.subscribe("devices/+/events/#", qos=1)
         client.subscribe("devices/+/reply", qos=1)
+        client.subscribe("devices/+/ota/status", qos=1)
         self._connected.set()
         log.info("fleet service connected to the broker")
 
@@ -94,6 +97,10 @@ class FleetService:
                     self._events.notify_all()
             elif kind == "reply":
                 self._on_reply(json.loads(msg.payload))
+            elif kind == "ota" and len(parts) == 4 and parts[3] == "status":
+                status = json.loads(msg.payload)
+                if isinstance(status, dict):
+                    self.ota.on_status(device_id, status)
             self.registry.seen(device_id)
         except (ValueError, UnicodeDecodeError) as e:
             log.warning("bad %s message from %s: %s", kind, device_id, e)

@@ -1,5 +1,5 @@
 """The keel commands that talk to Keel Cloud (cloud serve, device provision, list,
-device show, get, call, publish, subscribe). The cloud itself is the keel_cloud
+device show, get, call, publish, subscribe, release, flash). The cloud itself is the keel_cloud
 package (cloud/)."""
 
 import json
@@ -10,7 +10,9 @@ from pathlib import Path
 from keel_cloud.client import ApiClient
 from keel_cloud.config import CloudDir, CloudError
 
-from keel import vdev
+from keel import images, vdev
+from keel import module_format as mf
+from keel.errors import KeelError
 
 
 def cloud_dir(args) -> CloudDir:
@@ -151,6 +153,95 @@ def cmd_subscribe(args) -> int:
     return 0
 
 
+def _release_module(image: images.Image):
+    from keel_cloud.releases import ReleaseModule
+
+    info = image.info
+    return ReleaseModule(
+        function=mf.function_name(info.function), index=info.index,
+        version=mf.decode_version(info.version), platform=mf.platform_name(info.platform),
+        prerelease=mf.is_prerelease(info.version), data=image.data,
+    )
+
+
+def cmd_release_system(args) -> int:
+    from keel_cloud.releases import Catalog
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise KeelError(f"{directory}: not a directory")
+    files = sorted(p for p in directory.glob("*.bin") if p.is_file())
+    if not files:
+        raise KeelError(f"{directory}: no module images (*.bin); build them with keel build system")
+    # Every image is checked before anything is stored.
+    modules = [_release_module(images.load_valid_image(path)) for path in files]
+    with Catalog(cloud_dir(args)) as catalog:
+        result = catalog.add(modules)
+    pre = " (prerelease)" if result["prerelease"] else ""
+    if not result["added"]:
+        print(f"release {result['version']}{pre} for {result['platform']} was already released; nothing to do")
+        return 0
+    print(f"released {result['version']}{pre} for {result['platform']}: {', '.join(result['added'])}"
+          + (f" (already released: {', '.join(result['already'])})" if result["already"] else ""))
+    return 0
+
+
+def cmd_release_list(args) -> int:
+    from keel_cloud.releases import Catalog
+
+    with Catalog(cloud_dir(args)) as catalog:
+        releases = catalog.releases(args.platform)
+    if args.json:
+        print(json.dumps(releases, indent=2))
+        return 0
+    if not releases:
+        print("no releases (register one with keel release system DIR)")
+    for r in releases:
+        pre = "  prerelease" if r["prerelease"] else ""
+        print(f"{r['version']}  {r['platform']}  released {r['released'][:10]}{pre}")
+        for m in r["modules"]:
+            print(f"    {m['function']} {m['index']} {m['version']:<12} {m['size']:>9} bytes  {m['sha256'][:12]}")
+    return 0
+
+
+def _progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total if total else width
+    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * done // max(total, 1):3d}% {done}/{total} bytes"
+
+
+def cmd_flash(args) -> int:
+    image = images.load_valid_image(args.file)
+    module = image.info.to_dict()
+    module = {k: module[k] for k in ("function", "index", "version", "platform")}
+    client = ApiClient(cloud_dir(args))
+    device = client.device(args.name)
+    if device.get("platform") and device["platform"] != module["platform"]:
+        raise KeelError(f"{args.file} is for {module['platform']}, device '{args.name}' is "
+                        f"{device['platform']}: nothing sent")
+    if not device.get("online"):
+        raise KeelError(f"device '{args.name}' is offline")
+    started = client.flash(args.name, image.data, module)
+    total = started["size"]
+    tty = sys.stderr.isatty()
+    shown = None
+    while True:
+        state = client.transfer(started["transfer"])
+        if state["acknowledged"] != shown:
+            shown = state["acknowledged"]
+            bar = _progress_bar(shown, total)
+            sys.stderr.write(("\r" + bar) if tty else bar + "\n")
+            sys.stderr.flush()
+        if state["state"] != "sending":
+            break
+        time.sleep(0.2)
+    if tty:
+        sys.stderr.write("\n")
+    if state["state"] != "pending":
+        raise KeelError(f"update of '{args.name}' failed: {state.get('error')}")
+    print(f"sent {image.name} to {args.name} ({total} bytes); the device installs it at its reset")
+    return 0
+
+
 def add_commands(commands) -> None:
     def cloud_option(p):
         p.add_argument("--cloud", metavar="DIR", help="the cloud directory (default $KEEL_CLOUD or ~/.keel/cloud)")
@@ -212,3 +303,21 @@ def add_commands(commands) -> None:
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
     cloud_option(p)
     p.set_defaults(func=cmd_subscribe)
+
+    release = commands.add_parser("release", help="the cloud's catalog of system releases")
+    releases = release.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = releases.add_parser("system", help="register every module image in DIR (keel build system output)")
+    p.add_argument("dir", metavar="DIR")
+    cloud_option(p)
+    p.set_defaults(func=cmd_release_system)
+    p = releases.add_parser("list", help="the releases, newest first")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--platform", metavar="P")
+    cloud_option(p)
+    p.set_defaults(func=cmd_release_list)
+
+    p = commands.add_parser("flash", help="send a module image to a device over the air")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("file", metavar="FILE")
+    cloud_option(p)
+    p.set_defaults(func=cmd_flash)

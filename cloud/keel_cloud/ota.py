@@ -1,0 +1,180 @@
+"""The cloud side of over-the-air updates (docs/protocol.md, "Updates (over the air)").
+
+OtaSender.send() runs in the caller's thread (an HTTP job, a test) and drives one
+transfer to one device: the offer (QoS 1), then chunks (QoS 0) within the window the
+device's acknowledgements allow, again only what they say is missing, a new offer after
+10 s of silence, until the device says `pending` (success) or `refused`/`failed`.
+The device's `ota/status` messages arrive on paho's thread through on_status(), which
+only hands them over through a queue."""
+
+import hashlib
+import json
+import logging
+import queue
+import struct
+import threading
+import time
+
+log = logging.getLogger("keel.cloud.ota")
+
+CHUNK_SIZE = 1024
+SILENCE = 10.0  # seconds without a status before the offer goes again
+RESEND_GUARD = 1.0  # a chunk sent less than this ago is not sent again (an older ack)
+MAX_UNANSWERED_OFFERS = 4  # offers in a row without any answer: the device is gone
+DEFAULT_TIMEOUT = 600.0
+
+
+class OtaError(Exception):
+    """A transfer the device refused or failed, or that did not finish in time."""
+
+
+def transfer_name(image: bytes) -> str:
+    """The transfer's name: the SHA-256 of the image's bytes (64 hex digits)."""
+    return hashlib.sha256(image).hexdigest()
+
+
+def _reason(status: dict) -> str:
+    reason = str(status.get("reason") or "unknown")
+    missing = status.get("missing")
+    if missing:
+        deps = ", ".join(
+            f"{m.get('function')} {m.get('index')} >= {m.get('version')}" if isinstance(m, dict) else str(m)
+            for m in missing
+        )
+        reason += f" (missing {deps})"
+    return reason
+
+
+class _Transfer:
+    def __init__(self):
+        self.statuses: queue.Queue[dict] = queue.Queue()
+
+
+class OtaSender:
+    """publish(topic, payload, qos) is the fleet service's MQTT client's publish."""
+
+    def __init__(self, publish, silence: float = SILENCE):
+        self._publish = publish
+        self.silence = silence
+        self._lock = threading.Lock()
+        self._transfers: dict[str, _Transfer] = {}
+
+    # From paho's thread
+
+    def on_status(self, device_id: str, status: dict) -> None:
+        with self._lock:
+            transfer = self._transfers.get(device_id)
+        if transfer is None:
+            if status.get("state") == "installed":
+                log.info("device %s installed version %s", device_id, status.get("version"))
+            return
+        transfer.statuses.put(status)
+
+    def busy(self, device_id: str) -> bool:
+        with self._lock:
+            return device_id in self._transfers
+
+    # The transfer
+
+    def send(self, device_id: str, image: bytes, module: dict, progress_cb=None,
+             timeout: float = DEFAULT_TIMEOUT, chunk_size: int = CHUNK_SIZE) -> dict:
+        """Send image to the device; module: {function, index, version, platform}.
+        Returns {"state": "pending", "sha256", "size", "bytes_sent", "offers"}; raises
+        OtaError on refused, failed, silence or timeout."""
+        if not image:
+            raise OtaError("the image is empty")
+        transfer = _Transfer()
+        with self._lock:
+            if device_id in self._transfers:
+                raise OtaError("another update to this device is in progress")
+            self._transfers[device_id] = transfer
+        try:
+            return self._run(device_id, image, module, transfer, progress_cb, timeout, chunk_size)
+        finally:
+            with self._lock:
+                self._transfers.pop(device_id, None)
+
+    def _run(self, device_id, image, module, transfer, progress_cb, timeout, chunk_size):
+        sha = transfer_name(image)
+        tag = bytes.fromhex(sha)[:8]
+        size = len(image)
+        count = (size + chunk_size - 1) // chunk_size
+        prefix = f"devices/{device_id}/ota/"
+        offer = json.dumps({
+            "sha256": sha, "function": module.get("function"), "index": module.get("index"),
+            "version": module.get("version"), "platform": module.get("platform"),
+            "size": size, "chunk_size": chunk_size,
+        })
+        deadline = time.monotonic() + timeout
+        sent_at: dict[int, float] = {}
+        bytes_sent = 0
+        offers = 0
+        unanswered = 0
+        acknowledged = -1
+
+        def chunk_len(n: int) -> int:
+            return min(chunk_size, size - n * chunk_size)
+
+        def send_offer():
+            nonlocal offers
+            offers += 1
+            self._publish(prefix + "offer", offer, 1)
+
+        def report(done: int):
+            nonlocal acknowledged
+            if progress_cb and done != acknowledged:
+                acknowledged = done
+                progress_cb(done)
+
+        send_offer()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise OtaError(f"the update did not finish within {timeout:g} s")
+            try:
+                status = transfer.statuses.get(timeout=min(self.silence, deadline - now))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    continue
+                unanswered += 1
+                if unanswered >= MAX_UNANSWERED_OFFERS:
+                    raise OtaError(f"the device stopped answering ({unanswered} offers unanswered)")
+                log.info("no status from %s for %g s: offering again", device_id, self.silence)
+                send_offer()
+                continue
+            unanswered = 0
+            state = status.get("state")
+            if state == "refused":
+                raise OtaError(f"the device refused the update: {_reason(status)}")
+            if state == "failed":
+                raise OtaError(f"the update failed on the device: {_reason(status)}")
+            if state == "pending":
+                report(size)
+                return {"state": "pending", "sha256": sha, "size": size,
+                        "bytes_sent": bytes_sent, "offers": offers}
+            if state == "verifying":
+                report(size)
+                continue
+            if state != "receiving":
+                log.debug("status %r from %s ignored", state, device_id)
+                continue
+            try:
+                nxt = max(0, min(int(status.get("next", 0)), count))
+                window = max(1, int(status.get("window") or 1))
+                bitmap = bytes.fromhex(status.get("bitmap") or "")
+            except (TypeError, ValueError):
+                log.warning("bad receiving status from %s: %r", device_id, status)
+                continue
+            stored = set(range(nxt))
+            for i in range(min(window, len(bitmap) * 8)):
+                if bitmap[i // 8] >> (i % 8) & 1 and nxt + i < count:
+                    stored.add(nxt + i)
+            report(sum(chunk_len(n) for n in stored))
+            now = time.monotonic()
+            for n in range(nxt, min(nxt + window, count)):
+                if n in stored or now - sent_at.get(n, -RESEND_GUARD) < RESEND_GUARD:
+                    continue
+                data = image[n * chunk_size:(n + 1) * chunk_size]
+                self._publish(prefix + "chunk", tag + struct.pack(">I", n) + data, 0)
+                sent_at[n] = now
+                bytes_sent += len(data)
