@@ -3,6 +3,7 @@ against a fake device: a paho client with a device certificate from the cloud's 
 connected to a running Keel Cloud (embedded broker), that stores chunks and acknowledges
 them as the protocol says, and can lose chunks, go silent once, refuse or fail."""
 
+import socket
 import hashlib
 import json
 import os
@@ -22,7 +23,12 @@ from keel_cloud.config import CloudDir
 from keel_cloud.ota import OtaError
 from keel_cloud.server import Cloud
 
-from conftest import free_port
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 STALL = 2.0  # the device acknowledges when chunks stop coming for this long
 
