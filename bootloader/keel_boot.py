@@ -222,11 +222,20 @@ def halt(slots, reset_reason, reason, missing):
         time.sleep(1)
 
 
+OTA_PENDING_FILE = "/keel/ota/pending.json"  # written by system/core/ota.py
+
+
 def main():
     port = _port()
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
     reset_reason = take_reset_reason(port)
+    if flashfs.exists(OTA_PENDING_FILE):
+        import ota_apply  # only when there is an update: kept off the heap otherwise
+
+        if ota_apply.apply_update(port, board):
+            reset_reason = "update"
+        del sys.modules["ota_apply"]
     slots = load_slots(board)
     for slot in slots:
         scan(slot, platform)

@@ -131,6 +131,12 @@ class Session:
             return False
         return client.publish((self.base, b"events/", name), data or b"", carry=True) != 0
 
+    def ota_status(self, data):
+        """Publish devices/<id>/ota/status (ota.py); False when not connected."""
+        if self._state != _UP:
+            return False
+        return self._client.publish((self.base, b"ota/status"), data, force=True) != 0
+
     # The system loop's step
 
     def service(self):
@@ -207,8 +213,12 @@ class Session:
         base = self.base
         client = self._client
         client.publish((base, b"status"), b"online", retain=True, force=True)
-        client.subscribe((base + b"call", base + b"get", base + b"inbox/#"))
+        client.subscribe((base + b"call", base + b"get", base + b"inbox/#", base + b"ota/offer", base + b"ota/chunk"))
         self._describe()
+        if flashfs.exists("/keel/ota/installed.json"):
+            import ota  # an update went in at the last boot: tell the cloud
+
+            ota.report_installed(self)
         if self.normal:
             led.set_state("connected")
         print("keel: cloud connected to %s:%d" % (self.host, self.port))
@@ -288,6 +298,10 @@ class Session:
             self._request(payload, True)
         elif rest == b"get":
             self._request(payload, False)
+        elif rest == b"ota/chunk" or rest == b"ota/offer":
+            import ota  # (loaded by the first OTA message only)
+
+            ota.message(self, rest, payload)
         elif rest[:6] == b"inbox/" and self.app is not None:
             try:
                 name = str(rest[6:], "utf-8")

@@ -1,0 +1,441 @@
+# Over-the-air updates (docs/protocol.md, "Updates"): receives one module image
+# over the cloud session into the staging partition, verifies it, and leaves
+# /keel/ota/pending.json for the bootloader, which copies it into the module's slot.
+#
+# Steady state (a chunk) allocates nothing: the chunk's bytes are written straight
+# from the session's receive buffer through a memoryview made once, and its bit is
+# written in place into the bitmap file, which stays open during the transfer.
+# Loaded by the session on the first OTA message only.
+import gc
+import json
+import time
+import binascii
+from micropython import const
+import uctypes
+import module_format as mf
+import flashfs
+import events
+import led
+import keel_boot
+
+OTA_DIR = "/keel/ota"
+TRANSFER_FILE = OTA_DIR + "/transfer.json"
+BITMAP_FILE = OTA_DIR + "/bitmap"
+PENDING_FILE = OTA_DIR + "/pending.json"
+INSTALLED_FILE = OTA_DIR + "/installed.json"
+STAGING = "staging"
+WINDOW = const(16)
+_HEAD = const(12)  # tag (8) + chunk number (4)
+_IDLE_MS = const(2000)
+_RESET_DELAY_MS = const(500)
+_MAX_CHUNK = const(1024)  # the session's buffer takes 1024 bytes and the topic
+_MIN_CHUNK = const(64)
+
+# states
+_IDLE = const(0)
+_RECEIVING = const(1)
+_VERIFY = const(2)  # every chunk stored: verify on the next pass
+_PENDING = const(3)  # verified: reset soon
+
+
+class Receiver:
+    def __init__(self, publish, platform, slots, rx=None, part=None):
+        """publish(text) sends ota/status; slots: the bootloader's Slot objects;
+        rx: the buffer messages arrive in (chunks in it are written without a copy)."""
+        self.publish = publish
+        self.platform = platform
+        self.slots = slots
+        self.part = part if part is not None else keel_boot._port().Partition.find(STAGING)
+        self.block = self.part.ioctl(5, 0)
+        self.size_max = self.part.ioctl(4, 0) * self.block
+        self.state = _IDLE
+        self.offer = None
+        self.tag = bytearray(8)
+        self.chunk_size = 0
+        self.count = 0
+        self.size = 0
+        self.stored = 0
+        self.next = 0
+        self.bits = None
+        self.fresh = 0  # new chunks since the last acknowledgement
+        self.last_chunk = 0
+        self.acked_idle = True
+        self.reset_at = 0
+        self.led_before = None
+        self._file = None
+        self._one = bytearray(1)
+        self._rx = None
+        self._rx_at = 0
+        self._view = None  # rx[_view_at : _view_at + chunk_size], made once
+        self._view_at = -1
+        if rx is not None:
+            self._rx = rx
+            self._rx_at = uctypes.addressof(rx)
+
+    # Status messages
+
+    def _status(self, state, **keys):
+        keys["state"] = state
+        self.publish(json.dumps(keys))
+
+    def _ack(self):
+        self.fresh = 0
+        bits = 0
+        n = self.next
+        for i in range(WINDOW):
+            if n + i < self.count and self._has(n + i):
+                bits |= 1 << i
+        self._status(
+            "receiving",
+            next=n,
+            bitmap="%02x%02x" % (bits & 0xFF, bits >> 8),
+            window=WINDOW,
+        )
+
+    def _has(self, n):
+        return self.bits[n >> 3] & (1 << (n & 7))
+
+    # Offers
+
+    def offer_message(self, payload):
+        try:
+            offer = json.loads(payload)
+            sha = str(offer["sha256"]).lower()
+            binascii.unhexlify(sha)
+            size = int(offer["size"])
+            chunk_size = int(offer.get("chunk_size", 1024))
+            index = int(offer.get("index", 0))
+            function = offer["function"]
+            platform = offer["platform"]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            print("keel: ota: ignored a malformed offer")
+            return
+        if len(sha) != 64:
+            print("keel: ota: ignored a malformed offer")
+            return
+        try:
+            platform = mf.platform_id(platform) if isinstance(platform, str) else platform
+        except ValueError:
+            platform = None
+        try:
+            function = mf.function_id(function) if isinstance(function, str) else function
+        except ValueError:
+            function = None
+        if platform != self.platform:
+            self._status("refused", reason="platform")
+            return
+        slot = None
+        for s in self.slots:
+            if s.function == function and s.index == index and s.part is not None:
+                slot = s
+        if slot is None:
+            self._status("refused", reason="function")
+            return
+        if size <= 0 or size > slot.size or size > self.size_max:
+            self._status("refused", reason="too-big")
+            return
+        if not _MIN_CHUNK <= chunk_size <= _MAX_CHUNK:
+            self._status("refused", reason="chunk_size")
+            return
+        doc = {
+            "sha256": sha,
+            "function": function,
+            "index": index,
+            "version": offer.get("version"),
+            "platform": platform,
+            "size": size,
+            "chunk_size": chunk_size,
+            "slot": slot.label,
+        }
+        if self.offer is not None and self.offer["sha256"] == sha:
+            if self.state == _PENDING:
+                self._status("pending")
+            elif self.state == _RECEIVING:
+                self._ack()
+            return  # (verifying: the answer follows on the next pass)
+        if self.state == _PENDING:
+            self._status("refused", reason="busy")  # resetting to install another
+            return
+        if self._resume(doc):
+            return
+        self._start(doc)
+
+    def _setup(self, doc):
+        self.offer = doc
+        self.size = doc["size"]
+        self.chunk_size = doc["chunk_size"]
+        self.count = (self.size + self.chunk_size - 1) // self.chunk_size
+        self.tag[:] = binascii.unhexlify(doc["sha256"][:16])
+        self._view = None
+        self._view_at = -1
+
+    def _open_bitmap(self):
+        self._close()
+        self._file = open(BITMAP_FILE, "r+b")
+
+    def _close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _resume(self, doc):
+        saved = flashfs.read_json(TRANSFER_FILE)
+        if not isinstance(saved, dict) or saved != doc:
+            return False
+        nbytes = (saved["size"] + saved["chunk_size"] - 1) // saved["chunk_size"]
+        nbytes = (nbytes + 7) // 8
+        try:
+            with open(BITMAP_FILE, "rb") as f:
+                bits = bytearray(f.read())
+        except OSError:
+            return False
+        if len(bits) != nbytes:
+            return False
+        self._setup(doc)
+        self.bits = bits
+        self.stored = 0
+        for n in range(self.count):
+            if self._has(n):
+                self.stored += 1
+        self.next = 0
+        self._advance()
+        self._open_bitmap()
+        self._began()
+        print("keel: ota: resuming %s at chunk %d of %d" % (doc["sha256"][:16], self.next, self.count))
+        if self.stored == self.count:
+            self.state = _VERIFY
+        else:
+            self.state = _RECEIVING
+            self._ack()
+        return True
+
+    def _start(self, doc):
+        self._close()
+        self._drop_files()
+        self._setup(doc)
+        part = self.part
+        for b in range((self.size + self.block - 1) // self.block):
+            part.ioctl(6, b)
+        self.bits = bytearray((self.count + 7) // 8)
+        flashfs.makedirs(OTA_DIR)
+        with open(BITMAP_FILE, "wb") as f:
+            f.write(self.bits)
+        flashfs.write_json(TRANSFER_FILE, doc)  # last: a transfer with its bitmap
+        self.stored = 0
+        self.next = 0
+        self._open_bitmap()
+        self._began()
+        print("keel: ota: receiving %s (%d bytes, %d chunks)" % (doc["sha256"][:16], self.size, self.count))
+        self.state = _RECEIVING
+        self._ack()
+
+    def _began(self):
+        self.fresh = 0
+        self.last_chunk = time.ticks_ms()
+        self.acked_idle = True
+        if self.led_before is None:
+            self.led_before = led.state()
+        led.set_state("updating")
+        events.emit(events.UPDATE_STARTING, self.offer["sha256"])
+
+    # Chunks (no allocation here but for an acknowledgement)
+
+    def chunk_message(self, payload):
+        if self.state != _RECEIVING:
+            return
+        length = len(payload)
+        if length <= _HEAD:
+            return
+        tag = self.tag
+        for i in range(8):
+            if payload[i] != tag[i]:
+                return  # another transfer's chunk
+        n = (payload[8] << 24) | (payload[9] << 16) | (payload[10] << 8) | payload[11]
+        if n >= self.count:
+            return
+        cs = self.chunk_size
+        want = cs if n < self.count - 1 else self.size - n * cs
+        if length - _HEAD != want:
+            return
+        self.last_chunk = time.ticks_ms()
+        self.acked_idle = False
+        if self._has(n):
+            return  # sent again before our acknowledgement got there
+        # The staging area was erased when the transfer started: write in place.
+        start = n * cs
+        self.part.writeblocks(start // self.block, self._data(payload, want), start % self.block)
+        i = n >> 3
+        bits = self.bits
+        bits[i] |= 1 << (n & 7)
+        one = self._one
+        one[0] = bits[i]
+        f = self._file
+        f.seek(i)
+        f.write(one)
+        f.flush()
+        self.stored += 1
+        self.fresh += 1
+        if n == self.next:
+            self._advance()
+        if self.stored == self.count:
+            self._ack()
+            self.state = _VERIFY  # the next pass verifies
+        elif self.fresh >= WINDOW:
+            self._ack()
+
+    def _data(self, payload, want):
+        """payload[12:] without making a memoryview per chunk when it lies in rx."""
+        rx = self._rx
+        if rx is not None and want == self.chunk_size:
+            at = uctypes.addressof(payload) - self._rx_at + _HEAD
+            if 0 <= at and at + want <= len(rx):
+                if at != self._view_at:
+                    self._view = memoryview(rx)[at : at + want]
+                    self._view_at = at
+                return self._view
+        return memoryview(payload)[_HEAD : _HEAD + want]
+
+    def _advance(self):
+        n = self.next
+        count = self.count
+        while n < count and self._has(n):
+            n += 1
+        self.next = n
+
+    # The system loop's step
+
+    def service(self):
+        state = self.state
+        if state == _RECEIVING:
+            if not self.acked_idle and time.ticks_diff(time.ticks_ms(), self.last_chunk) >= _IDLE_MS:
+                self.acked_idle = True
+                self._ack()
+        elif state == _VERIFY:
+            self._verify()
+        elif state == _PENDING:
+            if time.ticks_diff(time.ticks_ms(), self.reset_at) >= 0:
+                print("keel: ota: resetting to install the update")
+                keel_boot.reset("update")
+
+    def _read(self, offset, buf):
+        count = min(len(buf), self.size - offset)
+        if count <= 0:
+            return 0
+        view = memoryview(buf)[:count] if count < len(buf) else buf
+        self.part.readblocks(offset // self.block, view, offset % self.block)
+        return count
+
+    def _verify(self):
+        import hashlib
+
+        self._close()
+        self._status("verifying")
+        gc.collect()
+        buf = bytearray(512)
+        h = hashlib.sha256()
+        offset = 0
+        while offset < self.size:
+            got = self._read(offset, buf)
+            h.update(buf if got == len(buf) else memoryview(buf)[:got])
+            offset += got
+        doc = self.offer
+        if binascii.hexlify(h.digest()).decode() != doc["sha256"]:
+            return self._failed("sha256")
+        try:
+            info, crc_ok, _ = mf.check_image(self._read, self.size, None, buf)
+        except ValueError:
+            return self._failed("header")
+        if not crc_ok or info.image_size != self.size:
+            return self._failed("header")
+        if info.function != doc["function"] or info.index != doc["index"]:
+            return self._failed("header")
+        if info.platform != self.platform:
+            return self._failed("platform")
+        missing = dependency_check(info, self.slots)
+        if missing:
+            return self._failed("dependency", missing=missing)
+        flashfs.write_json(
+            PENDING_FILE, {"slot": doc["slot"], "size": self.size, "sha256": doc["sha256"]}
+        )
+        print("keel: ota: %s verified; pending install" % doc["slot"])
+        self._status("pending")
+        events.emit(events.UPDATE_DONE, {"ok": True, "sha256": doc["sha256"]})
+        self.state = _PENDING
+        self.reset_at = time.ticks_add(time.ticks_ms(), _RESET_DELAY_MS)
+
+    def _failed(self, reason, **keys):
+        print("keel: ota: update failed (%s)" % reason)
+        self._status("failed", reason=reason, **keys)
+        sha = self.offer["sha256"] if self.offer else None
+        self.drop()
+        events.emit(events.UPDATE_DONE, {"ok": False, "reason": reason, "sha256": sha})
+
+    def drop(self):
+        """Forget the transfer (the staged bytes stay until the next one erases them)."""
+        self._close()
+        self._drop_files()
+        self.state = _IDLE
+        self.offer = None
+        self.bits = None
+        if self.led_before is not None:
+            led.set_state(self.led_before)
+            self.led_before = None
+
+    def _drop_files(self):
+        for path in (TRANSFER_FILE, BITMAP_FILE, PENDING_FILE):
+            flashfs.remove_tree(path)
+
+
+def dependency_check(info, slots):
+    """What the new module would leave unmet: its own dependencies, and (the "full"
+    check) those of every other installed module that were met before and would not
+    be with the new version in place."""
+    installed = [s.info for s in slots if s.valid and s.info is not None]
+    after = [m for m in installed if not (m.function == info.function and m.index == info.index)]
+    after.append(info)
+    needed = {}
+    for module in after:
+        for dep in mf.missing_dependencies(module, after):
+            if module is not info and mf.dependency_met(dep, installed):
+                pass
+            elif module is not info:
+                continue  # unmet already: not this update's doing
+            key = (dep[0], dep[1])
+            if needed.get(key, 0) < dep[2]:
+                needed[key] = dep[2]
+    return [mf.dependency_dict((k[0], k[1], v)) for k, v in sorted(needed.items())]
+
+
+# The session's hooks (cloud_session.py)
+
+_receiver = [None]
+
+
+def receiver(session):
+    r = _receiver[0]
+    if r is None:
+        import hal
+        import keel_system
+        import runtime
+
+        platform = mf.platform_id(hal.board()["platform"])
+        r = Receiver(session.ota_status, platform, keel_system.SLOTS, session._rx)
+        _receiver[0] = r
+        runtime.add_service(r.service)
+    return r
+
+
+def message(session, kind, payload):
+    r = _receiver[0] or receiver(session)
+    if kind == b"ota/chunk":
+        r.chunk_message(payload)
+    else:
+        r.offer_message(payload)
+
+
+def report_installed(session):
+    """After a reset that installed an update: tell the cloud, once."""
+    doc = flashfs.read_json(INSTALLED_FILE)
+    flashfs.remove_tree(INSTALLED_FILE)
+    if isinstance(doc, dict):
+        session.ota_status(json.dumps({"state": "installed", "version": doc.get("version")}))

@@ -1,0 +1,336 @@
+"""Over-the-air updates (docs/protocol.md, "Updates") on the real MicroPython VM: the
+receiver (system/core/ota.py) against a real Mosquitto, with paho-mqtt playing the
+cloud as keel-service, and the bootloader's apply step (bootloader/keel_boot.py)."""
+
+import hashlib
+import json
+import random
+import time
+
+import pytest
+from test_cloud_session import (  # noqa: F401 (fixtures)
+    CONNECTED, MOSQUITTO, broker, cloud, led_states, pki, provision)
+
+from keel import build, vdev
+from keel import module_format as mf
+
+pytestmark = pytest.mark.skipif(not MOSQUITTO.is_file(), reason="needs Mosquitto")
+
+CHUNK = 1024
+
+
+def app_source(marker: str, blob: int = 0) -> dict:
+    # blob: an unimported module of incompressible text, to make the image span chunks
+    rnd = random.Random(marker)
+    files = {
+        "main.py": f'print("{marker}")\n\ndef loop():\n    pass\n',
+    }
+    if blob:
+        text = "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(blob))
+        files["blob.py"] = f'DATA = "{text}"\n'
+    return files
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Built user parts: {name: bytes}."""
+    base = tmp_path_factory.mktemp("ota-apps")
+    out = {}
+    for name, marker, blob, platform, version in (
+        ("old", "OLD-APP-RUNNING", 0, "virtual", "1.0.0"),
+        ("new", "NEW-APP-RUNNING", 40000, "virtual", "2.0.0"),
+        ("esp32", "ESP32-APP", 0, "esp32", "1.0.0"),
+    ):
+        src = base / f"src-{name}"
+        src.mkdir()
+        for filename, text in app_source(marker, blob).items():
+            (src / filename).write_text(text)
+        path = build.build_app(src, platform, "1.1.0", base / f"{name}.bin", app_version=version)
+        out[name] = path.read_bytes()
+    # A system part whose dependency (system-part 1 >= 9.0.0) the device does not have
+    info = mf.ModuleInfo(
+        mf.FUNCTION_SYSTEM_PART, 2, mf.encode_version("9.0.0"), mf.platform_id("virtual"),
+        [(mf.FUNCTION_SYSTEM_PART, 1, mf.encode_version("9.0.0"))],
+    )
+    out["sys-deps"] = mf.build_image(info, build.make_romfs({"x.mpy": b"\0" * 100}), hashlib.sha256)
+    return out
+
+
+class Updater:
+    """The cloud's side of one transfer."""
+
+    def __init__(self, service, uid):
+        self.service = service
+        self.uid = uid
+        self.topic = f"devices/{uid}/ota/status"
+        self.seen = 0
+
+    def statuses(self):
+        with self.service.cond:
+            return [json.loads(p) for t, p, _ in self.service.messages if t == self.topic]
+
+    def next_status(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        with self.service.cond:
+            while True:
+                found = [p for t, p, _ in self.service.messages if t == self.topic]
+                if len(found) > self.seen:
+                    self.seen += 1
+                    return json.loads(found[self.seen - 1])
+                left = deadline - time.monotonic()
+                assert left > 0, f"no ota/status within {timeout} s; had {found}"
+                self.service.cond.wait(left)
+
+    def offer(self, image, platform="virtual", function="user-part", index=1, sha=None,
+              version="2.0.0"):
+        self.image = image
+        self.sha = sha or hashlib.sha256(image).hexdigest()
+        doc = {"sha256": self.sha, "function": function, "index": index, "version": version,
+               "platform": platform, "size": len(image), "chunk_size": CHUNK}
+        self.service.client.publish(f"devices/{self.uid}/ota/offer", json.dumps(doc), qos=1)
+        return self.next_status()
+
+    def chunk(self, n):
+        data = self.image[n * CHUNK:(n + 1) * CHUNK]
+        payload = bytes.fromhex(self.sha[:16]) + n.to_bytes(4, "big") + data
+        self.service.client.publish(f"devices/{self.uid}/ota/chunk", payload, qos=0)
+
+    def send(self, ack, stop_at=None):
+        """Send what each acknowledgement asks for until the device says something
+        other than receiving (returned), or chunk stop_at is reached."""
+        count = -(-len(self.image) // CHUNK)
+        while ack["state"] == "receiving":
+            nxt, window = ack["next"], ack["window"]
+            bits = int.from_bytes(bytes.fromhex(ack["bitmap"]), "little")
+            for i in range(window):
+                n = nxt + i
+                if n >= count:
+                    break
+                if stop_at is not None and n >= stop_at:
+                    return ack
+                if not bits & (1 << i):
+                    self.chunk(n)
+            ack = self.next_status(timeout=10)
+        return ack
+
+
+def test_update_over_the_air(device, broker, cloud, pki, images, systems):  # noqa: F811
+    dev = device("1.1.0")
+    app = dev.path.parent / "old.bin"
+    app.write_bytes(images["old"])
+    dev.flash(app)
+    uid = provision(dev, pki, broker.port)
+    broker.start()
+    service = cloud(broker)
+    up = Updater(service, uid)
+    with dev.start(seconds=80) as running:
+        running.wait_for("OLD-APP-RUNNING")
+        service.describes(uid)
+        time.sleep(0.3)  # (the subscriptions)
+
+        # Wrong platform, unknown function: refused at the offer
+        assert up.offer(images["esp32"], platform="esp32") == {"state": "refused", "reason": "platform"}
+        assert up.offer(images["old"], function="system-part", index=7)["reason"] == "function"
+        assert up.offer(b"\0" * 300_000)["reason"] == "too-big"
+
+        # A system part whose dependency is not met: failed at verification
+        ack = up.offer(images["sys-deps"], function="system-part", index=2, version="9.0.0")
+        assert ack["state"] == "receiving" and ack["next"] == 0 and ack["window"] == 16
+        end = up.send(ack)
+        assert end["state"] == "verifying"
+        failed = up.next_status()
+        assert failed["state"] == "failed" and failed["reason"] == "dependency"
+        assert failed["missing"] == [{"function": "system-part", "index": 1, "version": "9.0.0"}]
+
+        # The "full" check: an older system part 1 would break system part 2 (1.1.0)
+        older = (systems["1.0.0"] / "virtual-system-part1-1.0.0.bin").read_bytes()
+        ack = up.offer(older, function="system-part", index=1, version="1.0.0")
+        assert up.send(ack)["state"] == "verifying"
+        failed = up.next_status()
+        assert failed["state"] == "failed" and failed["reason"] == "dependency"
+        assert {"function": "system-part", "index": 1, "version": "1.1.0"} in failed["missing"]
+
+        # A corrupt image: the header is fine, a payload byte is not
+        bad = bytearray(images["new"])
+        bad[len(bad) // 2] ^= 0x40
+        ack = up.offer(images["new"], version="2.0.0")
+        up.image = bytes(bad)
+        assert up.send(ack)["state"] == "verifying"
+        assert up.next_status() == {"state": "failed", "reason": "sha256"}
+        time.sleep(0.5)
+        assert running.console().count("vdev: boot") == 1  # no reset, the old app runs on
+        assert "OLD-APP-RUNNING" in running.console()
+        states = led_states(running)
+        assert ("magenta", "blinking") in states and states[-1] == CONNECTED  # updating, and back
+
+        # Half a transfer, then a power cut
+        ack = up.offer(images["new"])
+        assert ack == {"state": "receiving", "next": 0, "bitmap": "0000", "window": 16}
+        count = -(-len(images["new"]) // CHUNK)
+        assert count >= 40
+        ack = up.send(ack, stop_at=20)
+        assert ack["next"] == 16
+        # chunks stop coming: after 2 s the device says what it has
+        assert up.next_status(timeout=5) == {
+            "state": "receiving", "next": 20, "bitmap": "0000", "window": 16}
+    assert "NEW-APP-RUNNING" not in running.console()
+
+    with dev.start(seconds=60) as running:
+        running.wait_for("OLD-APP-RUNNING")
+        service.describes(uid, count=2)
+        time.sleep(0.3)
+        ack = up.offer(images["new"])
+        assert ack["state"] == "receiving" and ack["next"] == 20, ack
+        assert up.send(ack)["state"] == "verifying"
+        assert up.next_status() == {"state": "pending"}
+        running.wait_for("NEW-APP-RUNNING", timeout=20)
+        assert up.next_status(timeout=15) == {"state": "installed", "version": "2.0.0"}
+        console = running.console()
+        assert "keel: installing the update into user" in console
+        status = vdev.status(dev.path)
+        assert status["reset_reason"] == "update" and status["app"] == "running"
+        user = [m for m in status["modules"] if m["function"] == "user-part"][0]
+        assert user["version"] == "2.0.0" and user["valid"]
+        for name in ("pending.json", "apply.json", "transfer.json", "bitmap", "installed.json"):
+            with pytest.raises(FileNotFoundError):
+                vdev.read_file(dev.path, f"/keel/ota/{name}")
+
+
+def _stage(dev, image: bytes, copied: int, damage_slot: bool):
+    """What ota.py and a bootloader cut off mid-copy leave in flash."""
+    flash_path = dev.path / vdev.FLASH_FILE
+    data = bytearray(flash_path.read_bytes())
+    staging, user = dev.slot_offset("staging"), dev.slot_offset("user")
+    data[staging:staging + len(image)] = image
+    if damage_slot:
+        data[user:user + copied] = image[:copied]  # the first half went in...
+        data[user + copied:user + len(image)] = b"\x5a" * (len(image) - copied)  # ...the rest is torn
+    flash_path.write_bytes(data)
+    sha = hashlib.sha256(image).hexdigest()
+    files = {"/keel/ota/pending.json": json.dumps({"slot": "user", "size": len(image), "sha256": sha})}
+    if copied:
+        files["/keel/ota/apply.json"] = json.dumps({"sha256": sha, "copied": copied})
+    vdev.write_files(dev.path, {k: v.encode() for k, v in files.items()})
+
+
+def test_power_cut_during_the_bootloaders_copy(device, images):
+    dev = device("1.1.0")
+    app = dev.path.parent / "old.bin"
+    app.write_bytes(images["old"])
+    dev.flash(app)
+    assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    image = images["new"]
+    _stage(dev, image, copied=(len(image) // 2) & ~4095, damage_slot=True)
+    console = dev.run(until="NEW-APP-RUNNING")
+    assert "resuming the update of user at byte" in console and "NEW-APP-RUNNING" in console
+    status = vdev.status(dev.path)
+    assert status["reset_reason"] == "update" and status["mode"] == "normal"
+    assert json.loads(vdev.read_file(dev.path, "/keel/ota/installed.json"))["version"] == "2.0.0"
+    with pytest.raises(FileNotFoundError):
+        vdev.read_file(dev.path, "/keel/ota/pending.json")
+
+
+def test_damaged_staged_image_keeps_the_old_firmware(device, images):
+    dev = device("1.1.0")
+    app = dev.path.parent / "old.bin"
+    app.write_bytes(images["old"])
+    dev.flash(app)
+    image = bytearray(images["new"])
+    _stage(dev, bytes(image), copied=0, damage_slot=False)
+    flash_path = dev.path / vdev.FLASH_FILE
+    data = bytearray(flash_path.read_bytes())
+    data[dev.slot_offset("staging") + 5000] ^= 1  # the staged copy rotted
+    flash_path.write_bytes(data)
+    console = dev.run(until="OLD-APP-RUNNING")
+    assert "staged update is damaged" in console and "OLD-APP-RUNNING" in console
+    with pytest.raises(FileNotFoundError):
+        vdev.read_file(dev.path, "/keel/ota/pending.json")
+
+
+ALLOC_APP = """\
+import gc
+import hashlib
+import binascii
+import json
+import keel_system
+import ota
+
+COUNT = 130
+CS = 1024
+rx = bytearray(1536)
+AT = 40  # where a chunk's payload starts in the session's buffer (after its topic)
+payload = memoryview(rx)[AT:AT + 12 + CS]
+sent = []
+
+def publish(text):
+    sent.append(text)
+
+def setup():
+    h = hashlib.sha256()
+    block = bytearray(CS)
+    for n in range(COUNT):
+        for i in range(CS):
+            block[i] = (n * 7 + i) & 0xFF
+        h.update(block)
+    sha = binascii.hexlify(h.digest()).decode()
+    r = ota.Receiver(publish, 1, keel_system.SLOTS, rx)
+    r.offer_message(json.dumps({"sha256": sha, "function": "user-part", "index": 1,
+        "version": "9.9.9", "platform": "virtual", "size": COUNT * CS, "chunk_size": CS}))
+    rx[AT:AT + 8] = binascii.unhexlify(sha[:16])
+    quiet = 0
+    acks = 0
+    spikes = [0] * 16  # (n, bytes) of chunks that allocated: filled in place
+    nspikes = 0
+    gc.collect()
+    before = gc.mem_alloc()
+    gc.disable()
+    for n in range(COUNT - 2):  # all but two: no verification
+        rx[AT + 8] = 0
+        rx[AT + 9] = 0
+        rx[AT + 10] = n >> 8
+        rx[AT + 11] = n & 0xFF
+        rx[AT + 12] = n & 0xFF  # (the data: one byte differs per chunk)
+        a = gc.mem_alloc()
+        k = len(sent)
+        r.chunk_message(payload)
+        if len(sent) == k:
+            got = gc.mem_alloc() - a
+            if got and nspikes < 8:
+                spikes[2 * nspikes] = n
+                spikes[2 * nspikes + 1] = got
+                nspikes += 1
+            quiet += got
+        else:
+            acks += 1
+    total = gc.mem_alloc() - before
+    gc.enable()
+    last = json.loads(sent[-1])
+    print("OTA-ALLOC", COUNT - 2, quiet, acks, total, last["next"], r.stored)
+    print("OTA-SPIKES", " ".join(str(x) for x in spikes[:2 * nspikes]))
+    r.drop()
+"""
+
+
+def test_receiver_allocates_nothing_per_chunk(device, make_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("ota-alloc", {"main.py": ALLOC_APP}))
+    console = dev.run(until="OTA-ALLOC", seconds=30)
+    line = [x for x in console.splitlines() if x.startswith("OTA-ALLOC")]
+    assert line, console
+    chunks, quiet, acks, total, nxt, stored = map(int, line[0].split()[1:])
+    spikes = [x for x in console.splitlines() if x.startswith("OTA-SPIKES")][0].split()[1:]
+    spikes = {int(n): int(b) for n, b in zip(spikes[::2], spikes[1::2])}
+    # Chunk 0 makes the memoryview into the receive buffer that every chunk reuses.
+    # The virtual board's flash erases a block with b"\xff" * 4096 (vm_startup.py, a
+    # Python block device): LittleFS erases one when it compacts the metadata the
+    # bitmap's updates append to, about every 60 chunks. A real port's is in C.
+    first = spikes.pop(0, 0)
+    erases = {n: b for n, b in spikes.items() if 4096 <= b <= 4096 + 128}
+    own = quiet - first - sum(erases.values())
+    print(f"receiver: {chunks} chunks; steady state {own} bytes allocated by the "
+          f"{chunks - acks - 1} without an acknowledgement (first chunk {first}, "
+          f"{len(erases)} LittleFS block erases in the virtual flash {sum(erases.values())}); "
+          f"{total} bytes in all with {acks} acknowledgements")
+    assert stored == chunks and nxt == chunks
+    assert acks == chunks // 16
+    assert first <= 64 and own == 0 and spikes == erases and len(erases) <= 4
