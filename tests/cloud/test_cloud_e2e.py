@@ -210,3 +210,35 @@ def test_http_api_refuses_missing_or_wrong_token(tmp_path):
         assert json.loads(urllib.request.urlopen(request, timeout=5).read()) == []
     finally:
         cloud.stop()
+
+
+def test_keel_flash_updates_the_app_over_the_air(tmp_path, system):
+    cloud = Cloud(tmp_path / "cloud")
+    cloud.start()
+    dev_dir = make_device(tmp_path, system, cloud, "dev1", "hello")
+    new_app = tmp_path / "v2"
+    new_app.mkdir()
+    (new_app / "main.py").write_text("def setup():\n    print('version two is running')\n")
+    image = build.build_app(new_app, "virtual", None, tmp_path / "v2.bin", app_version="2.0.0")
+    device = RunningDevice(dev_dir)
+    try:
+        wait_until(lambda: cloud.devices()["dev1"]["online"], what="dev1 online")
+        other = build.build_app(new_app, "esp32", None, tmp_path / "esp32.bin")
+        refused = cloud.keel("flash", "dev1", other, check=False)
+        assert refused.returncode == 1 and "is for esp32" in refused.stderr and "nothing sent" in refused.stderr
+
+        done = cloud.keel("flash", "dev1", image)
+        assert done.returncode == 0
+        console = dev_dir / vio.CONSOLE_LOG
+        wait_until(lambda: "version two is running" in console.read_text(), timeout=30,
+                   what="the new app running")
+
+        def app_version():
+            show = json.loads(cloud.keel("device", "show", "dev1", "--json").stdout)
+            apps = [m for m in show["modules"] if m["function"] == "user-part"]
+            return show["online"] and apps and apps[0]["version"] == "2.0.0"
+
+        wait_until(app_version, timeout=30, what="the cloud seeing app 2.0.0")
+    finally:
+        device.stop()
+        cloud.stop()
