@@ -41,7 +41,7 @@ def device_summary(device: dict) -> dict:
     return {k: device[k] for k in ("name", "id", "platform", "online", "mode", "system_version")}
 
 
-def device_detail(device: dict) -> dict:
+def device_detail(device: dict, heal: dict | None = None) -> dict:
     out = device_summary(device)
     describe = device["describe"]
     out.update(
@@ -54,6 +54,9 @@ def device_detail(device: dict) -> dict:
         functions=describe.get("functions", []),
         variables=describe.get("variables", []),
         modules=describe.get("modules", []),
+        # The safe mode healer: {"state": idle|healing|blocked|healed|failed, "reason",
+        # "sending": {"module", "size", "acknowledged"}, "plan": [labels], "failures"}
+        heal=heal or {"state": "idle"},
     )
     return out
 
@@ -156,7 +159,8 @@ class ApiServer(ThreadingHTTPServer):
             case "GET", ["devices"]:
                 return [device_summary(d) for d in self.registry.devices()]
             case "GET", ["devices", name]:
-                return device_detail(self._device(name))
+                device = self._device(name)
+                return device_detail(device, self.service.healer.status(device["id"]))
             case "GET", ["devices", name, "variables", var]:
                 device = self._online(name)
                 return {"value": self.service.request(device["id"], "get", var)}

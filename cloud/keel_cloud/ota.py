@@ -20,6 +20,10 @@ log = logging.getLogger("keel.cloud.ota")
 CHUNK_SIZE = 1024
 SILENCE = 10.0  # seconds without a status before the offer goes again
 RESEND_GUARD = 1.0  # a chunk sent less than this ago is not sent again (an older ack)
+# Chunks travel on one TCP connection: a chunk sent on the device's current connection
+# and not yet acknowledged is late, not lost (a stall), unless the device shows a gap
+# below a later chunk, or it has been this long.
+RESEND_AFTER = 15.0
 MAX_UNANSWERED_OFFERS = 4  # offers in a row without any answer: the device is gone
 DEFAULT_TIMEOUT = 600.0
 
@@ -70,6 +74,13 @@ class OtaSender:
             return
         transfer.statuses.put(status)
 
+    def on_online(self, device_id: str) -> None:
+        """The device (re)connected: what was in flight on its old connection is lost."""
+        with self._lock:
+            transfer = self._transfers.get(device_id)
+        if transfer is not None:
+            transfer.statuses.put({"state": "_online"})
+
     def busy(self, device_id: str) -> bool:
         with self._lock:
             return device_id in self._transfers
@@ -106,6 +117,7 @@ class OtaSender:
             "size": size, "chunk_size": chunk_size,
         })
         deadline = time.monotonic() + timeout
+        epoch = time.monotonic()  # when the device's current connection began
         sent_at: dict[int, float] = {}
         bytes_sent = 0
         offers = 0
@@ -142,8 +154,12 @@ class OtaSender:
                 log.info("no status from %s for %g s: offering again", device_id, self.silence)
                 send_offer()
                 continue
-            unanswered = 0
             state = status.get("state")
+            if state == "_online":
+                epoch = time.monotonic()
+                send_offer()  # the device answers with where it got to
+                continue
+            unanswered = 0
             if state == "refused":
                 raise OtaError(f"the device refused the update: {_reason(status)}")
             if state == "failed":
@@ -171,9 +187,15 @@ class OtaSender:
                     stored.add(nxt + i)
             report(sum(chunk_len(n) for n in stored))
             now = time.monotonic()
+            highest = max(stored, default=-1)
             for n in range(nxt, min(nxt + window, count)):
-                if n in stored or now - sent_at.get(n, -RESEND_GUARD) < RESEND_GUARD:
+                if n in stored:
                     continue
+                at = sent_at.get(n)
+                if at is not None:
+                    lost = at < epoch or (n < highest and now - at >= RESEND_GUARD)
+                    if not lost and now - at < RESEND_AFTER:
+                        continue  # still on its way (a stall), not lost
                 data = image[n * chunk_size:(n + 1) * chunk_size]
                 self._publish(prefix + "chunk", tag + struct.pack(">I", n) + data, 0)
                 sent_at[n] = now

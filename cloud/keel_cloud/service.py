@@ -11,6 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from keel_cloud import pki
+from keel_cloud.healer import Healer, SharedCatalog
 from keel_cloud.ota import OtaSender
 from keel_cloud.registry import Registry
 
@@ -24,7 +25,8 @@ class DeviceError(Exception):
 
 
 class FleetService:
-    def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None):
+    def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None,
+                 cloud_path=None):
         self.registry = registry
         self.host = host
         self.port = port
@@ -44,6 +46,10 @@ class FleetService:
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 10)
         self.ota = OtaSender(lambda topic, payload, qos: self.client.publish(topic, payload, qos=qos))
+        # The safe mode healer reads the release catalog (its images are kept in the cloud
+        # directory: the SQLite registry's, unless cloud_path says where).
+        cloud_path = cloud_path or (registry.path.parent if registry.path else None)
+        self.healer = Healer(self.ota, SharedCatalog(registry, cloud_path) if cloud_path else None)
 
     # Life cycle
 
@@ -55,6 +61,7 @@ class FleetService:
 
     def stop(self) -> None:
         self._stopping = True
+        self.healer.stop()
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -88,8 +95,12 @@ class FleetService:
         try:
             if kind == "status":
                 self.registry.set_online(device_id, msg.payload == b"online")
+                if msg.payload == b"online":
+                    self.ota.on_online(device_id)
             elif kind == "describe":
-                self.registry.set_describe(device_id, json.loads(msg.payload))
+                describe = json.loads(msg.payload)
+                self.registry.set_describe(device_id, describe)
+                self.healer.on_describe(device_id, describe)  # only schedules: its own threads work
             elif kind == "events" and len(parts) == 4:
                 data = msg.payload.decode("utf-8", errors="replace") if msg.payload else None
                 self.registry.add_event(device_id, parts[3], data)

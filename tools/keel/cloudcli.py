@@ -109,12 +109,32 @@ def cmd_device_show(args) -> int:
     print(f"  reset reason  {device.get('reset_reason')}")
     for dep in device.get("missing", []):
         print(f"  missing       {dep['function']} {dep['index']} >= {dep['version'] or 'any'}")
+    heal = device.get("heal") or {"state": "idle"}
+    print(f"  heal          {heal_line(heal)}")
     for m in device.get("modules", []):
         state = "valid" if m.get("valid") else "INVALID"
         print(f"  module        {m['function']} {m['index']} {m.get('version')}  {state}")
     print(f"  functions     {', '.join(device.get('functions', [])) or '-'}")
     print(f"  variables     {', '.join(device.get('variables', [])) or '-'}")
     return 0
+
+
+def heal_line(heal: dict) -> str:
+    """The healer's state in one line: `healing: sending system-part 1 1.1.0 (40%), then …`."""
+    state = heal.get("state", "idle")
+    text = state
+    sending = heal.get("sending")
+    if sending:
+        size = sending.get("size") or 0
+        pct = 100 * (sending.get("acknowledged") or 0) // size if size else 0
+        doing = "installing" if sending.get("installing") else "sending"
+        text += f": {doing} {sending.get('module')}" + ("" if sending.get("installing") else f" ({pct}%)")
+        rest = heal.get("plan", [])[1:]
+        if rest:
+            text += f", then {', '.join(rest)}"
+    if heal.get("reason"):
+        text += f": {heal['reason']}"
+    return text
 
 
 def cmd_get(args) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks and the tools they share (the link shaper)."""

@@ -1,0 +1,347 @@
+"""The safe mode healer: the selection (lowest satisfying release, prereleases, order,
+no downgrade, blocked), its per-device state machine against a fake OTA sender, and end
+to end with `keel cloud serve` and a virtual device healed from system 1.0.0 to 1.1.0."""
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from keel import build, vdev, vio
+from keel import module_format as mf
+from keel_cloud.healer import HealError, Healer, image_dependencies, plan
+from keel_cloud.ota import OtaError
+
+try:
+    from test_cloud_e2e import Cloud, RunningDevice, make_device, wait_until
+except ImportError:  # run from another directory
+    from tests.cloud.test_cloud_e2e import Cloud, RunningDevice, make_device, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+SP = "system-part"
+
+
+# The selection
+
+def release(version, *modules, platform="virtual"):
+    return {"version": version, "platform": platform, "prerelease": "-" in version,
+            "modules": [{"function": f, "index": i, "version": v} for f, i, v in modules]}
+
+
+def system(version, bootloader="1.0.0"):
+    return release(version, ("bootloader", 0, bootloader), (SP, 1, version), (SP, 2, version))
+
+
+def deps_of(module):
+    """System part 2 needs part 1 of its own version; part 1 needs bootloader 1.0.0."""
+    if module["function"] == SP and module["index"] == 2:
+        return [{"function": SP, "index": 1, "version": module["version"]}]
+    if module["function"] == SP and module["index"] == 1:
+        return [{"function": "bootloader", "index": 0, "version": "1.0.0"}]
+    return []
+
+
+def describe(installed="1.0.0", missing=(), bootloader="1.0.0"):
+    modules = [{"function": "bootloader", "index": 0, "version": bootloader, "valid": True}]
+    if installed:
+        modules += [{"function": SP, "index": i, "version": installed, "valid": True} for i in (1, 2)]
+    return {"platform": "virtual", "mode": "safe", "safe_mode_reason": "dependency",
+            "modules": modules,
+            "missing": [{"function": f, "index": i, "version": v} for f, i, v in missing]}
+
+
+CATALOG = [system("1.3.0-rc.1"), system("1.2.0"), system("1.1.0"), system("1.0.0"),
+           system("1.1.1"), system("1.10.0")]
+
+
+def labels(steps):
+    return [(m["function"], m["index"], m["version"]) for m in steps]
+
+
+def test_lowest_satisfying_release_dependencies_first():
+    d = describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")])
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]
+    # Integers compare as integers: 1.10.0 > 1.2.0
+    d = describe("1.0.0", [(SP, 2, "1.3.0")])
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 1, "1.10.0"), (SP, 2, "1.10.0")]
+
+
+def test_a_candidates_own_dependencies_are_added_and_go_first():
+    # Only part 2 is missing; its release needs part 1 1.2.0, which goes first.
+    d = describe("1.0.0", [(SP, 2, "1.2.0")])
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 1, "1.2.0"), (SP, 2, "1.2.0")]
+    # Listed in the "wrong" order by the dependencies: still part 1 first.
+    def reversed_deps(module):
+        if module["index"] == 1:
+            return [{"function": SP, "index": 2, "version": "1.1.0"}]
+        return []
+    d = describe("1.0.0", [(SP, 1, "1.1.0")])
+    assert labels(plan(d, CATALOG, reversed_deps)) == [(SP, 2, "1.1.0"), (SP, 1, "1.1.0")]
+
+
+def test_prereleases_only_when_the_minimum_is_one():
+    # 1.3.0-rc.1 satisfies >= 1.2.1 but is a prerelease: the release 1.10.0 is chosen.
+    d = describe("1.0.0", [(SP, 1, "1.2.1"), (SP, 2, "1.2.1")])
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 1, "1.10.0"), (SP, 2, "1.10.0")]
+    d = describe("1.0.0", [(SP, 1, "1.3.0-rc.1"), (SP, 2, "1.3.0-rc.1")])
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 1, "1.3.0-rc.1"), (SP, 2, "1.3.0-rc.1")]
+    only_pre = [system("1.0.0"), system("2.0.0-rc.1")]
+    with pytest.raises(HealError, match=r"no release of system-part 1 >= 1\.5\.0 for virtual"):
+        plan(describe("1.0.0", [(SP, 1, "1.5.0")]), only_pre, deps_of)
+
+
+def test_never_a_downgrade():
+    # Part 1 is already 1.2.0: only part 2 is sent, and not part 1 1.1.0.
+    d = describe("1.0.0", [(SP, 2, "1.1.0")])
+    d["modules"][1]["version"] = "1.2.0"
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 2, "1.1.0")]
+    # Everything installed is new enough: nothing to send.
+    assert plan(describe("1.2.0", [(SP, 1, "1.1.0")]), CATALOG, deps_of) == []
+    # An empty slot (version None: nothing asks for more) gets the lowest release.
+    d = describe("1.1.0", [(SP, 2, None)])
+    d["modules"] = d["modules"][:2]
+    assert labels(plan(d, CATALOG, deps_of)) == [(SP, 2, "1.0.0")]
+
+
+def test_blocked_when_nothing_satisfies():
+    d = describe("1.0.0", [(SP, 1, "1.2.0"), (SP, 2, "1.2.0")])
+    with pytest.raises(HealError) as e:
+        plan(d, [system("1.0.0"), system("1.1.0")], deps_of)
+    assert str(e.value) == "no release of system-part 1 >= 1.2.0 for virtual"
+    # Another platform's releases do not count.
+    with pytest.raises(HealError, match="for virtual"):
+        plan(describe("1.0.0", [(SP, 1, "1.1.0")]), [system("1.1.0") | {"platform": "esp32"}], deps_of)
+
+
+def test_image_dependencies_read_the_module_header():
+    info = mf.ModuleInfo(mf.FUNCTION_SYSTEM_PART, 2, mf.encode_version("1.2.0"), mf.platform_id("virtual"),
+                         [(mf.FUNCTION_SYSTEM_PART, 1, mf.encode_version("1.2.0-rc.3")),
+                          (mf.FUNCTION_BOOTLOADER, 0, mf.encode_version("1.0.0"))])
+    image = mf.build_image(info, b"\0" * 64, hashlib.sha256)
+    assert image_dependencies(image) == [{"function": SP, "index": 1, "version": "1.2.0-rc.3"},
+                                         {"function": "bootloader", "index": 0, "version": "1.0.0"}]
+
+
+# The state machine, against a fake sender and catalog
+
+class FakeCatalog:
+    def __init__(self, releases):
+        self.list = releases
+
+    def releases(self, platform=None):
+        return [r for r in self.list if platform in (None, r["platform"])]
+
+    def image(self, platform, function, index, version):
+        deps = deps_of({"function": function, "index": index, "version": version})
+        info = mf.ModuleInfo(mf.function_id(function), index, mf.encode_version(version),
+                             mf.platform_id(platform),
+                             [(mf.function_id(d["function"]), d["index"], mf.encode_version(d["version"]))
+                              for d in deps])
+        return mf.build_image(info, b"\0" * 100, hashlib.sha256)
+
+
+class FakeOta:
+    def __init__(self):
+        self.sent = []
+        self.fail = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def busy(self, device_id):
+        return False
+
+    def send(self, device_id, image, module, progress_cb=None, timeout=None):
+        self.gate.wait(10)
+        self.sent.append((module["function"], module["index"], module["version"]))
+        if self.fail:
+            self.fail -= 1
+            raise OtaError("the device stopped answering (4 offers unanswered)")
+        progress_cb(len(image))
+        return {"state": "pending"}
+
+
+def settle(healer, device_id, state, timeout=5.0):
+    return wait_until(lambda: (s := healer.status(device_id))["state"] == state and
+                      not healer._devices[device_id].busy and s, timeout=timeout, what=state)
+
+
+def test_healer_heals_part_by_part_and_resumes():
+    ota = FakeOta()
+    healer = Healer(ota, FakeCatalog([system("1.0.0"), system("1.1.0")]), recheck=0, install_grace=0.5)
+    try:
+        missing = [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]
+        healer.on_describe("d", describe("1.0.0", missing))
+        status = settle(healer, "d", "healing")
+        assert status["sending"]["module"] == "system-part 1 1.1.0"
+        assert status["plan"] == ["system-part 1 1.1.0", "system-part 2 1.1.0"]
+        assert ota.sent == [(SP, 1, "1.1.0")]
+        # The describe from before the reset is not a reason to send it again.
+        healer.on_describe("d", describe("1.0.0", missing))
+        time.sleep(0.2)
+        assert ota.sent == [(SP, 1, "1.1.0")]
+        # After the reset: part 1 is 1.1.0, part 2 still missing.
+        after = describe("1.0.0", [(SP, 2, "1.1.0")])
+        after["modules"][1]["version"] = "1.1.0"
+        healer.on_describe("d", after)
+        settle(healer, "d", "healing")
+        assert ota.sent == [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]
+        # A reset mid-heal (the same describe again, past the grace): part 2 is sent again.
+        time.sleep(0.6)
+        healer.on_describe("d", after)
+        settle(healer, "d", "healing")
+        assert ota.sent[-1] == (SP, 2, "1.1.0") and len(ota.sent) == 3
+        healed = describe("1.1.0") | {"mode": "normal", "safe_mode_reason": None}
+        healer.on_describe("d", healed)
+        assert settle(healer, "d", "healed") == {"state": "healed", "updated": healer.status("d")["updated"]}
+        # An app for 1.0.0 on the healed device: normal mode, nothing sent.
+        healer.on_describe("d", healed)
+        settle(healer, "d", "healed")
+        assert len(ota.sent) == 3
+    finally:
+        healer.stop()
+
+
+def test_one_transfer_per_device_at_a_time():
+    ota = FakeOta()
+    ota.gate.clear()
+    healer = Healer(ota, FakeCatalog([system("1.0.0"), system("1.1.0")]), recheck=0)
+    try:
+        d = describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")])
+        for _ in range(5):
+            healer.on_describe("d", d)
+        time.sleep(0.3)
+        ota.gate.set()
+        settle(healer, "d", "healing")
+        assert ota.sent == [(SP, 1, "1.1.0")]
+    finally:
+        healer.stop()
+
+
+def test_blocked_is_not_retried_until_the_catalog_changes():
+    ota = FakeOta()
+    catalog = FakeCatalog([system("1.0.0"), system("1.1.0")])
+    healer = Healer(ota, catalog, recheck=0.2)
+    try:
+        d = describe("1.0.0", [(SP, 1, "1.2.0"), (SP, 2, "1.2.0")])
+        healer.on_describe("d", d)
+        status = settle(healer, "d", "blocked")
+        assert status["reason"] == "no release of system-part 1 >= 1.2.0 for virtual"
+        healer.on_describe("d", d)
+        time.sleep(0.5)
+        assert ota.sent == [] and healer.status("d")["state"] == "blocked"
+        catalog.list.append(system("1.2.0"))  # released: the healer notices by itself
+        settle(healer, "d", "healing")
+        assert ota.sent == [(SP, 1, "1.2.0")]
+    finally:
+        healer.stop()
+
+
+def test_failed_transfers_are_retried_at_most_three_times_in_a_row():
+    ota = FakeOta()
+    ota.fail = 10
+    healer = Healer(ota, FakeCatalog([system("1.0.0"), system("1.1.0")]), recheck=0)
+    try:
+        d = describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")])
+        for attempt in range(1, 6):
+            healer.on_describe("d", d)
+            status = settle(healer, "d", "failed")
+            assert "stopped answering" in status["reason"]
+        assert len(ota.sent) == 3 and status["failures"] == 3
+        assert "3 attempts in a row" in status["reason"]
+        # Something changed (another describe): a fresh run.
+        ota.fail = 0
+        d2 = describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]) | {"reset_reason": "power-on"}
+        d2["modules"].append({"function": "user-part", "index": 1, "version": "2.0.0", "valid": True})
+        healer.on_describe("d", d2)
+        settle(healer, "d", "healing")
+        assert len(ota.sent) == 4
+    finally:
+        healer.stop()
+
+
+# End to end
+
+def app(tmp_path, name, marker, target):
+    src = tmp_path / name
+    src.mkdir()
+    (src / "main.py").write_text(f"def setup():\n    print('{marker}')\n")
+    return build.build_app(src, "virtual", target, tmp_path / f"{name}.bin", app_version="2.0.0")
+
+
+def show(cloud, name):
+    return json.loads(cloud.keel("device", "show", name, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def systems(tmp_path_factory):
+    out = {}
+    for version in ("1.0.0", "1.1.0"):
+        out[version] = tmp_path_factory.mktemp(f"system{version}")
+        build.build_system("virtual", version, out[version])
+    return out
+
+
+def test_healer_end_to_end(tmp_path, systems):
+    cloud = Cloud(tmp_path / "cloud")
+    cloud.start()
+    for version in ("1.0.0", "1.1.0"):
+        assert "released" in cloud.keel("release", "system", systems[version]).stdout
+    dev_dir = make_device(tmp_path, systems["1.0.0"], cloud, "dev1", "hello")
+    new = app(tmp_path, "new", "app for 1.1.0 is running", "1.1.0")
+    old = app(tmp_path, "old", "app for 1.0.0 is running", "1.0.0")
+    console = dev_dir / vio.CONSOLE_LOG
+    device = RunningDevice(dev_dir)
+    try:
+        wait_until(lambda: (d := show(cloud, "dev1"))["online"] and d["mode"] == "normal", what="dev1 online")
+        assert show(cloud, "dev1")["heal"]["state"] == "idle"
+        # The app needs a newer system: the device takes it, goes to safe mode, is healed.
+        cloud.keel("flash", "dev1", new)
+        seen = []
+
+        def healed():
+            d = show(cloud, "dev1")
+            seen.append((d["mode"], d["system_version"], d["heal"]["state"],
+                         (d["heal"].get("sending") or {}).get("module")))
+            return d["heal"]["state"] == "healed" and d["mode"] == "normal" and d
+        d = wait_until(healed, timeout=60, what="dev1 healed")
+        assert "app for 1.1.0 is running" in console.read_text()
+        assert d["system_version"] == "1.1.0"
+        versions = {(m["function"], m["index"]): m["version"] for m in d["modules"]}
+        assert versions[(SP, 1)] == versions[(SP, 2)] == "1.1.0"
+        assert versions[("bootloader", 0)] == "1.0.0"
+        sending = [s[3] for s in seen if s[3]]
+        assert "system-part 1 1.1.0" in sending and sending.index("system-part 1 1.1.0") == 0
+        assert ("safe", "1.0.0", "healing", "system-part 1 1.1.0") in seen or any(
+            s[0] == "safe" for s in seen)
+        text = console.read_text()
+        # A reset between the parts: part 1 installed, then part 2.
+        assert text.count("verified; pending install") >= 2
+        line = [ln for ln in cloud.keel("device", "show", "dev1").stdout.splitlines() if "heal" in ln]
+        assert line == ["  heal          healed"]
+
+        # An app for 1.0.0 runs on 1.1.0 and nothing is downgraded.
+        cloud.keel("flash", "dev1", old)
+        wait_until(lambda: "app for 1.0.0 is running" in console.read_text(), timeout=30, what="old app")
+        wait_until(lambda: (d := show(cloud, "dev1"))["mode"] == "normal" and any(
+            m["function"] == "user-part" and m["version"] == "2.0.0" for m in d["modules"]) and d,
+            what="normal mode")
+        time.sleep(1.0)
+        d = show(cloud, "dev1")
+        assert d["system_version"] == "1.1.0" and d["heal"]["state"] in ("healed", "idle")
+        assert {(m["function"], m["index"]): m["version"] for m in d["modules"]}[(SP, 2)] == "1.1.0"
+
+        # An app for 1.2.0: no such release, the healer says so.
+        newer = app(tmp_path, "newer", "app for 1.2.0 is running", "1.2.0")
+        cloud.keel("flash", "dev1", newer)
+        d = wait_until(lambda: (d := show(cloud, "dev1"))["heal"]["state"] == "blocked" and d,
+                       timeout=30, what="blocked")
+        assert d["heal"]["reason"] == "no release of system-part 1 >= 1.2.0 for virtual"
+        out = cloud.keel("device", "show", "dev1").stdout
+        assert "heal          blocked: no release of system-part 1 >= 1.2.0 for virtual" in out
+        assert "app for 1.2.0 is running" not in console.read_text()
+    finally:
+        device.stop()
+        cloud.stop()
