@@ -44,4 +44,33 @@ show keel vdev io "$DEMO_DIR/device" --call led=on
 show keel vdev io "$DEMO_DIR/device"
 wait "$runner"
 
+step "Keel Cloud heals a device over the air"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export KEEL_CLOUD="$DEMO_DIR/cloud"
+keel cloud serve --mqtt "127.0.0.1:$(free_port)" --http "127.0.0.1:$(free_port)" > "$DEMO_DIR/cloud.log" 2>&1 &
+cloud=$!
+trap 'kill $cloud 2>/dev/null || true' EXIT
+for _ in $(seq 50); do [ -f "$KEEL_CLOUD/token" ] && keel list >/dev/null 2>&1 && break; sleep 0.2; done
+show keel release system "$DEMO_DIR/s100"
+show keel release system "$DEMO_DIR/s110"
+show keel build app examples/hello --platform virtual --target 1.0.0 -o "$DEMO_DIR/hello-100.bin"
+show keel vdev create "$DEMO_DIR/field" --system "$DEMO_DIR/s100"
+show keel vdev flash "$DEMO_DIR/field" "$DEMO_DIR/hello-100.bin"
+show keel device provision "$DEMO_DIR/field" --name field1
+keel vdev run "$DEMO_DIR/field" --seconds 60 > "$DEMO_DIR/field-console.txt" &
+device=$!
+for _ in $(seq 50); do keel list 2>/dev/null | grep -q "online" && break; sleep 0.2; done
+show keel list
+echo "# an app built for system 1.1.0 goes to a device on 1.0.0:"
+show keel flash field1 "$DEMO_DIR/app.bin"
+for _ in $(seq 150); do
+  keel device show field1 --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if d["heal"]["state"]=="healed" and d["mode"]=="normal" else 1)' && break
+  sleep 0.4
+done
+show keel device show field1
+echo "# the device's console while it was healed:"
+grep -E "SAFE MODE|missing|pending install|installing the update|system 1|hello from keel|vdev: boot" "$DEMO_DIR/field-console.txt" | sed 's/^/  /'
+kill $device 2>/dev/null || true
+wait $device 2>/dev/null || true
+
 step "Done: the app runs once its dependencies are met. Files are in $DEMO_DIR"
