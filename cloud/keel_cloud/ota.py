@@ -24,6 +24,7 @@ RESEND_GUARD = 1.0  # a chunk sent less than this ago is not sent again (an olde
 # and not yet acknowledged is late, not lost (a stall), unless the device shows a gap
 # below a later chunk, or it has been this long.
 RESEND_AFTER = 15.0
+RECONNECT_GRACE = 1.5  # after a reconnect, how long to wait for the device's status
 MAX_UNANSWERED_OFFERS = 4  # offers in a row without any answer: the device is gone
 DEFAULT_TIMEOUT = 600.0
 
@@ -139,13 +140,21 @@ class OtaSender:
                 progress_cb(done)
 
         send_offer()
+        offer_at = None  # after a reconnect: offer again unless the device speaks first
         while True:
             now = time.monotonic()
             if now >= deadline:
                 raise OtaError(f"the update did not finish within {timeout:g} s")
+            wait = min(self.silence, deadline - now)
+            if offer_at is not None:
+                wait = max(0.0, min(wait, offer_at - now))
             try:
-                status = transfer.statuses.get(timeout=min(self.silence, deadline - now))
+                status = transfer.statuses.get(timeout=wait)
             except queue.Empty:
+                if offer_at is not None and time.monotonic() >= offer_at:
+                    offer_at = None
+                    send_offer()
+                    continue
                 if time.monotonic() >= deadline:
                     continue
                 unanswered += 1
@@ -156,9 +165,12 @@ class OtaSender:
                 continue
             state = status.get("state")
             if state == "_online":
+                # The device tells where it got to once it has subscribed again (or
+                # has lost the transfer in a reset: then it needs the offer).
                 epoch = time.monotonic()
-                send_offer()  # the device answers with where it got to
+                offer_at = epoch + RECONNECT_GRACE
                 continue
+            offer_at = None
             unanswered = 0
             if state == "refused":
                 raise OtaError(f"the device refused the update: {_reason(status)}")

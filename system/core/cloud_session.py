@@ -215,6 +215,9 @@ class Session:
         client.publish((base, b"status"), b"online", retain=True, force=True)
         client.subscribe((base + b"call", base + b"get", base + b"inbox/#", base + b"ota/offer", base + b"ota/chunk"))
         self._describe()
+        ota = sys.modules.get("ota")
+        if ota is not None:
+            ota.reconnected()
         if flashfs.exists("/keel/ota/installed.json"):
             import ota  # an update went in at the last boot: tell the cloud
 

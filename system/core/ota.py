@@ -442,6 +442,14 @@ def message(session, kind, payload):
         r.offer_message(payload)
 
 
+def reconnected():
+    """The session is up again: say where the transfer stands, so the cloud resends
+    only what the old connection lost, without waiting to offer again."""
+    r = _receiver[0]
+    if r is not None and r.state == _RECEIVING:
+        r._ack()
+
+
 def report_installed(session):
     """After a reset that installed an update: tell the cloud, once."""
     doc = flashfs.read_json(INSTALLED_FILE)
