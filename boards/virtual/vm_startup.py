@@ -103,6 +103,10 @@ def _io_files(device_dir):
 def _start(device_dir, cause):
     with open(device_dir + "/board.json") as f:
         board = json.load(f)
+    if "faults.json" in os.listdir(device_dir):
+        import vm_faults  # (beside this file; fault-injection runs only)
+
+        vm_faults.install(device_dir, Partition, _ERASED)
     Partition._flash = open(device_dir + "/flash.bin", "r+b")
     Partition.BLOCK_SIZE = board["flash"]["block_size"]
     for p in board["flash"]["partitions"]:
@@ -145,3 +149,4 @@ except OSError:
     print("vboard: no /boot.py on the filesystem; nothing to run")
     sys.exit(0)
 import boot  # noqa: F401  (runs the Keel bootloader stage, as a board runs boot.py)
+

@@ -31,6 +31,9 @@ PID_FILE = "vm.pid"
 UID_FILE = "uid"  # the board's unique id (hal.device.unique_id)
 RESET_EXIT = 100  # exit status of the VM when the device asks for a reset
 DEEP_SLEEP_EXIT = 101  # ... and when it goes into deep sleep
+POWER_CUT_EXIT = 102  # ... and when fault injection cut its power (faults.json)
+FAULTS_FILE = "faults.json"  # fault injection for the next boot (docs/virtual-board.md)
+FAULTS_OUT = "faults.out"  # what it counted: "COUNT STATE" (STATE "----------" or cut-/torn-write/-erase)
 STATUS_PATH = "/keel/status.json"
 
 
@@ -409,6 +412,9 @@ def run(
                 while time.monotonic() < wake and not stop_now():
                     time.sleep(0.02)
                 cause = "deep-sleep"
+            elif code == POWER_CUT_EXIT:
+                note("power cut (fault injection): powering on again")
+                cause = "power-on"
             elif code == 0:
                 note("the VM exited")
                 return console
