@@ -378,17 +378,9 @@ class Gate:
             # Not the client's doing (see above), hence only a debug line.
             log.debug("gate: withheld a message on %r from %s (not subscribed)",
                       publish.topic, me.cn)
-            if publish.qos == 1:
-                return mp.build_puback(publish.packet_id)
-            if publish.qos == 2:
-                own_qos2.add(publish.packet_id)
-                return mp.build_pubrec(publish.packet_id)
-            return b""
+            return _swallow(publish, own_qos2)
         if packet.type == mp.PUBREL:
-            packet_id = mp.parse_packet_id(packet.body, "PUBREL")
-            if packet_id in own_qos2:
-                own_qos2.discard(packet_id)
-                return mp.build_pubcomp(packet_id)
+            return _release(packet, own_qos2)
         return None
 
     def _check(self, cn: str, packet: mp.Packet, own_qos2: set[int]) -> bytes | None:
@@ -400,18 +392,9 @@ class Gate:
                 return None
             self.stats.dropped_publishes += 1
             log.warning("gate: %s may not publish to %r: dropped", cn, publish.topic)
-            if publish.qos == 1:
-                return mp.build_puback(publish.packet_id)
-            if publish.qos == 2:
-                own_qos2.add(publish.packet_id)
-                return mp.build_pubrec(publish.packet_id)
-            return b""
+            return _swallow(publish, own_qos2)
         if packet.type == mp.PUBREL:
-            packet_id = mp.parse_packet_id(packet.body, "PUBREL")
-            if packet_id in own_qos2:
-                own_qos2.discard(packet_id)
-                return mp.build_pubcomp(packet_id)
-            return None
+            return _release(packet, own_qos2)
         if packet.type == mp.SUBSCRIBE:
             subscribe = mp.parse_subscribe(packet.body)
             refused = [f for f, _ in subscribe.filters if not may_subscribe(cn, f)]
@@ -463,3 +446,23 @@ def _fmt(peer) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
+
+
+def _swallow(publish, own_qos2: set[int]) -> bytes:
+    """Answer a PUBLISH the gate drops as the broker would, so the sender is not stuck:
+    PUBACK for QoS 1, PUBREC for QoS 2 (its PUBREL is then answered by _release)."""
+    if publish.qos == 1:
+        return mp.build_puback(publish.packet_id)
+    if publish.qos == 2:
+        own_qos2.add(publish.packet_id)
+        return mp.build_pubrec(publish.packet_id)
+    return b""
+
+
+def _release(packet, own_qos2: set[int]) -> bytes | None:
+    """PUBCOMP for the PUBREL of a QoS 2 message the gate swallowed; None to forward."""
+    packet_id = mp.parse_packet_id(packet.body, "PUBREL")
+    if packet_id in own_qos2:
+        own_qos2.discard(packet_id)
+        return mp.build_pubcomp(packet_id)
+    return None
