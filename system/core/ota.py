@@ -22,6 +22,7 @@ OTA_DIR = "/keel/ota"
 TRANSFER_FILE = OTA_DIR + "/transfer.json"
 BITMAP_FILE = OTA_DIR + "/bitmap"
 PENDING_FILE = OTA_DIR + "/pending.json"
+TRIAL_FILE = OTA_DIR + "/trial.json"  # a system part proving itself (bootloader/ota_apply.py)
 INSTALLED_FILE = OTA_DIR + "/installed.json"
 STAGING = "staging"
 # How far ahead of `next` the cloud may send. It bounds what is in flight, so what a
@@ -151,6 +152,7 @@ class Receiver:
             "size": size,
             "chunk_size": chunk_size,
             "slot": slot.label,
+            "trial_s": int(offer.get("trial_s", 0)),
         }
         if self.offer is not None and self.offer["sha256"] == sha:
             if self.state == _PENDING:
@@ -160,6 +162,10 @@ class Receiver:
             return  # (verifying: the answer follows on the next pass)
         if self.state == _PENDING:
             self._status("refused", reason="busy")  # resetting to install another
+            return
+        if flashfs.exists(TRIAL_FILE):
+            # The staging partition holds the backup of a system part on trial.
+            self._status("refused", reason="trial")
             return
         if self._resume(doc):
             return
@@ -360,7 +366,8 @@ class Receiver:
         if missing:
             return self._failed("dependency", missing=missing)
         flashfs.write_json(
-            PENDING_FILE, {"slot": doc["slot"], "size": self.size, "sha256": doc["sha256"]}
+            PENDING_FILE, {"slot": doc["slot"], "size": self.size, "sha256": doc["sha256"],
+             "trial_s": doc.get("trial_s", 0)}
         )
         print("keel: ota: %s verified; pending install" % doc["slot"])
         self._status("pending")
