@@ -1,5 +1,6 @@
-"""The device registry: devices, their last describe, online state, last seen, and
-recent events.
+"""The device registry: devices, their last describe, online state, last seen, recent
+events, fleets (a name and a platform; a device is in at most one) and the system parts
+each device rolled back.
 
 SQLite by default (a file in the cloud directory); a postgresql:// (or postgres://) URL
 selects PostgreSQL instead, through psycopg 3. Both run the same SQL: the statements are
@@ -37,12 +38,38 @@ SCHEMA = (
         ts DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS events_by_device ON events (device_id, seq)",
+    """CREATE TABLE IF NOT EXISTS fleets (
+        name VARCHAR(64) PRIMARY KEY,
+        platform VARCHAR(32) NOT NULL,
+        created DOUBLE PRECISION NOT NULL
+    )""",
+    # Keyed by the device: a device is in at most one fleet.
+    """CREATE TABLE IF NOT EXISTS fleet_members (
+        device_id VARCHAR(32) PRIMARY KEY,
+        fleet VARCHAR(64) NOT NULL,
+        added DOUBLE PRECISION NOT NULL
+    )""",
+    # What a device's bootloader installed, saw fail to prove itself and undid: never
+    # offered to that device again. sha256 is '' when the device did not say.
+    """CREATE TABLE IF NOT EXISTS rollbacks (
+        device_id VARCHAR(32) NOT NULL,
+        function VARCHAR(32) NOT NULL,
+        module_index INTEGER NOT NULL,
+        version VARCHAR(32) NOT NULL,
+        sha256 VARCHAR(64) NOT NULL,
+        restored VARCHAR(32),
+        reason VARCHAR(64),
+        ts DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (device_id, function, module_index, version, sha256)
+    )""",
 )
 KEEP_EVENTS = 1000  # per device
 MAX_ID, MAX_NAME, MAX_PLATFORM = 32, 64, 32  # the column widths above
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_DEVICE_COLUMNS = "id, name, platform, online, last_seen, describe"
+_DEVICE_COLUMNS = "d.id, d.name, d.platform, d.online, d.last_seen, d.describe, m.fleet"
+_DEVICES = "devices d LEFT JOIN fleet_members m ON m.device_id = d.id"
+_FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RegistryError(Exception):
@@ -192,17 +219,140 @@ class Registry:
         return bool(self._query("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
 
     def devices(self) -> list[dict]:
-        rows = self._query(f"SELECT {_DEVICE_COLUMNS} FROM devices")
+        rows = self._query(f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES}")
         # Sorted here, by code point: a database's collation may order names otherwise.
         return [_device(row) for row in sorted(rows, key=lambda row: row[1])]
 
     def device(self, name_or_id: str) -> dict | None:
         rows = self._query(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE name = ? OR id = ? "
-            "ORDER BY CASE WHEN name = ? THEN 0 ELSE 1 END",  # a name before an id
+            f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES} WHERE d.name = ? OR d.id = ? "
+            "ORDER BY CASE WHEN d.name = ? THEN 0 ELSE 1 END",  # a name before an id
             (name_or_id, name_or_id, name_or_id),
         )
         return _device(rows[0]) if rows else None
+
+    # Fleets
+
+    def create_fleet(self, name: str, platform: str) -> None:
+        if not _FLEET_NAME.match(name or ""):
+            raise RegistryError(f"invalid fleet name '{name}' (letters, digits, '.', '_', '-'; "
+                                f"at most {MAX_NAME}; a letter or digit first)")
+        if not 0 < len(platform or "") <= MAX_PLATFORM:
+            raise RegistryError(f"a platform has 1 to {MAX_PLATFORM} characters, not '{platform}'")
+        integrity_error = self._pg.IntegrityError if self._pg else sqlite3.IntegrityError
+        try:
+            with self._transaction() as run:
+                for (other,) in run("SELECT platform FROM fleets WHERE name = ?", (name,)):
+                    raise RegistryError(f"fleet '{name}' exists already (platform {other})")
+                run("INSERT INTO fleets (name, platform, created) VALUES (?, ?, ?)",
+                    (name, platform, time.time()))
+        except integrity_error:  # another process made it meanwhile
+            raise RegistryError(f"fleet '{name}' exists already") from None
+
+    def fleet(self, name: str) -> dict | None:
+        rows = self._query(
+            "SELECT f.name, f.platform, f.created, COUNT(m.device_id) FROM fleets f "
+            "LEFT JOIN fleet_members m ON m.fleet = f.name WHERE f.name = ? "
+            "GROUP BY f.name, f.platform, f.created", (name,))
+        return _fleet(rows[0]) if rows else None
+
+    def fleets(self) -> list[dict]:
+        rows = self._query(
+            "SELECT f.name, f.platform, f.created, COUNT(m.device_id) FROM fleets f "
+            "LEFT JOIN fleet_members m ON m.fleet = f.name GROUP BY f.name, f.platform, f.created")
+        return [_fleet(row) for row in sorted(rows, key=lambda row: row[0])]
+
+    def require_fleet(self, name: str) -> dict:
+        fleet = self.fleet(name)
+        if fleet is None:
+            known = ", ".join(f["name"] for f in self.fleets()) or "none yet: keel fleet create"
+            raise RegistryError(f"no fleet '{name}' (fleets: {known})")
+        return fleet
+
+    def fleet_devices(self, name: str) -> list[dict]:
+        rows = self._query(f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES} WHERE m.fleet = ?", (name,))
+        return [_device(row) for row in sorted(rows, key=lambda row: row[1])]
+
+    def memberships(self) -> dict[str, str]:
+        """{device id: fleet name} for every device in a fleet."""
+        return dict(self._query("SELECT device_id, fleet FROM fleet_members"))
+
+    def add_to_fleet(self, name: str, devices: list[str]) -> dict:
+        """Put devices (names or ids) in the fleet: all of them or, on an error, none.
+        Returns {"added": [names], "already": [names]}."""
+        with self._transaction() as run:
+            fleet = self._fleet_in(run, name)
+            found = [self._device_in(run, d) for d in devices]
+            added, already = [], []
+            for device_id, device_name, platform, current in found:
+                if current == name:
+                    already.append(device_name)
+                    continue
+                if current is not None:
+                    raise RegistryError(f"device '{device_name}' is in fleet '{current}': "
+                                        f"keel fleet remove {current} {device_name} first")
+                if platform and platform != fleet["platform"]:
+                    raise RegistryError(f"device '{device_name}' is {platform}, fleet '{name}' is "
+                                        f"{fleet['platform']}: it cannot run the fleet's app")
+                run("INSERT INTO fleet_members (device_id, fleet, added) VALUES (?, ?, ?)",
+                    (device_id, name, time.time()))
+                added.append(device_name)
+        return {"added": added, "already": already}
+
+    def remove_from_fleet(self, name: str, devices: list[str]) -> list[str]:
+        """Take devices out of the fleet (all of them or, on an error, none); their names."""
+        with self._transaction() as run:
+            self._fleet_in(run, name)
+            found = [self._device_in(run, d) for d in devices]
+            for _, device_name, _, current in found:
+                if current != name:
+                    where = f"in fleet '{current}'" if current else "in no fleet"
+                    raise RegistryError(f"device '{device_name}' is not in fleet '{name}' ({where})")
+            for device_id, _, _, _ in found:
+                run("DELETE FROM fleet_members WHERE device_id = ?", (device_id,))
+        return [device_name for _, device_name, _, _ in found]
+
+    def _fleet_in(self, run, name: str) -> dict:
+        rows = run("SELECT name, platform FROM fleets WHERE name = ?", (name,))
+        if not rows:
+            raise RegistryError(f"no fleet '{name}' (make it with keel fleet create {name} --platform P)")
+        return {"name": rows[0][0], "platform": rows[0][1]}
+
+    def _device_in(self, run, name_or_id: str) -> tuple:
+        """(id, name, platform, fleet) of a device, by name (first) or id."""
+        rows = run(
+            "SELECT d.id, d.name, d.platform, m.fleet FROM devices d "
+            "LEFT JOIN fleet_members m ON m.device_id = d.id WHERE d.name = ? OR d.id = ? "
+            "ORDER BY CASE WHEN d.name = ? THEN 0 ELSE 1 END", (name_or_id, name_or_id, name_or_id))
+        if not rows:
+            raise RegistryError(f"no device '{name_or_id}' (provision it with keel device provision)")
+        return rows[0]
+
+    # Rollbacks
+
+    def add_rollback(self, device_id: str, rollback: dict) -> bool:
+        """Record a rollback a device reported (its describe's `rollback`); False when it
+        was known already (a device reports it on every describe)."""
+        key = (device_id, _text(rollback.get("function"), 32), int(rollback.get("index") or 0),
+               _text(rollback.get("version"), 32), _text(rollback.get("sha256") or "", 64))
+        with self._transaction() as run:
+            if run("SELECT 1 FROM rollbacks WHERE device_id = ? AND function = ? AND "
+                   "module_index = ? AND version = ? AND sha256 = ?", key):
+                return False
+            run("INSERT INTO rollbacks (device_id, function, module_index, version, sha256, "
+                "restored, reason, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, _text(rollback.get("restored"), 32), _text(rollback.get("reason"), 64),
+                 time.time()))
+        return True
+
+    def rollbacks(self, device_id: str) -> list[dict]:
+        """Oldest first: {function, index, version, sha256 (None if unknown), restored,
+        reason, ts}."""
+        rows = self._query(
+            "SELECT function, module_index, version, sha256, restored, reason, ts FROM rollbacks "
+            "WHERE device_id = ? ORDER BY ts", (device_id,))
+        return [{"function": f, "index": i, "version": v, "sha256": sha or None, "restored": r,
+                 "reason": why, "ts": ts} for f, i, v, sha, r, why, ts in rows]
 
     # Events
 
@@ -243,7 +393,7 @@ class Registry:
 
 
 def _device(row) -> dict:
-    device_id, name, platform, online, last_seen, describe = row
+    device_id, name, platform, online, last_seen, describe, fleet = row
     describe = json.loads(describe) if describe else {}
     modules = describe.get("modules", [])
     system = [m for m in modules if m.get("function") == "system-part" and m.get("index") == 1]
@@ -256,7 +406,13 @@ def _device(row) -> dict:
         "system_version": system[0]["version"] if system else None,
         "last_seen": last_seen,
         "describe": describe,
+        "fleet": fleet,
     }
+
+
+def _fleet(row) -> dict:
+    name, platform, created, members = row
+    return {"name": name, "platform": platform, "created": created, "members": members}
 
 
 def _text(value, limit: int | None = None) -> str | None:

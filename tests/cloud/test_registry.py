@@ -21,7 +21,9 @@ from keel_cloud import registry as registry_module
 from keel_cloud.registry import Registry, RegistryError
 
 WAIT = 30  # seconds: bound for initdb, and for the server to start and stop
-DEVICE_KEYS = {"name", "id", "platform", "online", "mode", "system_version", "last_seen", "describe"}
+DEVICE_KEYS = {"name", "id", "platform", "online", "mode", "system_version", "last_seen", "describe",
+               "fleet"}
+TABLES = "events, devices, fleets, fleet_members, rollbacks, app_releases, release_modules"
 EVENT_KEYS = {"seq", "device", "id", "name", "data", "ts"}
 
 
@@ -103,7 +105,7 @@ def target(request, tmp_path):
     if request.param == "sqlite":
         return tmp_path / "registry.db"
     url = request.getfixturevalue("postgres_url")
-    pg_rows(url, "DROP TABLE IF EXISTS events, devices")
+    pg_rows(url, f"DROP TABLE IF EXISTS {TABLES}")
     return url
 
 
@@ -143,7 +145,8 @@ def test_add_and_rename_a_device(reg):
     assert reg.known(device_id)
     device = reg.device("sensor1")
     assert device == {"name": "sensor1", "id": device_id, "platform": "virtual", "online": False,
-                      "mode": None, "system_version": None, "last_seen": None, "describe": {}}
+                      "mode": None, "system_version": None, "last_seen": None, "describe": {},
+                      "fleet": None}
     assert reg.device(device_id) == device
 
     reg.add_device(device_id, "sensor-renamed")  # the same id: renamed, platform kept
@@ -343,6 +346,77 @@ def test_data_kept_after_close_and_reopen(target):
         reg.close()
 
 
+# Fleets and rollbacks
+
+
+def test_fleets_created_listed_and_refused(reg):
+    assert reg.fleets() == [] and reg.fleet("sensors") is None
+    reg.create_fleet("sensors", "virtual")
+    reg.create_fleet("boards", "esp32")
+    assert [(f["name"], f["platform"], f["members"]) for f in reg.fleets()] == [
+        ("boards", "esp32", 0), ("sensors", "virtual", 0)]
+    assert isinstance(reg.fleet("sensors")["created"], float)
+    with pytest.raises(RegistryError, match=r"fleet 'sensors' exists already \(platform virtual\)"):
+        reg.create_fleet("sensors", "esp32")
+    for bad in ("", "-x", "a b", "n" * 65, "a/b"):
+        with pytest.raises(RegistryError, match="invalid fleet name"):
+            reg.create_fleet(bad, "virtual")
+    with pytest.raises(RegistryError, match="no fleet 'nope' \\(fleets: boards, sensors\\)"):
+        reg.require_fleet("nope")
+
+
+def test_devices_join_one_fleet_of_their_platform(reg):
+    a, b, c, blank = new_id(), new_id(), new_id(), new_id()
+    reg.add_device(a, "a", "virtual")
+    reg.add_device(b, "b", "virtual")
+    reg.add_device(c, "c", "esp32")
+    reg.add_device(blank, "blank")  # platform not known yet: may join
+    reg.create_fleet("sensors", "virtual")
+    reg.create_fleet("other", "virtual")
+
+    assert reg.add_to_fleet("sensors", ["a", b, "blank"]) == {"added": ["a", "b", "blank"], "already": []}
+    assert reg.add_to_fleet("sensors", ["a"]) == {"added": [], "already": ["a"]}
+    assert reg.device("a")["fleet"] == "sensors" and reg.device(c)["fleet"] is None
+    assert {d["name"]: d["fleet"] for d in reg.devices()} == {
+        "a": "sensors", "b": "sensors", "blank": "sensors", "c": None}
+    assert [d["name"] for d in reg.fleet_devices("sensors")] == ["a", "b", "blank"]
+    assert reg.fleet("sensors")["members"] == 3
+    assert reg.memberships() == {a: "sensors", b: "sensors", blank: "sensors"}
+
+    # All or nothing: one bad device and none is added.
+    with pytest.raises(RegistryError, match="device 'c' is esp32, fleet 'other' is virtual"):
+        reg.add_to_fleet("other", ["c"])
+    with pytest.raises(RegistryError, match="device 'a' is in fleet 'sensors': keel fleet remove sensors a first"):
+        reg.add_to_fleet("other", ["a"])
+    with pytest.raises(RegistryError, match="no device 'ghost'"):
+        reg.add_to_fleet("sensors", ["c", "ghost"])
+    with pytest.raises(RegistryError, match="no fleet 'nope'"):
+        reg.add_to_fleet("nope", ["a"])
+    assert reg.device("c")["fleet"] is None and reg.fleet("other")["members"] == 0
+
+    with pytest.raises(RegistryError, match="device 'c' is not in fleet 'sensors' \\(in no fleet\\)"):
+        reg.remove_from_fleet("sensors", ["a", "c"])
+    assert reg.device("a")["fleet"] == "sensors"
+    assert reg.remove_from_fleet("sensors", ["a", b]) == ["a", "b"]
+    assert reg.memberships() == {blank: "sensors"}
+    assert reg.add_to_fleet("other", ["a"])["added"] == ["a"]
+
+
+def test_rollbacks_recorded_once(reg):
+    device_id = new_id()
+    reg.add_device(device_id, "d", "virtual")
+    rollback = {"function": "system-part", "index": 2, "version": "1.1.0", "restored": "1.0.0",
+                "reason": "no-cloud", "sha256": None}
+    assert reg.add_rollback(device_id, rollback) is True
+    assert reg.add_rollback(device_id, rollback) is False  # reported on every describe
+    assert reg.add_rollback(device_id, rollback | {"sha256": "ab" * 32}) is True
+    listed = reg.rollbacks(device_id)
+    assert [(r["function"], r["index"], r["version"], r["sha256"], r["restored"], r["reason"])
+            for r in listed] == [("system-part", 2, "1.1.0", None, "1.0.0", "no-cloud"),
+                                 ("system-part", 2, "1.1.0", "ab" * 32, "1.0.0", "no-cloud")]
+    assert reg.rollbacks(new_id()) == []
+
+
 # PostgreSQL only
 
 
@@ -370,7 +444,7 @@ def test_unknown_postgresql_database(postgres_url):
 
 
 def test_reconnects_after_the_server_drops_the_connection(postgres_url):
-    pg_rows(postgres_url, "DROP TABLE IF EXISTS events, devices")
+    pg_rows(postgres_url, f"DROP TABLE IF EXISTS {TABLES}")
     reg = Registry(postgres_url)
     try:
         device_id = new_id()
@@ -390,7 +464,7 @@ def test_the_cloud_uses_postgresql_when_cloud_json_says(postgres_url, tmp_path):
     from keel_cloud.provision import identity_files
     from keel_cloud.server import Cloud
 
-    pg_rows(postgres_url, "DROP TABLE IF EXISTS events, devices")
+    pg_rows(postgres_url, f"DROP TABLE IF EXISTS {TABLES}")
     cloud_dir = CloudDir(tmp_path / "cloud")
     config = cloud_dir.init(mqtt=f"127.0.0.1:{free_port()}", http=f"127.0.0.1:{free_port()}")
     config.database = postgres_url
