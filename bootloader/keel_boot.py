@@ -223,6 +223,17 @@ def halt(slots, reset_reason, reason, missing):
 
 
 OTA_PENDING_FILE = "/keel/ota/pending.json"  # written by system/core/ota.py
+TRIAL_FILE = "/keel/ota/trial.json"  # a new system part on trial (ota_apply.py)
+ROLLBACK_FILE = "/keel/ota/rollback"
+
+
+def give_up_trial(reason):
+    """The system part on trial cannot run: reset, and let ota_apply put the
+    previous one back. Returns only when there is no trial."""
+    if flashfs.exists(TRIAL_FILE):
+        print("keel: the system part on trial failed: %s" % reason)
+        flashfs.write_atomic(ROLLBACK_FILE, reason)
+        reset("rollback")
 
 
 def main():
@@ -230,11 +241,13 @@ def main():
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
     reset_reason = take_reset_reason(port)
-    if flashfs.exists(OTA_PENDING_FILE):
-        import ota_apply  # only when there is an update: kept off the heap otherwise
+    if flashfs.exists(OTA_PENDING_FILE) or flashfs.exists(TRIAL_FILE):
+        import ota_apply  # only for an update or a trial: kept off the heap otherwise
 
         if ota_apply.apply_update(port, board):
             reset_reason = "update"
+        if flashfs.exists(TRIAL_FILE):
+            reset_reason = ota_apply.check_trial(port, reset_reason) or reset_reason
         del sys.modules["ota_apply"]
     slots = load_slots(board)
     for slot in slots:
@@ -248,14 +261,19 @@ def main():
             ensure_installed(slot)
     core = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
     if not core or not core[0].valid:
+        give_up_trial("system part 1 is not valid (%s)" % (core[0].reason if core else "none"))
         if core and core[0].reason != "empty":
             halt(slots, reset_reason, core[0].reason, [])
         halt(slots, reset_reason, "dependency", [{"function": "system-part", "index": 1, "version": None}])
     # Module code only: a stray /main.py at the filesystem root must not shadow the app.
     sys.path[:] = [core[0].code_dir, MODULE_ROOT + "/bl", ".frozen", "/lib"]
     gc.collect()
-    import keel_system
+    try:
+        import keel_system
 
-    sys.modules.pop("romfs", None)
-    gc.collect()
-    keel_system.start(board, slots, reset_reason)
+        sys.modules.pop("romfs", None)
+        gc.collect()
+        keel_system.start(board, slots, reset_reason)
+    except Exception as e:  # noqa: BLE001 - the system itself failed (apps' errors end in it)
+        give_up_trial("%s: %s" % (type(e).__name__, e))
+        raise

@@ -214,6 +214,9 @@ class Session:
         client = self._client
         client.publish((base, b"status"), b"online", retain=True, force=True)
         client.subscribe((base + b"call", base + b"get", base + b"inbox/#", base + b"ota/offer", base + b"ota/chunk"))
+        trial = sys.modules.get("trial")
+        if trial is not None:
+            trial.passed()  # a new system part reached the cloud: it stays
         self._describe()
         ota = sys.modules.get("ota")
         if ota is not None:
@@ -289,6 +292,8 @@ class Session:
             "functions": names[0],
             "variables": names[1],
         }
+        if st.get("rollback"):
+            doc["rollback"] = st["rollback"]
         self._described_app = doc["app"]
         self._client.publish((self.base, b"describe"), json.dumps(doc), force=True)
 

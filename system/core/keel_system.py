@@ -38,6 +38,21 @@ class Status:
         flashfs.write_json(keel_boot.STATUS_FILE, self.doc)
 
 
+def _updates(status):
+    """What the bootloader did with the last system update: a part on trial, or
+    one it rolled back (kept in the status until the next update goes in)."""
+    rolled = flashfs.read_json("/keel/ota/rolled_back.json")
+    if isinstance(rolled, dict):
+        status.doc["rollback"] = rolled
+        print("keel: %s %d %s was rolled back to %s (%s)" % (
+            rolled.get("function"), rolled.get("index") or 0, rolled.get("version"),
+            rolled.get("restored"), rolled.get("reason")))
+    if flashfs.exists("/keel/ota/trial.json"):
+        import trial
+
+        trial.start(status)
+
+
 def _describe(dep):
     version = dep["version"]
     return "%s %d >= %s" % (dep["function"], dep["index"], version if version else "any")
@@ -162,6 +177,7 @@ def start(board, slots, reset_reason):
     SLOTS[:] = slots
     RESET_REASON[0] = reset_reason
     status = Status(slots, reset_reason)
+    _updates(status)
     decision = app_loader.evaluate(slots, reset_reason)
     version = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
     print(

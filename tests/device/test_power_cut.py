@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from keel import build, vdev
+from keel import module_format as mf
 
 OLD, NEW = "OLD-APP-RUNNING", "NEW-APP-RUNNING"
 PRECIOUS = {"serial": "K-0042", "calibration": [1.5, -0.25, 3.0], "boots": 7}
@@ -123,7 +124,7 @@ def _check_recovered(path, console, expect_store):
     status = vdev.status(path)
     assert status["mode"] == "normal", status
     assert status["app"] == "running", status
-    assert status["reset_reason"] in ("power-on", "update"), status
+    assert status["reset_reason"] in ("power-on", "update", "rollback"), status
     bad = [m for m in status["modules"] if not m["valid"]]
     assert not bad, bad
     stored = [line for line in after.splitlines() if line.startswith("STORE ")]
@@ -147,7 +148,7 @@ def two_in_three(k, n):
     return {1: (False,), 2: (True,)}.get(k % 3, ())
 
 
-def _sweep(tmp_path, template, scenario, expect_store, select):
+def _sweep(tmp_path, template, scenario, expect_store, select, check=None):
     # 1. count the flash operations of an uninterrupted boot up to the app's marker
     counting = _copy(template, tmp_path / f"{scenario}-count")
     console, counted = _boot(counting, {"count_only": True})
@@ -169,6 +170,8 @@ def _sweep(tmp_path, template, scenario, expect_store, select):
         try:
             assert counted is not None and counted[0] == k, (counted, console[-1500:])
             ran = _check_recovered(path, console, expect_store)
+            if check is not None:
+                check(path)
             results[point] = ("ok", ran, counted[1])
         except AssertionError as e:
             results[point] = ("FAIL", str(e)[:2000], counted)
@@ -219,4 +222,73 @@ def test_power_cut_during_a_first_boot(tmp_path, device, apps):
     vdev.write_files(dev.path, {"/keel/data/store.json": json.dumps({"precious": PRECIOUS}).encode()})
 
     n, tried, failures = _sweep(tmp_path, dev.path, "first-boot", PRECIOUS, two_in_three)
+    assert not failures, failures
+
+
+def _next_part2(systems):
+    """System part 2 1.1.1: the 1.1.0 payload under a new version (two flash blocks, so
+    the sweep stays exhaustive), still satisfied by part 1 1.1.0."""
+    image = next(systems["1.1.0"].glob("*-system-part2-*.bin")).read_bytes()
+    info = mf.parse_header(image)
+    payload = image[info.header_size:info.header_size + info.payload_size]
+    info.version = mf.encode_version("1.1.1")
+    return mf.build_image(info, payload, hashlib.sha256)
+
+
+def _stage_system_part(dev, image, trial_s=None):
+    flash = bytearray((dev.path / vdev.FLASH_FILE).read_bytes())
+    staging = dev.slot_offset("staging")
+    flash[staging:staging + len(image)] = image
+    (dev.path / vdev.FLASH_FILE).write_bytes(flash)
+    pending = {"slot": "system2", "size": len(image), "sha256": hashlib.sha256(image).hexdigest(),
+               "trial_s": trial_s}
+    vdev.write_files(dev.path, {"/keel/ota/pending.json": json.dumps(pending).encode()})
+
+
+def _part2_version(path):
+    return {(m["function"], m["index"]): m["version"]
+            for m in vdev.status(path)["modules"]}[("system-part", 2)]
+
+
+def test_power_cut_during_a_system_part_swap(tmp_path, device, apps, systems):
+    """A system part replacing another is swapped with the staging partition (so that it
+    can be rolled back): cut at every operation of the swap, the extraction of its code
+    and the end of its trial (this device has no cloud: booting proves it)."""
+    dev = device("1.1.0")
+    dev.flash(apps["old"])
+    assert "STORE null" in dev.run(until=OLD)
+    _stage_system_part(dev, _next_part2(systems))
+
+    n, tried, failures = _sweep(tmp_path, dev.path, "system-swap", PRECIOUS, every_point)
+    assert len(tried) == 2 * n
+    assert not failures, failures
+
+
+def test_power_cut_during_a_rollback(tmp_path, device, apps, systems):
+    """A system part on trial that asked to go back: cut at every operation of the swap
+    that restores the previous part. Every case ends on a valid module set, and once the
+    rollback has begun, on the previous part."""
+    dev = device("1.1.0")
+    dev.flash(apps["old"])
+    assert "STORE null" in dev.run(until=OLD)
+    image = _next_part2(systems)
+    _stage_system_part(dev, image, trial_s=600)
+    ca = pytest.importorskip("keel_cloud.pki").CertificateAuthority.create()
+    ident = ca.issue("0123456789abcdef01234567")
+    vdev.write_files(dev.path, {  # a cloud it cannot reach: the trial stays open
+        "/keel/cloud/key.der": ident.key_der, "/keel/cloud/cert.der": ident.cert_der,
+        "/keel/cloud/ca.der": ca.cert_der,
+        "/keel/cloud/cloud.json": json.dumps({"host": "127.0.0.1", "port": 9}).encode()})
+    console = dev.run(until=OLD)
+    assert "system2 1.1.1 on trial (boot 1 of 3)" in console
+    assert _part2_version(dev.path) == "1.1.1"
+    vdev.write_files(dev.path, {"/keel/ota/rollback": b"no-cloud"})
+
+    def back_on_the_previous_part(path):
+        assert _part2_version(path) == "1.1.0"
+        assert json.loads(vdev.read_file(path, "/keel/ota/rolled_back.json"))["restored"] == "1.1.0"
+
+    n, tried, failures = _sweep(tmp_path, dev.path, "rollback", PRECIOUS, every_point,
+                                back_on_the_previous_part)
+    assert len(tried) == 2 * n
     assert not failures, failures
