@@ -212,7 +212,7 @@ def _stage(dev, image: bytes, copied: int, damage_slot: bool):
     sha = hashlib.sha256(image).hexdigest()
     files = {"/keel/ota/pending.json": json.dumps({"slot": "user", "size": len(image), "sha256": sha})}
     if copied:
-        files["/keel/ota/apply.json"] = json.dumps({"sha256": sha, "copied": copied})
+        files["/keel/ota/apply.json"] = json.dumps({"op": "copy", "sha256": sha, "copied": copied})
     vdev.write_files(dev.path, {k: v.encode() for k, v in files.items()})
 
 
@@ -225,7 +225,7 @@ def test_power_cut_during_the_bootloaders_copy(device, images):
     image = images["new"]
     _stage(dev, image, copied=(len(image) // 2) & ~4095, damage_slot=True)
     console = dev.run(until="NEW-APP-RUNNING")
-    assert "resuming the update of user at byte" in console and "NEW-APP-RUNNING" in console
+    assert "resuming the update at byte" in console and "NEW-APP-RUNNING" in console
     status = vdev.status(dev.path)
     assert status["reset_reason"] == "update" and status["mode"] == "normal"
     assert json.loads(vdev.read_file(dev.path, "/keel/ota/installed.json"))["version"] == "2.0.0"
