@@ -1,6 +1,7 @@
 """The safe mode healer: the selection (lowest satisfying release, prereleases, order,
-no downgrade, blocked), its per-device state machine against a fake OTA sender, and end
-to end with `keel cloud serve` and a virtual device healed from system 1.0.0 to 1.1.0."""
+no downgrade, blocked, a fleet's prerelease rule, rollbacks), its per-device state machine
+against a fake OTA sender (heals, fleet rollouts, rollbacks), and end to end with
+`keel cloud serve` and a virtual device healed from system 1.0.0 to 1.1.0."""
 
 import hashlib
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from keel import build, vdev, vio
 from keel import module_format as mf
-from keel_cloud.healer import HealError, Healer, image_dependencies, plan
+from keel_cloud.healer import HealError, Healer, app_matches, image_dependencies, plan, rollback_of
 from keel_cloud.ota import OtaError
 
 try:
@@ -51,6 +52,20 @@ def describe(installed="1.0.0", missing=(), bootloader="1.0.0"):
     return {"platform": "virtual", "mode": "safe", "safe_mode_reason": "dependency",
             "modules": modules,
             "missing": [{"function": f, "index": i, "version": v} for f, i, v in missing]}
+
+
+def user_part(version, size=100, target="1.1.0"):
+    return {"function": "user-part", "index": 1, "version": version, "size": size, "valid": True,
+            "dependencies": [{"function": SP, "index": i, "version": target} for i in (1, 2)]}
+
+
+def app_release(number=1, version="2.0.0", target="1.1.0", allow_prerelease=False):
+    """A fleet's app release as fleets.Fleets.target() gives it."""
+    return {"fleet": "f", "number": number, "platform": "virtual", "index": 1, "version": version,
+            "size": 100, "sha256": "cc" * 32, "digest": "dd" * 32,
+            "dependencies": [{"function": SP, "index": i, "version": target} for i in (1, 2)],
+            "allow_prerelease": allow_prerelease, "file": "releases/apps/x.bin",
+            "released": "2026-01-01T00:00:00+00:00"}
 
 
 CATALOG = [system("1.3.0-rc.1"), system("1.2.0"), system("1.1.0"), system("1.0.0"),
@@ -114,6 +129,82 @@ def test_blocked_when_nothing_satisfies():
     # Another platform's releases do not count.
     with pytest.raises(HealError, match="for virtual"):
         plan(describe("1.0.0", [(SP, 1, "1.1.0")]), [system("1.1.0") | {"platform": "esp32"}], deps_of)
+
+
+def test_a_fleet_without_allow_prerelease_never_gets_one():
+    catalog = [system("1.0.0"), system("1.2.0-rc.1")]
+    d = describe("1.0.0", [(SP, 1, "1.2.0-rc.1"), (SP, 2, "1.2.0-rc.1")])
+    rc = [(SP, 1, "1.2.0-rc.1"), (SP, 2, "1.2.0-rc.1")]
+    assert labels(plan(d, catalog, deps_of)) == rc  # no fleet: the minimum is a prerelease
+    assert labels(plan(d, catalog, deps_of, prerelease=True)) == rc
+    with pytest.raises(HealError) as e:
+        plan(d, catalog, deps_of, prerelease=False)
+    assert str(e.value) == ("system-part 1 >= 1.2.0-rc.1 needs the prerelease 1.2.0-rc.1, which the "
+                            "fleet's release does not allow (--allow-prerelease)")
+    # A release that satisfies is taken instead of the prerelease.
+    assert labels(plan(d, catalog + [system("1.2.0")], deps_of, prerelease=False)) == [
+        (SP, 1, "1.2.0"), (SP, 2, "1.2.0")]
+    d = describe("1.0.0", [(SP, 1, "1.2.1"), (SP, 2, "1.2.1")])
+    assert labels(plan(d, CATALOG, deps_of, prerelease=False)) == [(SP, 1, "1.10.0"), (SP, 2, "1.10.0")]
+
+
+def test_allow_prerelease_takes_one_only_when_no_release_satisfies():
+    catalog = [system("1.0.0"), system("1.2.0"), system("2.0.0-rc.1")]
+    d = describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")])
+    assert labels(plan(d, catalog, deps_of, prerelease=True)) == [(SP, 1, "1.2.0"), (SP, 2, "1.2.0")]
+    d = describe("1.0.0", [(SP, 1, "1.5.0"), (SP, 2, "1.5.0")])
+    with pytest.raises(HealError, match="no release of system-part 1 >= 1.5.0"):
+        plan(d, catalog, deps_of)  # no fleet: today's rule
+    assert labels(plan(d, catalog, deps_of, prerelease=True)) == [
+        (SP, 1, "2.0.0-rc.1"), (SP, 2, "2.0.0-rc.1")]
+
+
+def rolled(version="1.1.0", index=2, sha256=None, reason="no-cloud"):
+    return {"function": SP, "index": index, "version": version, "sha256": sha256,
+            "restored": "1.0.0", "reason": reason}
+
+
+def test_a_rolled_back_module_is_never_chosen_again():
+    d = describe("1.0.0", [(SP, 2, "1.1.0")])
+    d["modules"][1]["version"] = "1.1.0"  # part 1 1.1.0 stayed; part 2 1.1.0 was rolled back
+    assert labels(plan(d, [system("1.1.0")], deps_of)) == [(SP, 2, "1.1.0")]
+    with pytest.raises(HealError) as e:
+        plan(d, [system("1.0.0"), system("1.1.0")], deps_of, rolled_back=[rolled()])
+    assert str(e.value) == ("system-part 2 1.1.0 was rolled back on this device (no-cloud) and "
+                            "nothing else satisfies system-part 2 >= 1.1.0")
+    # A higher release that satisfies is taken instead (with its own part 1).
+    steps = plan(d, [system("1.1.0"), system("1.1.1"), system("1.2.0")], deps_of, rolled_back=[rolled()])
+    assert labels(steps) == [(SP, 1, "1.1.1"), (SP, 2, "1.1.1")]
+    # Identified by its SHA-256 when the device gave one: another image of that version is
+    # not what failed (the catalog holds one image per version, so this is a hand-built one).
+    catalog = [system("1.1.0")]
+    catalog[0]["modules"][2]["sha256"] = "bb" * 32
+    assert labels(plan(d, catalog, deps_of, rolled_back=[rolled(sha256="aa" * 32)])) == [(SP, 2, "1.1.0")]
+    with pytest.raises(HealError, match="rolled back"):
+        plan(d, catalog, deps_of, rolled_back=[rolled(sha256="bb" * 32)])
+
+
+def test_rollback_of_reads_the_describe_field():
+    d = {"rollback": {"function": SP, "index": 2, "version": "1.1.0", "restored": "1.0.0",
+                      "reason": "no-cloud", "sha256": "AB" * 32}}
+    assert rollback_of(d) == {"function": SP, "index": 2, "version": "1.1.0", "restored": "1.0.0",
+                              "reason": "no-cloud", "sha256": "ab" * 32}
+    assert rollback_of({}) is None
+    assert rollback_of({"rollback": {"function": SP, "index": "2", "version": "1.1.0"}}) is None
+    assert rollback_of({"rollback": "yes"}) is None
+
+
+def test_app_matches_by_sha256_or_by_what_the_describe_says():
+    release = app_release()
+    assert app_matches(user_part("2.0.0"), release)
+    assert not app_matches(user_part("2.0.0", size=101), release)
+    assert not app_matches(user_part("2.0.0", target="1.0.0"), release)
+    assert not app_matches(user_part("3.0.0"), release)
+    assert not app_matches(user_part("2.0.0") | {"valid": False}, release)
+    assert not app_matches(None, release)
+    assert app_matches(user_part("9.9.9") | {"sha256": "dd" * 32}, release)  # the suffix's digest
+    assert app_matches(user_part("9.9.9") | {"sha256": "cc" * 32}, release)  # the file's
+    assert not app_matches(user_part("2.0.0") | {"sha256": "ee" * 32}, release)
 
 
 def test_image_dependencies_read_the_module_header():
@@ -258,6 +349,180 @@ def test_failed_transfers_are_retried_at_most_three_times_in_a_row():
         healer.on_describe("d", d2)
         settle(healer, "d", "healing")
         assert len(ota.sent) == 4
+    finally:
+        healer.stop()
+
+
+class FakeFleets:
+    """target(device) -> the fleet's release; rollbacks as the registry keeps them."""
+
+    def __init__(self):
+        self.targets = {}
+        self.rolled = {}
+
+    def target(self, device_id):
+        return self.targets.get(device_id)
+
+    def app_image(self, release):
+        return b"\0" * release["size"]
+
+    def rollbacks(self, device_id):
+        return self.rolled.get(device_id, [])
+
+
+def with_app(d, app):
+    d = json.loads(json.dumps(d))
+    d["modules"].append(app)
+    return d
+
+
+def normal(installed="1.1.0", app=None):
+    d = describe(installed) | {"mode": "normal", "safe_mode_reason": None}
+    return with_app(d, app) if app else d
+
+
+def test_rollout_sends_the_fleets_app_then_heals_what_it_needs():
+    ota, fleets = FakeOta(), FakeFleets()
+    healer = Healer(ota, FakeCatalog([system("1.0.0"), system("1.1.0")]), fleets, recheck=0,
+                    install_grace=0.5)
+    try:
+        # Not in a fleet yet: its app is left alone.
+        old_app = user_part("1.0.0", target="1.0.0")
+        healer.on_describe("d", normal("1.0.0", old_app))
+        settle(healer, "d", "idle")
+        assert ota.sent == []
+        # Its fleet gets a release: the service pokes the device, which gets the app.
+        fleets.targets["d"] = app_release()
+        healer.poke("d")
+        status = settle(healer, "d", "updating")
+        assert status["sending"] == {"module": "app 2.0.0 (fleet f release 1)", "size": 100,
+                                     "acknowledged": 100, "installing": True}
+        assert ota.sent == [("user-part", 1, "2.0.0")]
+        # The app landed and needs system 1.1.0: safe mode, healed part by part.
+        landed = with_app(describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]), user_part("2.0.0"))
+        healer.on_describe("d", landed)
+        settle(healer, "d", "healing")
+        assert ota.sent[-1] == (SP, 1, "1.1.0")
+        half = json.loads(json.dumps(landed))
+        half["modules"][1]["version"] = "1.1.0"
+        half["missing"] = [{"function": SP, "index": 2, "version": "1.1.0"}]
+        healer.on_describe("d", half)
+        settle(healer, "d", "healing")
+        assert ota.sent[-1] == (SP, 2, "1.1.0")
+        healer.on_describe("d", normal("1.1.0", user_part("2.0.0")))
+        settle(healer, "d", "healed")
+        assert len(ota.sent) == 3
+        # A newer app flashed by hand: the fleet's release goes back on.
+        time.sleep(0.6)
+        healer.on_describe("d", normal("1.1.0", user_part("3.0.0")))
+        settle(healer, "d", "updating")
+        assert ota.sent[-1] == ("user-part", 1, "2.0.0") and len(ota.sent) == 4
+        # A device that reports its app's SHA-256 is compared by it.
+        time.sleep(0.6)
+        healer.on_describe("d", normal("1.1.0", user_part("2.0.0") | {"sha256": "dd" * 32}))
+        settle(healer, "d", "idle")
+        assert len(ota.sent) == 4
+        # Out of the fleet again: nothing is sent whatever it runs.
+        del fleets.targets["d"]
+        healer.on_describe("d", normal("1.1.0", user_part("3.0.0")))
+        settle(healer, "d", "idle")
+        assert len(ota.sent) == 4
+    finally:
+        healer.stop()
+
+
+def test_nothing_is_sent_to_an_offline_device_until_it_describes():
+    ota, fleets = FakeOta(), FakeFleets()
+    healer = Healer(ota, FakeCatalog([system("1.1.0")]), fleets, recheck=0)
+    try:
+        healer.on_describe("d", normal("1.1.0", user_part("1.0.0")))
+        settle(healer, "d", "idle")
+        healer.on_offline("d")
+        fleets.targets["d"] = app_release()
+        healer.poke("d")
+        time.sleep(0.3)
+        assert ota.sent == [] and not healer._devices["d"].busy
+        healer.on_describe("d", normal("1.1.0", user_part("1.0.0")))
+        settle(healer, "d", "updating")
+        assert ota.sent == [("user-part", 1, "2.0.0")]
+        healer.poke("nobody")  # never described: nothing to decide from
+        assert "nobody" not in healer._devices
+    finally:
+        healer.stop()
+
+
+def test_prerelease_gating_for_fleet_devices():
+    ota, fleets = FakeOta(), FakeFleets()
+    catalog = FakeCatalog([system("1.0.0"), system("1.2.0-rc.1")])
+    healer = Healer(ota, catalog, fleets, recheck=0)
+    try:
+        app = user_part("2.0.0", target="1.2.0-rc.1")
+        d = with_app(describe("1.0.0", [(SP, 1, "1.2.0-rc.1"), (SP, 2, "1.2.0-rc.1")]), app)
+        fleets.targets["fleet-dev"] = app_release(target="1.2.0-rc.1")
+        healer.on_describe("fleet-dev", d)
+        status = settle(healer, "fleet-dev", "blocked")
+        assert "1.2.0-rc.1" in status["reason"] and "--allow-prerelease" in status["reason"]
+        # The same device in no fleet: today's rule sends the prerelease.
+        healer.on_describe("lone-dev", d)
+        settle(healer, "lone-dev", "healing")
+        assert ota.sent == [(SP, 1, "1.2.0-rc.1")]
+        # Released again with --allow-prerelease: the fleet's devices get it too.
+        fleets.targets["fleet-dev"] = app_release(number=2, target="1.2.0-rc.1", allow_prerelease=True)
+        healer.poke("fleet-dev")
+        settle(healer, "fleet-dev", "healing")
+        assert ota.sent == [(SP, 1, "1.2.0-rc.1")] * 2
+    finally:
+        healer.stop()
+
+
+def rolled_back_describe(reason="no-cloud"):
+    """Part 1 1.1.0 stayed, part 2 1.1.0 failed its trial: back on 1.0.0, in safe mode."""
+    d = with_app(describe("1.0.0", [(SP, 2, "1.1.0")]), user_part("2.0.0"))
+    d["modules"][1]["version"] = "1.1.0"
+    d["rollback"] = {"function": SP, "index": 2, "version": "1.1.0", "restored": "1.0.0",
+                     "reason": reason, "sha256": "ab" * 32}
+    return d
+
+
+def test_a_rollback_blocks_the_same_module_and_a_higher_release_unblocks():
+    ota = FakeOta()
+    catalog = FakeCatalog([system("1.0.0"), system("1.1.0")])
+    healer = Healer(ota, catalog, FakeFleets(), recheck=0.2, install_grace=30)
+    try:
+        first = with_app(describe("1.0.0", [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]), user_part("2.0.0"))
+        healer.on_describe("d", first)
+        settle(healer, "d", "healing")
+        half = rolled_back_describe()
+        del half["rollback"]  # part 1 1.1.0 installed, part 2 still missing
+        healer.on_describe("d", half)
+        settle(healer, "d", "healing")
+        assert ota.sent == [(SP, 1, "1.1.0"), (SP, 2, "1.1.0")]
+        # Part 2 failed its trial: the describe says so at once, no grace to wait out.
+        healer.on_describe("d", rolled_back_describe())
+        status = settle(healer, "d", "blocked", timeout=3)
+        assert status["reason"] == ("system-part 2 1.1.0 was rolled back on this device (no-cloud) "
+                                    "and nothing else satisfies system-part 2 >= 1.1.0")
+        assert "failures" not in status and len(ota.sent) == 2
+        healer.on_describe("d", rolled_back_describe())  # again: still blocked, nothing sent
+        time.sleep(0.3)
+        assert healer.status("d")["state"] == "blocked" and len(ota.sent) == 2
+        catalog.list.append(system("1.1.1"))  # a fix is released: the healer notices
+        settle(healer, "d", "healing")
+        assert ota.sent[2:] == [(SP, 1, "1.1.1")]
+    finally:
+        healer.stop()
+
+
+def test_a_rollback_recorded_in_the_registry_counts_without_the_describe_field():
+    ota, fleets = FakeOta(), FakeFleets()
+    fleets.rolled["d"] = [rolled()]
+    healer = Healer(ota, FakeCatalog([system("1.1.0")]), fleets, recheck=0)
+    try:
+        d = rolled_back_describe()
+        del d["rollback"]
+        healer.on_describe("d", d)
+        assert "was rolled back on this device (no-cloud)" in settle(healer, "d", "blocked")["reason"]
+        assert ota.sent == []
     finally:
         healer.stop()
 
