@@ -27,6 +27,7 @@ RESEND_AFTER = 15.0
 RECONNECT_GRACE = 1.5  # after a reconnect, how long to wait for the device's status
 MAX_UNANSWERED_OFFERS = 4  # offers in a row without any answer: the device is gone
 DEFAULT_TIMEOUT = 600.0
+TRIAL_S = 300  # seconds a new system part has to reach the cloud before the device rolls it back
 
 
 class OtaError(Exception):
@@ -58,9 +59,10 @@ class _Transfer:
 class OtaSender:
     """publish(topic, payload, qos) is the fleet service's MQTT client's publish."""
 
-    def __init__(self, publish, silence: float = SILENCE):
+    def __init__(self, publish, silence: float = SILENCE, trial_s: int = TRIAL_S):
         self._publish = publish
         self.silence = silence
+        self.trial_s = trial_s
         self._lock = threading.Lock()
         self._transfers: dict[str, _Transfer] = {}
 
@@ -115,7 +117,7 @@ class OtaSender:
         offer = json.dumps({
             "sha256": sha, "function": module.get("function"), "index": module.get("index"),
             "version": module.get("version"), "platform": module.get("platform"),
-            "size": size, "chunk_size": chunk_size,
+            "size": size, "chunk_size": chunk_size, "trial_s": self.trial_s,
         })
         deadline = time.monotonic() + timeout
         epoch = time.monotonic()  # when the device's current connection began
