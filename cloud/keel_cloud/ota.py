@@ -117,7 +117,9 @@ class OtaSender:
         offer = json.dumps({
             "sha256": sha, "function": module.get("function"), "index": module.get("index"),
             "version": module.get("version"), "platform": module.get("platform"),
-            "size": size, "chunk_size": chunk_size, "trial_s": self.trial_s,
+            "size": size, "chunk_size": chunk_size,
+            # only a new system part goes on trial (and is rolled back if it fails it)
+            **({"trial_s": self.trial_s} if module.get("function") == "system-part" else {}),
         })
         deadline = time.monotonic() + timeout
         epoch = time.monotonic()  # when the device's current connection began
