@@ -579,11 +579,13 @@ def test_mqtt_client_state_machine_under_micropython(tmp_path):
 
 HEAP_APP = """\
 import gc
+import micropython
 import keel
 
 def heap(label):
     gc.collect()
     print(label, keel.connected(), gc.mem_alloc())
+    micropython.qstr_info()
 
 def setup():
     heap("HEAP-START")
@@ -609,6 +611,7 @@ def test_heap_cost_of_the_session(device, make_app, broker, cloud, pki):
     broker.start()
     cloud(broker)
     out = {}
+    qstr = {}
     for name, dev in (("plain", plain), ("cloud", provisioned)):
         console = dev.run(until="HEAP-IDLE")
         out[name] = {
@@ -616,11 +619,19 @@ def test_heap_cost_of_the_session(device, make_app, broker, cloud, pki):
             for line in console.splitlines()
             if line.startswith("HEAP-")
         }
+        # the interned names' pools, at app start (the first qstr_info line)
+        info = next(line for line in console.splitlines() if line.startswith("qstr pool:"))
+        qstr[name] = int(info.rsplit("n_total_bytes=", 1)[1])
     assert out["plain"]["HEAP-UP"][0] == "False" and out["cloud"]["HEAP-UP"][0] == "True"
     idle = out["cloud"]["HEAP-START"][1] - out["plain"]["HEAP-START"][1]
     connected = out["cloud"]["HEAP-UP"][1] - out["cloud"]["HEAP-START"][1]
     churn = out["cloud"]["HEAP-IDLE"][1] - out["plain"]["HEAP-IDLE"][1]
-    print(f"session heap: {idle} bytes before connecting, {connected} more connected, "
-          f"{churn} bytes allocated in 0.5 s of idle passes")
-    assert idle + connected < 24 * 1024
+    names = qstr["cloud"] - qstr["plain"]
+    print(f"session heap: {idle} bytes before connecting ({names} of them interned names), "
+          f"{connected} more connected, {churn} bytes allocated in 0.5 s of idle passes")
+    # MicroPython interns names in pools that double in size when full, so a few more
+    # names anywhere in the boot path can make the session's import allocate the next
+    # pool (~8 KB, mostly empty): that step is held to its own limit.
+    assert idle - names + connected < 24 * 1024
+    assert names < 12 * 1024
     assert churn <= 0  # an idle session allocates nothing on its passes
