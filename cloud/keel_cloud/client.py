@@ -65,3 +65,13 @@ class ApiClient:
 
     def transfer(self, transfer_id: str) -> dict:
         return self._request("GET", f"/transfers/{quote(str(transfer_id), safe='')}")
+
+    def fleets(self) -> list[dict]:
+        return self._request("GET", "/fleets")
+
+    def fleet(self, name: str) -> dict:
+        return self._request("GET", f"/fleets/{quote(name, safe='')}")
+
+    def rollout(self, timeout: float = 5.0) -> int:
+        """Tell the running cloud that fleets or releases changed in the registry."""
+        return self._request("POST", "/rollout", {}, timeout=timeout)["changed"]

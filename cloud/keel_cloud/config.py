@@ -44,6 +44,9 @@ class CloudConfig:
     broker: str | None = None  # mqtts://HOST:PORT of an external broker, else embedded
     database: str | None = None  # a URL (postgresql://…) instead of the SQLite registry
     keepalive: int = 30  # seconds, given to devices at provisioning
+    # seconds a device on a new system part has to reach the cloud before its bootloader
+    # rolls the part back (sent in every update offer)
+    trial_s: int = 300
     extra: dict = field(default_factory=dict)
 
 

@@ -10,6 +10,11 @@
                                              version, platform}} -> {"transfer": ID}
   GET  /api/transfers/ID                     {"state": "sending"|"pending"|"failed", "size",
                                              "acknowledged", "error", …}
+  GET  /api/fleets                           every fleet, with its current release
+  GET  /api/fleets/NAME                      one fleet: its releases, and its members with
+                                             their versions and update state
+  POST /api/rollout                          look again at fleets and releases the CLI
+                                             changed in the registry -> {"changed": N}
 """
 
 import base64
@@ -26,6 +31,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
+from keel_cloud.fleets import member_state
+from keel_cloud.healer import installed_app
 from keel_cloud.ota import OtaError
 from keel_cloud.service import DeviceError, FleetService
 
@@ -38,10 +45,11 @@ KEEP_TRANSFERS = 100  # finished transfers remembered for GET /api/transfers/ID
 
 
 def device_summary(device: dict) -> dict:
-    return {k: device[k] for k in ("name", "id", "platform", "online", "mode", "system_version")}
+    return {k: device.get(k) for k in ("name", "id", "platform", "online", "mode", "system_version",
+                                       "fleet")}
 
 
-def device_detail(device: dict, heal: dict | None = None) -> dict:
+def device_detail(device: dict, heal: dict | None = None, rollbacks: list | None = None) -> dict:
     out = device_summary(device)
     describe = device["describe"]
     out.update(
@@ -57,7 +65,34 @@ def device_detail(device: dict, heal: dict | None = None) -> dict:
         # The safe mode healer: {"state": idle|healing|blocked|healed|failed, "reason",
         # "sending": {"module", "size", "acknowledged"}, "plan": [labels], "failures"}
         heal=heal or {"state": "idle"},
+        # The last rollback, as the device's describe says now (or None); and every system
+        # part its bootloader ever rolled back, as recorded: {function, index, version,
+        # sha256, restored, reason, ts}. The healer never sends those to it again.
+        rollback=describe.get("rollback"),
+        rollbacks=rollbacks or [],
     )
+    return out
+
+
+def fleet_summary(fleet: dict, release: dict | None) -> dict:
+    return {"name": fleet["name"], "platform": fleet["platform"], "members": fleet["members"],
+            "release": _release_summary(release)}
+
+
+def _release_summary(release: dict | None) -> dict | None:
+    if release is None:
+        return None
+    return {k: release[k] for k in ("number", "version", "sha256", "dependencies",
+                                    "allow_prerelease", "released")}
+
+
+def fleet_member(device: dict, heal: dict, release: dict | None, rollbacks: list) -> dict:
+    """A member with its versions and where it stands (fleets.member_state)."""
+    app = installed_app(device["describe"] or {})
+    out = device_summary(device)
+    out["app_version"] = app.get("version") if app else None
+    out.update(member_state(device, heal, release))
+    out["rollbacks"] = rollbacks
     return out
 
 
@@ -160,7 +195,8 @@ class ApiServer(ThreadingHTTPServer):
                 return [device_summary(d) for d in self.registry.devices()]
             case "GET", ["devices", name]:
                 device = self._device(name)
-                return device_detail(device, self.service.healer.status(device["id"]))
+                return device_detail(device, self.service.healer.status(device["id"]),
+                                     self.registry.rollbacks(device["id"]))
             case "GET", ["devices", name, "variables", var]:
                 device = self._online(name)
                 return {"value": self.service.request(device["id"], "get", var)}
@@ -189,6 +225,13 @@ class ApiServer(ThreadingHTTPServer):
                 return {"events": events, "last": events[-1]["seq"] if events else after}
             case "POST", ["devices", name, "flash"]:
                 return self._start_flash(self._online(name), body)
+            case "GET", ["fleets"]:
+                fleets = self.service.fleets
+                return [fleet_summary(f, fleets.current(f["name"])) for f in self.registry.fleets()]
+            case "GET", ["fleets", name]:
+                return self._fleet(name)
+            case "POST", ["rollout"]:
+                return {"changed": self.service.rollout()}
             case "GET", ["transfers", transfer_id]:
                 with self._transfers_lock:
                     transfer = self._transfers.get(transfer_id)
@@ -196,6 +239,18 @@ class ApiServer(ThreadingHTTPServer):
                         raise ApiError(HTTPStatus.NOT_FOUND, f"no transfer '{transfer_id}'")
                     return dict(transfer)
         raise ApiError(HTTPStatus.NOT_FOUND, "no such API endpoint")
+
+    def _fleet(self, name: str) -> dict:
+        fleet = self.registry.fleet(name)
+        if fleet is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no fleet '{name}'")
+        history = self.service.fleets.history(name)
+        release = history[0] if history else None
+        members = [fleet_member(d, self.service.healer.status(d["id"]), release,
+                                self.registry.rollbacks(d["id"]))
+                   for d in self.registry.fleet_devices(name)]
+        return fleet_summary(fleet, release) | {
+            "releases": [_release_summary(r) for r in history], "devices": members}
 
     # Updates over the air
 

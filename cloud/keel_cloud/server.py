@@ -73,7 +73,8 @@ class Cloud:
             self.broker = EmbeddedBroker(self.dir)
             self.loop.run(self.broker.start())
             host, port, tls = "127.0.0.1", self.broker.internal_port, None
-        self.service = FleetService(self.registry, host, port, tls, cloud_path=self.dir.path)
+        self.service = FleetService(self.registry, host, port, tls, cloud_path=self.dir.path,
+                                    trial_s=config.trial_s)
         self.service.start()
         http_host, http_port = parse_address(config.http, 8780)
         self.api = ApiServer((http_host, http_port), self.service, self.dir.token())

@@ -1,5 +1,6 @@
 """The fleet service: a privileged MQTT client that keeps the registry up to date
-from what devices send, and carries calls, variable reads and events to them."""
+from what devices send, and carries calls, variable reads and events to them. Its healer
+sends each fleet member its fleet's app and the system parts that app needs."""
 
 import itertools
 import json
@@ -11,13 +12,15 @@ import time
 import paho.mqtt.client as mqtt
 
 from keel_cloud import pki
-from keel_cloud.healer import Healer, SharedCatalog
-from keel_cloud.ota import OtaSender
+from keel_cloud.fleets import Fleets
+from keel_cloud.healer import Healer, SharedCatalog, rollback_of
+from keel_cloud.ota import TRIAL_S, OtaSender
 from keel_cloud.registry import Registry
 
 log = logging.getLogger("keel.cloud.service")
 PREFIX = "devices/"
 REQUEST_TIMEOUT = 5.0
+FLEET_POLL = 5.0  # s between looks at fleet memberships and releases other processes changed
 
 
 class DeviceError(Exception):
@@ -26,7 +29,7 @@ class DeviceError(Exception):
 
 class FleetService:
     def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None,
-                 cloud_path=None):
+                 cloud_path=None, trial_s: int = TRIAL_S, fleet_poll: float = FLEET_POLL):
         self.registry = registry
         self.host = host
         self.port = port
@@ -45,22 +48,36 @@ class FleetService:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 10)
-        self.ota = OtaSender(lambda topic, payload, qos: self.client.publish(topic, payload, qos=qos))
-        # The safe mode healer reads the release catalog (its images are kept in the cloud
-        # directory: the SQLite registry's, unless cloud_path says where).
+        self.ota = OtaSender(lambda topic, payload, qos: self.client.publish(topic, payload, qos=qos),
+                             trial_s=trial_s)
+        # The safe mode healer reads the release catalog and the fleets' releases (their
+        # images are kept in the cloud directory: the SQLite registry's, unless cloud_path
+        # says where).
         cloud_path = cloud_path or (registry.path.parent if registry.path else None)
-        self.healer = Healer(self.ota, SharedCatalog(registry, cloud_path) if cloud_path else None)
+        self.fleets = Fleets(registry, cloud_path)
+        self.healer = Healer(self.ota, SharedCatalog(registry, cloud_path) if cloud_path else None,
+                             self.fleets)
+        # Fleet changes come from the keel CLI, which writes the registry itself: it asks
+        # for a rollout (rollout()), and a poll catches what it could not tell.
+        self._fleet_poll = fleet_poll
+        self._fleet_print: dict[str, tuple] = {}
+        self._fleet_lock = threading.Lock()
+        self._stop = threading.Event()
 
     # Life cycle
 
     def start(self, wait: float = 10.0) -> None:
+        self.rollout()  # what the fleets are now: devices are looked at as they describe
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
         if not self._connected.wait(wait):
             raise ConnectionError(f"the fleet service cannot reach the broker at {self.host}:{self.port}")
+        if self._fleet_poll:
+            threading.Thread(target=self._poll_fleets, name="keel-fleet-poll", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping = True
+        self._stop.set()
         self.healer.stop()
         self.client.disconnect()
         self.client.loop_stop()
@@ -97,9 +114,15 @@ class FleetService:
                 self.registry.set_online(device_id, msg.payload == b"online")
                 if msg.payload == b"online":
                     self.ota.on_online(device_id)
+                else:
+                    self.healer.on_offline(device_id)
             elif kind == "describe":
                 describe = json.loads(msg.payload)
                 self.registry.set_describe(device_id, describe)
+                rollback = rollback_of(describe)
+                if rollback and self.registry.add_rollback(device_id, rollback):
+                    log.warning("device %s rolled back %s %s %s (%s)", device_id, rollback["function"],
+                                rollback["index"], rollback["version"], rollback.get("reason"))
                 self.healer.on_describe(device_id, describe)  # only schedules: its own threads work
             elif kind == "events" and len(parts) == 4:
                 data = msg.payload.decode("utf-8", errors="replace") if msg.payload else None
@@ -122,6 +145,30 @@ class FleetService:
         if waiter is not None:
             waiter["reply"] = reply
             waiter["done"].set()
+
+    # Fleets
+
+    def rollout(self) -> int:
+        """Look again at the devices whose fleet, or whose fleet's release, changed since
+        the last look: the healer sends each the fleet's app if it does not run it (a device
+        not heard from yet gets it when it describes). Returns how many changed."""
+        with self._fleet_lock:
+            currents = self.fleets.currents()
+            now = {device_id: (fleet, currents.get(fleet))
+                   for device_id, fleet in self.registry.memberships().items()}
+            changed = [device_id for device_id in set(now) | set(self._fleet_print)
+                       if now.get(device_id) != self._fleet_print.get(device_id)]
+            self._fleet_print = now
+        for device_id in changed:
+            self.healer.poke(device_id)
+        return len(changed)
+
+    def _poll_fleets(self) -> None:
+        while not self._stop.wait(self._fleet_poll):
+            try:
+                self.rollout()
+            except Exception:  # noqa: BLE001 - a database hiccup: next time
+                log.exception("cannot read the fleets")
 
     # Outgoing
 

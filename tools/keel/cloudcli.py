@@ -1,10 +1,16 @@
 """The keel commands that talk to Keel Cloud (cloud serve, device provision, list,
-device show, get, call, publish, subscribe, release, flash). The cloud itself is the keel_cloud
-package (cloud/)."""
+device show, get, call, publish, subscribe, release, flash, fleet). The cloud itself is the
+keel_cloud package (cloud/).
+
+Commands that change the catalog, the fleets or the registry (release, fleet create/add/
+remove, device provision) write the cloud directory's database themselves, so they work
+whether or not the cloud runs; those a running cloud must act on then tell it
+(POST /api/rollout). Commands that show live state ask the running cloud."""
 
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from keel_cloud.client import ApiClient
@@ -17,6 +23,28 @@ from keel.errors import KeelError
 
 def cloud_dir(args) -> CloudDir:
     return CloudDir(getattr(args, "cloud", None))
+
+
+@contextmanager
+def open_registry(args):
+    """The cloud directory's registry (SQLite, or the PostgreSQL database it names)."""
+    from keel_cloud.registry import Registry
+
+    directory = cloud_dir(args).require()
+    registry = Registry(directory.config().database or directory.registry_path)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def tell_the_cloud(args) -> None:
+    """A running cloud acts on a fleet change at once (else within its poll, or when it
+    starts: devices describe themselves on every connect)."""
+    try:
+        ApiClient(cloud_dir(args)).rollout()
+    except CloudError:
+        print("Keel Cloud is not running here: its devices are updated once it runs")
 
 
 def cmd_cloud_serve(args) -> int:
@@ -45,15 +73,36 @@ def cmd_device_provision(args) -> int:
     from keel_cloud.provision import identity_files
 
     if args.port:
+        if args.fleet:
+            raise KeelError("--fleet works with a virtual device; add a board with keel fleet add")
         return _provision_board(args)
     device = vdev.VirtualDevice(args.dir)
     board = device.board()
     device_id = (device.path / vdev.UID_FILE).read_text().strip()
     name = args.name or device.path.name
+    if args.fleet:
+        check_can_join(args, args.fleet, device_id, board.platform)
     files = identity_files(cloud_dir(args), device_id, name, board.platform)
     vdev.write_files(device.path, files)
     print(f"provisioned {name} (device id {device_id}); it connects at its next boot")
+    if args.fleet:
+        with open_registry(args) as registry:
+            registry.add_to_fleet(args.fleet, [device_id])
+        print(f"{name} is in fleet {args.fleet}: it gets the fleet's app when it connects")
     return 0
+
+
+def check_can_join(args, fleet_name: str, device_id: str, platform: str) -> None:
+    """Before anything is provisioned: the fleet exists, is for the device's platform,
+    and the device is in no other fleet."""
+    with open_registry(args) as registry:
+        fleet = registry.require_fleet(fleet_name)
+        known = registry.device(device_id)
+    if fleet["platform"] != platform:
+        raise KeelError(f"the device is {platform}, fleet '{fleet_name}' is {fleet['platform']}")
+    if known and known["fleet"] not in (None, fleet_name):
+        raise KeelError(f"device '{known['name']}' is in fleet '{known['fleet']}': "
+                        f"keel fleet remove {known['fleet']} {known['name']} first")
 
 
 def _provision_board(args) -> int:
@@ -106,11 +155,14 @@ def cmd_device_show(args) -> int:
     print(f"  state         {'online' if device['online'] else 'offline'}, mode {device['mode']}"
           + (f" ({device['safe_mode_reason']})" if device.get("safe_mode_reason") else ""))
     print(f"  system        {device['system_version']}")
+    print(f"  fleet         {device.get('fleet') or '-'}")
     print(f"  reset reason  {device.get('reset_reason')}")
     for dep in device.get("missing", []):
         print(f"  missing       {dep['function']} {dep['index']} >= {dep['version'] or 'any'}")
     heal = device.get("heal") or {"state": "idle"}
     print(f"  heal          {heal_line(heal)}")
+    for r in device.get("rollbacks", []):
+        print(f"  rolled back   {rollback_line(r)}")
     for m in device.get("modules", []):
         state = "valid" if m.get("valid") else "INVALID"
         print(f"  module        {m['function']} {m['index']} {m.get('version')}  {state}")
@@ -135,6 +187,11 @@ def heal_line(heal: dict) -> str:
     if heal.get("reason"):
         text += f": {heal['reason']}"
     return text
+
+
+def rollback_line(r: dict) -> str:
+    return (f"{r['function']} {r['index']} {r['version']} -> {r.get('restored') or '?'}"
+            f" ({r.get('reason') or 'no reason given'})")
 
 
 def cmd_get(args) -> int:
@@ -224,6 +281,35 @@ def cmd_release_list(args) -> int:
     return 0
 
 
+def cmd_release_app(args) -> int:
+    from keel_cloud.fleets import AppImage, Fleets
+    from keel_cloud.releases import Catalog
+
+    image = images.load_valid_image(args.file)  # refuses a corrupt image
+    info = image.info
+    if info.function != mf.FUNCTION_USER_PART:
+        raise KeelError(f"{args.file} is {image.name}, not an app (a user part): "
+                        "release system parts with keel release system DIR")
+    app = AppImage(version=mf.decode_version(info.version), index=info.index,
+                   platform=mf.platform_name(info.platform),
+                   dependencies=[mf.dependency_dict(d) for d in info.dependencies], data=image.data)
+    with Fleets.open(cloud_dir(args)) as fleets, Catalog(cloud_dir(args)) as catalog:
+        try:
+            release = fleets.release(args.fleet, app, args.allow_prerelease, catalog)
+        except CloudError as e:
+            raise KeelError(f"{args.file} not released to fleet {args.fleet}: {e}") from None
+        members = fleets.registry.fleet(args.fleet)["members"]
+    if release["already"]:
+        print(f"{args.file} is already release {release['number']} of fleet {args.fleet}; nothing to do")
+        return 0
+    needs = ", ".join(f"{d['function']} {d['index']} >= {d['version']}" for d in release["dependencies"])
+    pre = "; prereleases allowed" if release["allow_prerelease"] else ""
+    print(f"released app {release['version']} to fleet {args.fleet} as release {release['number']} "
+          f"(needs {needs or 'nothing'}{pre}); {members} device(s) in the fleet")
+    tell_the_cloud(args)
+    return 0
+
+
 def _progress_bar(done: int, total: int, width: int = 30) -> str:
     filled = width * done // total if total else width
     return f"[{'#' * filled}{'.' * (width - filled)}] {100 * done // max(total, 1):3d}% {done}/{total} bytes"
@@ -240,6 +326,10 @@ def cmd_flash(args) -> int:
                         f"{device['platform']}: nothing sent")
     if not device.get("online"):
         raise KeelError(f"device '{args.name}' is offline")
+    if device.get("fleet") and module["function"] == "user-part":
+        print(f"note: {args.name} is in fleet {device['fleet']}: once this app runs, the fleet's "
+              f"release replaces it (keel fleet remove {device['fleet']} {args.name} to keep it)",
+              file=sys.stderr)
     started = client.flash(args.name, image.data, module)
     total = started["size"]
     tty = sys.stderr.isatty()
@@ -259,6 +349,73 @@ def cmd_flash(args) -> int:
     if state["state"] != "pending":
         raise KeelError(f"update of '{args.name}' failed: {state.get('error')}")
     print(f"sent {image.name} to {args.name} ({total} bytes); the device installs it at its reset")
+    return 0
+
+
+def cmd_fleet_create(args) -> int:
+    try:
+        mf.platform_id(args.platform)
+    except mf.FormatError as e:
+        raise KeelError(str(e)) from None
+    with open_registry(args) as registry:
+        registry.create_fleet(args.name, args.platform)
+    print(f"created fleet {args.name} ({args.platform}); add devices with keel fleet add {args.name} DEVICE")
+    return 0
+
+
+def cmd_fleet_add(args) -> int:
+    with open_registry(args) as registry:
+        result = registry.add_to_fleet(args.name, args.devices)
+    if result["added"]:
+        print(f"added {', '.join(result['added'])} to fleet {args.name}")
+    if result["already"]:
+        print(f"already in fleet {args.name}: {', '.join(result['already'])}")
+    if result["added"]:
+        tell_the_cloud(args)
+    return 0
+
+
+def cmd_fleet_remove(args) -> int:
+    with open_registry(args) as registry:
+        removed = registry.remove_from_fleet(args.name, args.devices)
+    print(f"removed {', '.join(removed)} from fleet {args.name} (they keep the app they run)")
+    tell_the_cloud(args)
+    return 0
+
+
+def cmd_fleet_list(args) -> int:
+    fleets = ApiClient(cloud_dir(args)).fleets()
+    if args.json:
+        print(json.dumps(fleets, indent=2))
+        return 0
+    if not fleets:
+        print("no fleets (make one with keel fleet create NAME --platform P)")
+    for f in fleets:
+        print(f"{f['name']:<20} {f['platform']:<9} {f['members']} device(s)  {release_text(f['release'])}")
+    return 0
+
+
+def release_text(release: dict | None) -> str:
+    if release is None:
+        return "no release yet"
+    pre = ", prereleases allowed" if release["allow_prerelease"] else ""
+    return (f"release {release['number']}: app {release['version']} ({release['sha256'][:12]}), "
+            f"released {release['released'][:19].replace('T', ' ')}{pre}")
+
+
+def cmd_fleet_show(args) -> int:
+    fleet = ApiClient(cloud_dir(args)).fleet(args.name)
+    if args.json:
+        print(json.dumps(fleet, indent=2))
+        return 0
+    print(f"fleet {fleet['name']} ({fleet['platform']}), {fleet['members']} device(s)")
+    print(f"  {release_text(fleet['release'])}")
+    for d in fleet["devices"]:
+        state = "online" if d["online"] else "offline"
+        print(f"  {d['name']:<20} {state:<7}  app {d['app_version'] or '-':<10} "
+              f"system {d['system_version'] or '-':<10} {heal_line(d)}")
+        for r in d.get("rollbacks", []):
+            print(f"  {'':<20} rolled back {rollback_line(r)}")
     return 0
 
 
@@ -289,6 +446,7 @@ def add_commands(commands) -> None:
     p.add_argument("dir", metavar="DIR", nargs="?", help="a virtual device")
     p.add_argument("--name")
     p.add_argument("--port", help="a board's serial port instead of a virtual device")
+    p.add_argument("--fleet", metavar="NAME", help="put the device in this fleet")
     cloud_option(p)
     p.set_defaults(func=cmd_device_provision)
     p = devices.add_parser("show", help="one device: state, versions, modules")
@@ -324,17 +482,48 @@ def add_commands(commands) -> None:
     cloud_option(p)
     p.set_defaults(func=cmd_subscribe)
 
-    release = commands.add_parser("release", help="the cloud's catalog of system releases")
+    release = commands.add_parser("release", help="system releases (the catalog) and fleet app releases")
     releases = release.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = releases.add_parser("system", help="register every module image in DIR (keel build system output)")
     p.add_argument("dir", metavar="DIR")
     cloud_option(p)
     p.set_defaults(func=cmd_release_system)
+    p = releases.add_parser("app", help="make an app image its fleet's app: every member gets it")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--fleet", required=True, metavar="NAME")
+    p.add_argument("--allow-prerelease", action="store_true",
+                   help="let the fleet's devices be healed to prerelease system versions")
+    cloud_option(p)
+    p.set_defaults(func=cmd_release_app)
     p = releases.add_parser("list", help="the releases, newest first")
     p.add_argument("--json", action="store_true")
     p.add_argument("--platform", metavar="P")
     cloud_option(p)
     p.set_defaults(func=cmd_release_list)
+
+    fleet = commands.add_parser("fleet", help="fleets: devices that run one app release")
+    fleets = fleet.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = fleets.add_parser("create", help="a new fleet, for one platform")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--platform", required=True, metavar="P")
+    cloud_option(p)
+    p.set_defaults(func=cmd_fleet_create)
+    for what, func, about in (("add", cmd_fleet_add, "put devices in the fleet"),
+                              ("remove", cmd_fleet_remove, "take devices out of the fleet")):
+        p = fleets.add_parser(what, help=about)
+        p.add_argument("name", metavar="NAME")
+        p.add_argument("devices", metavar="DEVICE", nargs="+")
+        cloud_option(p)
+        p.set_defaults(func=func)
+    p = fleets.add_parser("list", help="every fleet with its current release")
+    p.add_argument("--json", action="store_true")
+    cloud_option(p)
+    p.set_defaults(func=cmd_fleet_list)
+    p = fleets.add_parser("show", help="a fleet's release and its devices' update state")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    cloud_option(p)
+    p.set_defaults(func=cmd_fleet_show)
 
     p = commands.add_parser("flash", help="send a module image to a device over the air")
     p.add_argument("name", metavar="NAME")
