@@ -294,6 +294,21 @@ def test_rollout_to_a_fake_device_and_its_rollback_shown(running, systems, tmp_p
         code, out, _ = keel(capsys, "fleet", "list", *c)
         assert out.startswith("sensors") and "1 device(s)  release 1: app 2.0.0" in out
         assert len(device.offers) == 1  # nothing more was sent
+
+        # A device put in the fleet by another process, which does not tell the cloud:
+        # the service's poll notices, and sends it the app.
+        late = FakeDevice(running, "fake2")
+        try:
+            wait_until(lambda: running.registry.device("fake2")["online"], what="fake2 online")
+            other = Registry(running.dir.registry_path)
+            try:
+                other.add_to_fleet("sensors", ["fake2"])
+            finally:
+                other.close()
+            wait_until(lambda: late.done and late.image == image.read_bytes(), timeout=15,
+                       what="the app sent to fake2")
+        finally:
+            late.close()
     finally:
         device.close()
 
