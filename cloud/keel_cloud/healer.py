@@ -156,9 +156,10 @@ def _choose(key, minimum, have, offered: dict, platform, prerelease, rolled_back
                          and (have is None or version_key(v) > version_key(have))), key=version_key)
     undone = [r for v in satisfying if (r := _rolled_back(key, v, offered[v], rolled_back))]
     usable = [v for v in satisfying if not _rolled_back(key, v, offered[v], rolled_back)]
-    usual = [v for v in usable if not is_prerelease(v) or is_prerelease(minimum)]
-    if prerelease is False:
+    if prerelease is False:  # a fleet whose release was made without --allow-prerelease
         usual = [v for v in usable if not is_prerelease(v)]
+    else:
+        usual = [v for v in usable if not is_prerelease(v) or is_prerelease(minimum)]
     if usual:
         return usual[0]
     if usable and prerelease:
