@@ -417,6 +417,45 @@ def test_rollbacks_recorded_once(reg):
     assert reg.rollbacks(new_id()) == []
 
 
+def test_app_releases_alike_in_both(reg, tmp_path):
+    import hashlib
+
+    from keel import module_format as mf
+    from keel_cloud.fleets import AppImage, Fleets
+
+    class NoSystems:  # apps without dependencies need no system release
+        def releases(self, platform=None):
+            return []
+
+        def image(self, *key):
+            return None
+
+    def image(version):
+        info = mf.ModuleInfo(mf.FUNCTION_USER_PART, 1, mf.encode_version(version), mf.platform_id("virtual"))
+        data = mf.build_image(info, version.encode() * 8, hashlib.sha256)
+        return AppImage(version=version, index=1, platform="virtual", dependencies=[], data=data)
+
+    device_id = new_id()
+    reg.add_device(device_id, "d", "virtual")
+    reg.create_fleet("f", "virtual")
+    reg.add_to_fleet("f", ["d"])
+    fleets = Fleets(reg, tmp_path)
+    assert fleets.target(device_id) is None and fleets.currents() == {}
+    first = fleets.release("f", image("1.0.0"), False, NoSystems())
+    assert (first["number"], first["version"], first["already"]) == (1, "1.0.0", False)
+    assert first["sha256"] == image("1.0.0").sha256 and first["digest"] == image("1.0.0").digest
+    assert fleets.release("f", image("1.0.0"), False, NoSystems())["already"] is True
+    second = fleets.release("f", image("2.0.0"), True, NoSystems())
+    assert (second["number"], second["allow_prerelease"]) == (2, True)
+    current = {k: v for k, v in second.items() if k != "already"}
+    assert fleets.target(device_id) == fleets.current("f") == current
+    assert [r["number"] for r in fleets.history("f")] == [2, 1]
+    assert fleets.currents() == {"f": 2}
+    assert fleets.app_image(second) == image("2.0.0").data
+    reg.remove_from_fleet("f", ["d"])
+    assert fleets.target(device_id) is None
+
+
 # PostgreSQL only
 
 
