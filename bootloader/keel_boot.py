@@ -80,6 +80,8 @@ class Slot:
         doc["sha256_ok"] = self.sha256_ok
         doc["valid"] = self.valid
         doc["slot"] = self.label
+        if self.digest is not None:  # the digest the image declares (its suffix)
+            doc["sha256"] = binascii.hexlify(self.digest).decode()
         if not self.valid:
             doc["invalid_reason"] = self.reason
         return doc
