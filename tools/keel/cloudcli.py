@@ -19,6 +19,7 @@ from keel_cloud.config import CloudDir, CloudError
 from keel import images, vdev
 from keel import module_format as mf
 from keel.errors import KeelError
+from keel.progress import Progress
 
 
 def cloud_dir(args) -> CloudDir:
@@ -310,11 +311,6 @@ def cmd_release_app(args) -> int:
     return 0
 
 
-def _progress_bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // total if total else width
-    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * done // max(total, 1):3d}% {done}/{total} bytes"
-
-
 def cmd_flash(args) -> int:
     image = images.load_valid_image(args.file)
     module = image.info.to_dict()
@@ -332,23 +328,42 @@ def cmd_flash(args) -> int:
               file=sys.stderr)
     started = client.flash(args.name, image.data, module)
     total = started["size"]
-    tty = sys.stderr.isatty()
-    shown = None
+    progress = Progress()
     while True:
         state = client.transfer(started["transfer"])
-        if state["acknowledged"] != shown:
-            shown = state["acknowledged"]
-            bar = _progress_bar(shown, total)
-            sys.stderr.write(("\r" + bar) if tty else bar + "\n")
-            sys.stderr.flush()
+        progress.update(state["acknowledged"], total)
         if state["state"] != "sending":
             break
         time.sleep(0.2)
-    if tty:
-        sys.stderr.write("\n")
+    progress.done()
     if state["state"] != "pending":
         raise KeelError(f"update of '{args.name}' failed: {state.get('error')}")
     print(f"sent {image.name} to {args.name} ({total} bytes); the device installs it at its reset")
+    return 0
+
+
+def cmd_flash_any(args) -> int:
+    if args.usb:
+        from keel import usb
+
+        usb.flash(args.targets, args.port)
+        return 0
+    if args.port:
+        raise KeelError("--port is for --usb: over the air, name the device")
+    if len(args.targets) != 2:
+        raise KeelError("keel flash NAME FILE sends one image to one device over the air; "
+                        "to write modules over USB: keel flash --usb FILE...")
+    args.name, args.file = args.targets
+    return cmd_flash(args)
+
+
+def cmd_update(args) -> int:
+    from keel_cloud.releases import Catalog
+
+    from keel import usb
+
+    with Catalog(cloud_dir(args)) as catalog:
+        usb.update(catalog, args.port, args.version, args.allow_downgrade)
     return 0
 
 
@@ -525,8 +540,23 @@ def add_commands(commands) -> None:
     cloud_option(p)
     p.set_defaults(func=cmd_fleet_show)
 
-    p = commands.add_parser("flash", help="send a module image to a device over the air")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("file", metavar="FILE")
+    p = commands.add_parser(
+        "flash", help="send a module image to a device over the air (NAME FILE), or write "
+        "modules onto a board over USB (--usb FILE...)",
+        usage="keel flash NAME FILE | keel flash --usb FILE... [--port PORT]")
+    p.add_argument("targets", metavar="ARG", nargs="+",
+                   help="over the air: the device's name, then the image; over USB: the images")
+    p.add_argument("--usb", action="store_true",
+                   help="write the modules onto the board on a USB serial port (its raw REPL)")
+    p.add_argument("--port", help="the board's serial port (default: the only USB board found)")
     cloud_option(p)
-    p.set_defaults(func=cmd_flash)
+    p.set_defaults(func=cmd_flash_any)
+
+    p = commands.add_parser(
+        "update", help="bring a board on USB to the newest system release in the catalog")
+    p.add_argument("--port", help="the board's serial port (default: the only USB board found)")
+    p.add_argument("--version", help="this release instead of the newest (a prerelease only this way)")
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="write older modules than the board has")
+    cloud_option(p)
+    p.set_defaults(func=cmd_update)
