@@ -25,12 +25,11 @@ PENDING_FILE = OTA_DIR + "/pending.json"
 TRIAL_FILE = OTA_DIR + "/trial.json"  # a system part proving itself (bootloader/ota_apply.py)
 INSTALLED_FILE = OTA_DIR + "/installed.json"
 STAGING = "staging"
-# How far ahead of `next` the cloud may send. It bounds what is in flight, so what a
-# dropped connection loses, while staying above a slow link's bandwidth x delay
-# (cellular: 16 KB/s x 0.3 s = 4.8 KB). Acks go every ACK_EVERY chunks so the
-# window keeps moving.
+# How far ahead of `next` the cloud may send: what the receiver takes (its bitmap's
+# byte). The cloud keeps less than that in flight (3 KB: what a dropped connection
+# loses), so acks go every ACK_EVERY chunks, said in each ack, to keep it moving.
 WINDOW = const(8)
-ACK_EVERY = const(4)
+ACK_EVERY = const(2)
 _HEAD = const(12)  # tag (8) + chunk number (4)
 _IDLE_MS = const(2000)
 _RESET_DELAY_MS = const(500)
@@ -64,6 +63,7 @@ class Receiver:
         self.next = 0
         self.bits = None
         self.fresh = 0  # new chunks since the last acknowledgement
+        self.dups = 0  # chunks that came again after they were stored (said when verifying)
         self.last_chunk = 0
         self.acked_idle = True
         self.reset_at = 0
@@ -96,6 +96,7 @@ class Receiver:
             next=n,
             bitmap="%02x" % bits,  # WINDOW is 8: one byte
             window=WINDOW,
+            ack=ACK_EVERY,
         )
 
     def _has(self, n):
@@ -242,6 +243,7 @@ class Receiver:
 
     def _began(self):
         self.fresh = 0
+        self.dups = 0
         self.last_chunk = time.ticks_ms()
         self.acked_idle = True
         if self.led_before is None:
@@ -271,6 +273,7 @@ class Receiver:
         self.last_chunk = time.ticks_ms()
         self.acked_idle = False
         if self._has(n):
+            self.dups += 1
             return  # sent again before our acknowledgement got there
         # The staging area was erased when the transfer started: write in place.
         start = n * cs
@@ -340,7 +343,9 @@ class Receiver:
         import hashlib
 
         self._close()
-        self._status("verifying")
+        self._status("verifying", duplicates=self.dups)
+        if self.dups:
+            print("keel: ota: %d chunks came more than once" % self.dups)
         gc.collect()
         buf = bytearray(512)
         h = hashlib.sha256()

@@ -8,6 +8,7 @@ seed gives the same drop points every time."""
 import base64
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -176,12 +177,11 @@ def padded_app(tmp_path: Path, marker: str, padding: int) -> Path:
     return build.build_app(src, "virtual", None, tmp_path / "big-app.bin", app_version="3.0.0")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 5: the <= 5 % re-send goal is met alone (4.3-4.8 %) but without margin: "
-    "about 5 KB more than the link lost is re-sent, and under CPU load it reached 6.1 %",
-)
 def test_update_through_a_chaotic_link_resends_little(tmp_path, system):
+    """What is re-sent is what the drops cut off in flight: the sender keeps at most
+    IN_FLIGHT (3 KB) unacknowledged, so each of the profile's 3 drops costs at most 3
+    chunks (3.9 % of this image in all, the worst case), typically 2 % (idle or under CPU
+    load); nothing is sent again that the device already had (it counts duplicates)."""
     started = time.monotonic()
     cloud = Cloud(tmp_path / "cloud")
     cloud.start()
@@ -232,11 +232,16 @@ def test_update_through_a_chaotic_link_resends_little(tmp_path, system):
 
         console = dev_dir / vio.CONSOLE_LOG
         wait_until(lambda: marker in console.read_text(), timeout=30, what="the new app running")
+        # Needless re-sends: chunks the device got again after it had stored them.
+        twice = re.search(r"ota: (\d+) chunks came more than once", console.read_text())
+        duplicates = int(twice.group(1)) if twice else 0
+        print(f"chunks the device got more than once: {duplicates}")
 
         assert during["drops"] >= 2, during
         assert ratio <= RESENT_LIMIT, (
             f"{resent} of {size} image bytes ({100 * ratio:.1f} %) were sent twice "
             f"over {during['drops']} drops")
+        assert duplicates <= 1, f"{duplicates} chunks were sent again that the device had"
     finally:
         if device:
             device.stop()

@@ -20,7 +20,7 @@ from keel import module_format as mf
 from keel.cli import main
 from keel_cloud import pki
 from keel_cloud.config import CloudDir
-from keel_cloud.ota import OtaError
+from keel_cloud.ota import IN_FLIGHT, OtaError
 from keel_cloud.server import Cloud
 
 
@@ -53,10 +53,15 @@ class FakeDevice:
     """The device side of the protocol, in paho's thread."""
 
     def __init__(self, cloud: Cloud, name: str, platform: str = "virtual", window: int = 8,
+                 ack_every: int = 2, say_ack: bool = True,
                  drop: set[int] = frozenset(), silent_after: int | None = None,
                  refuse: str | None = None, fail: str | None = None):
         self.id = secrets.token_hex(12)
         self.window = window
+        self.ack_every = ack_every  # new chunks per acknowledgement
+        self.say_ack = say_ack  # False: like firmware before `ack` (every 4, unsaid)
+        self.ahead = 0  # the furthest a chunk came past the `next` of the last ack sent
+        self.acked_next = 0
         self.drop = set(drop)  # chunk numbers lost the first time they come
         self.silent_after = silent_after  # stop answering once this chunk is stored, until an offer
         self.refuse, self.fail = refuse, fail
@@ -126,7 +131,9 @@ class FakeDevice:
             if nxt + i < count and nxt + i in self.stored:
                 bits[i // 8] |= 1 << (i % 8)
         self.new_since_ack = 0
-        self._status(state="receiving", next=nxt, bitmap=bits.hex(), window=self.window)
+        self.acked_next = nxt
+        extra = {"ack": self.ack_every} if self.say_ack else {}
+        self._status(state="receiving", next=nxt, bitmap=bits.hex(), window=self.window, **extra)
 
     def _on_message(self, client, userdata, msg):
         kind = msg.topic.rsplit("/", 1)[1]
@@ -150,6 +157,7 @@ class FakeDevice:
                 if n in self.drop:
                     self.drop.discard(n)
                     return
+                self.ahead = max(self.ahead, n - self.acked_next + 1)
                 if n not in self.stored:
                     self.stored[n] = data
                     self.new_since_ack += 1
@@ -159,7 +167,7 @@ class FakeDevice:
                     return
                 if len(self.stored) == self._count():
                     self._finish()
-                elif self.new_since_ack >= self.window:
+                elif self.new_since_ack >= self.ack_every:
                     self._ack()
 
     def _finish(self):
@@ -224,6 +232,25 @@ def test_clean_transfer(cloud, devices):
     assert [s["state"] for s in device.statuses][-2:] == ["verifying", "pending"]
 
 
+def test_in_flight_is_bounded(cloud, devices):
+    """The sender keeps IN_FLIGHT bytes unacknowledged at most, not the device's whole
+    window: what a dropped connection loses. A device that acknowledges less often
+    than that (older firmware: every 4, without saying) still gets its 4 at a time."""
+    module = {"function": "user-part", "index": 1, "version": "2.0.0", "platform": "virtual"}
+    limit = IN_FLIGHT // 1024
+    for name, kwargs, most in (("ota-bounded", {}, limit),
+                               ("ota-old", {"ack_every": 4, "say_ack": False}, 4)):
+        device = devices(name, **kwargs)
+        image = make_image(40_000, seed=4)
+        started = time.monotonic()
+        result = cloud.service.ota.send(device.id, image, module, timeout=20)
+        assert result["state"] == "pending" and device.image == image
+        assert result["bytes_sent"] == len(image) and result["duplicates"] is None
+        assert result["resent"] == {"dropped": 0, "gap": 0, "late": 0}
+        assert 1 < device.ahead <= most, (name, device.ahead)
+        assert time.monotonic() - started < STALL  # never waited for an idle acknowledgement
+
+
 def test_lost_chunks_and_silence_resend_only_what_is_missing(cloud, devices):
     image = make_image(100_000, seed=2)
     device = devices("ota-lossy", drop={5, 6, 61}, silent_after=40)
@@ -237,6 +264,7 @@ def test_lost_chunks_and_silence_resend_only_what_is_missing(cloud, devices):
     assert device.chunk_bytes > len(image)  # lost chunks were sent again
     assert device.chunk_bytes / len(image) <= 1.1, device.chunk_bytes / len(image)
     assert result["bytes_sent"] == device.chunk_bytes
+    assert result["resent"]["gap"] == 3  # the three lost chunks, each once
 
 
 @pytest.mark.parametrize("mode, message", [
