@@ -15,14 +15,23 @@ RESET_REASON_FILE = "/keel/reset_reason"
 _buf = bytearray(512)
 
 
+_ports = []
+
+
 def _port():
-    # The flash and reset primitives of the board's port. Only the virtual board
-    # has one so far; real ports get theirs with USB flashing (esp32, nrf).
-    try:
-        import vboard as port
-    except ImportError:
-        raise RuntimeError("keel: no flash port for this board yet")
-    return port
+    # The flash and reset primitives of the board's port: `vboard` on the virtual
+    # board, else the port module the bootloader was built with for its platform
+    # (bootloader/port_esp32.py or port_nrf.py, "port_sources" in system/parts.json).
+    if not _ports:
+        for name in ("vboard", "port_esp32", "port_nrf"):
+            try:
+                _ports.append(__import__(name))
+                break
+            except ImportError:
+                pass
+        else:
+            raise RuntimeError("keel: no flash port for this board")
+    return _ports[0]
 
 
 class Slot:

@@ -130,6 +130,12 @@ def _top_names(paths) -> set[str]:
     return {p.split("/")[0].removesuffix(".mpy") for p in paths}
 
 
+def _bootloader_sources(bl: dict, port: str) -> list[str]:
+    """The bootloader's sources, and its flash port for this platform's port
+    ("port_sources" in system/parts.json: the esp32 build carries port_esp32 only)."""
+    return [*bl["sources"], *bl.get("port_sources", {}).get(port, [])]
+
+
 def _dependency(dep: dict, system: int) -> tuple[int, int, int]:
     version = system if dep["version"] == "system" else parse_version(dep["version"])
     return (mf.function_id(dep["function"]), dep["index"], version)
@@ -155,7 +161,7 @@ def build_system(platform: str, version: str | None, out_dir: Path) -> list[Path
         images.append((filename, mf.build_image(info, make_romfs(files), hashlib.sha256)))
 
     bl = spec["bootloader"]
-    bl_files = _compile_tree(_expand_sources(root, bl["sources"], port), root)
+    bl_files = _compile_tree(_expand_sources(root, _bootloader_sources(bl, port), port), root)
     bl_version = parse_version(bootloader_version())
     add(
         "bootloader",
@@ -188,8 +194,9 @@ def system_module_names(platform: str) -> set[str]:
     spec = json.loads((root / SYSTEM_PARTS_FILE).read_text())
     port = PLATFORM_PORTS[platform]
     names: set[str] = set()
-    for part in [spec["bootloader"], *spec["parts"]]:
-        names |= _top_names(p[:-3] for p in _expand_sources(root, part["sources"], port))
+    bl = spec["bootloader"]
+    for sources in [_bootloader_sources(bl, port), *(p["sources"] for p in spec["parts"])]:
+        names |= _top_names(p[:-3] for p in _expand_sources(root, sources, port))
     return names
 
 

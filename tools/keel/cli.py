@@ -49,6 +49,54 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_image_esp32(args) -> int:
+    from keel import esp32image
+
+    result = esp32image.build_image(
+        args.board, args.firmware, args.output, args.system, args.app, args.bootloader
+    )
+    fw = result.firmware
+    desc = fw.app_image.app_desc or {}
+    print(f"firmware        {args.firmware} ({fw.source}; {desc.get('project') or 'app'} "
+          f"{desc.get('version') or ''}, {len(fw.app)} bytes)".replace(" ,", ","))
+    for f in result.files:
+        print(f"  0x{f.offset:06x}  {f.name:<24} {len(f.data):>8} bytes  {f.what}")
+    print(f"wrote {result.out_dir}/: the files above, {esp32image.MERGED_FILE} (the whole "
+          f"flash), {esp32image.LAYOUT_FILE}, {esp32image.COMMAND_FILE}")
+    print("write it to a board with:  keel flash --usb --esp32 "
+          f"{result.out_dir} --port PORT   or:")
+    print(result.command())
+    return 0
+
+
+def cmd_flash_esp32(args) -> int:
+    """keel flash --usb --esp32 DIR --port PORT: a blank ESP32 over its ROM bootloader."""
+    from keel import esp32image
+
+    if not args.usb:
+        raise KeelError("--esp32 writes over USB: keel flash --usb --esp32 DIR --port PORT")
+    files = esp32image.flash_usb(args.targets, args.port)
+    print(f"wrote and verified {len(files)} part(s) on {args.port}; the board is starting")
+    return 0
+
+
+def _add_esp32_flashing(commands) -> None:
+    """--esp32 beside keel flash --usb (whose raw-REPL path lives in cloudcli/usb.py):
+    with it, the board is written from its ROM bootloader by esptool instead."""
+    flash = commands.choices.get("flash")
+    if flash is None:
+        return
+    flash.add_argument("--esp32", action="store_true",
+                       help="with --usb: write a blank ESP32 with esptool from a directory "
+                       "made by 'keel image esp32' (erase, write, verify)")
+    raw_repl = flash.get_default("func")
+
+    def dispatch(args):
+        return cmd_flash_esp32(args) if args.esp32 else raw_repl(args)
+
+    flash.set_defaults(func=dispatch)
+
+
 def cmd_vdev_create(args) -> int:
     written = vdev.create(args.dir, args.system, args.board)
     print(f"created virtual device {args.dir} (board {args.board})")
@@ -147,6 +195,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
+    image_cmd = commands.add_parser("image", help="build what goes on a blank real board")
+    image_kinds = image_cmd.add_subparsers(dest="what", required=True, metavar="CHIP")
+    p = image_kinds.add_parser(
+        "esp32", help="a blank ESP32: MicroPython firmware, partition table, filesystem, modules")
+    p.add_argument("--board", required=True, help="e.g. esp32_generic")
+    p.add_argument("--firmware", required=True, metavar="FILE",
+                   help="MicroPython for the board (the OTA variant's full-flash .bin, or an app "
+                   ".bin with --bootloader)")
+    p.add_argument("--bootloader", metavar="FILE",
+                   help="the ESP-IDF bootloader.bin, when --firmware is an app image alone")
+    p.add_argument("--system", metavar="SYSTEM_DIR",
+                   help="module images to install (default: build the system from this tree)")
+    p.add_argument("--app", action="append", default=[], metavar="FILE",
+                   help="a user part to install too")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_image_esp32)
+
     vdev_cmd = commands.add_parser("vdev", help="virtual devices")
     vdevs = vdev_cmd.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = vdevs.add_parser("create", help="make a virtual device with a system installed")
@@ -189,6 +254,7 @@ def make_parser() -> argparse.ArgumentParser:
     from keel import cloudcli
 
     cloudcli.add_commands(commands)
+    _add_esp32_flashing(commands)
     return parser
 
 
