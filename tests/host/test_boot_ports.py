@@ -314,3 +314,34 @@ def test_each_platform_builds_only_its_port(tmp_path):
         read = mf.bytes_reader(boot.data)
         names = {p for p, _, _ in romfs.walk(read, boot.info.header_size, boot.info.payload_size)}
         assert {n for n in names if n.startswith("port_")} == ports, (platform, names)
+
+
+@pytest.mark.parametrize("board_name, platform", [("esp32_generic", "esp32"),
+                                                  ("nrf52840_dk", "nrf52840")])
+def test_filesystem_holds_the_extracted_system(tmp_path, board_name, platform):
+    """The board's LittleFS (4 KiB blocks: almost every .mpy takes a block of its own)
+    holds what the bootloader extracts, the bootloader and both system parts, plus a
+    second copy of part 1 (an update extracts beside the old code before the swap)
+    and room for the app and the device's state."""
+    from keel import factory, romfs
+    from keel import module_format as mf
+    from keel.images import load_valid_image
+
+    board = load_board(board_name)
+    files = {}
+    for path in build.build_system(platform, None, tmp_path / "system"):
+        image = load_valid_image(path)
+        info = image.info
+        base = "/keel/m/bl" if info.function == mf.FUNCTION_BOOTLOADER else f"/keel/m/s{info.index}"
+        dirs = [base] + ([base + ".new"] if info.index == 1 and base.endswith("s1") else [])
+        for path_, offset, length in romfs.walk(mf.bytes_reader(image.data), info.header_size,
+                                                info.payload_size):
+            if offset >= 0:
+                start = info.header_size + offset
+                for d in dirs:
+                    files[f"{d}/{path_}"] = image.data[start : start + length]
+    fs_part = board.partition("fs")
+    fs = factory.new_filesystem(board.block_size, fs_part.size // board.block_size)
+    factory.write_files(fs, files)
+    spare = fs.block_count - fs.used_block_count
+    assert spare >= 16, f"{board_name}: only {spare} blocks left for the app and state"

@@ -69,6 +69,35 @@ def cmd_image_esp32(args) -> int:
     return 0
 
 
+def cmd_image_nrf52840(args) -> int:
+    """The files an nRF52840 gets over its raw REPL: the factory files, then the modules."""
+    from keel import esp32image, factory
+    from keel import module_format as mf
+    from keel.boards import load_board
+    from keel.images import module_label
+
+    board = load_board(args.board)
+    if board.platform != "nrf52840":
+        raise KeelError(f"board {args.board} is a {board.platform} board, not an nrf52840 one")
+    modules = esp32image.board_modules(board, Path(args.system) if args.system else None,
+                                       [Path(a) for a in args.app])
+    out = Path(args.output)
+    boot = next(i for i in modules if i.info.function == mf.FUNCTION_BOOTLOADER)
+    factory.write_tree(factory.device_files(board.data, boot), out / "fs")
+    (out / "modules").mkdir(parents=True, exist_ok=True)
+    names = []
+    for image in modules:
+        name = module_label(image.info).replace(" ", "-") + ".bin"
+        (out / "modules" / name).write_bytes(image.data)
+        names.append(name)
+    print(f"wrote {out}/fs (the board's filesystem: /boot.py, /keel/board.json, /keel/m/bl) "
+          f"and {out}/modules ({', '.join(sorted(names))})")
+    print("install (docs/boards/nrf52840.md):")
+    print(f"  cd {out}/fs && mpremote connect PORT cp -r boot.py keel :")
+    print(f"  keel flash --usb {out}/modules/*.bin --port PORT")
+    return 0
+
+
 def cmd_flash_esp32(args) -> int:
     """keel flash --usb --esp32 DIR --port PORT: a blank ESP32 over its ROM bootloader."""
     from keel import esp32image
@@ -211,6 +240,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a user part to install too")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.set_defaults(func=cmd_image_esp32)
+
+    p = image_kinds.add_parser(
+        "nrf52840", help="an nRF52840 running MicroPython: the files Keel puts on it over USB")
+    p.add_argument("--board", required=True, help="e.g. nrf52840_dk")
+    p.add_argument("--system", metavar="SYSTEM_DIR",
+                   help="module images to install (default: build the system from this tree)")
+    p.add_argument("--app", action="append", default=[], metavar="FILE",
+                   help="a user part to install too")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_image_nrf52840)
 
     vdev_cmd = commands.add_parser("vdev", help="virtual devices")
     vdevs = vdev_cmd.add_subparsers(dest="what", required=True, metavar="WHAT")

@@ -293,7 +293,7 @@ def _slot_name(board: Board, image: Image) -> str:
     return f"keel-{board.slot_for(image.info.function, image.info.index).label}.bin"
 
 
-def _modules(board: Board, system_dir: Path | None, apps: list[Path]) -> list[Image]:
+def board_modules(board: Board, system_dir: Path | None, apps: list[Path]) -> list[Image]:
     """The modules to install: system_dir's, or the tree's system built for the board."""
     from keel.vdev import check_images_for_board  # the same checks as a virtual device
 
@@ -344,7 +344,7 @@ def build_image(
             f"{firmware_path}: the MicroPython app is {len(firmware.app)} bytes, the "
             f"ota_0 slot holds {vm_slot.size}: use the firmware's OTA variant "
             "(ESP32_GENERIC-OTA), which is built to fit")
-    modules = _modules(board, Path(system_dir) if system_dir else None, [Path(a) for a in apps])
+    modules = board_modules(board, Path(system_dir) if system_dir else None, [Path(a) for a in apps])
     boot_module = next(i for i in modules if i.info.function == mf.FUNCTION_BOOTLOADER)
     fs_part = board.partition("fs")
     fs = factory.make_filesystem(

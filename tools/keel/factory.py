@@ -95,3 +95,18 @@ def make_filesystem(files: dict[str, bytes], block_size: int, size: int) -> byte
         raise KeelError(f"the files do not fit a {size // 1024} KiB filesystem: {e}") from None
     fs.unmount()
     return bytes(fs.context.buffer)
+
+
+def write_tree(files: dict[str, bytes], root) -> list:
+    """Write files (absolute paths on the board) under root on the host, to be copied
+    onto a board's own filesystem (mpremote cp -r): how boards without a filesystem
+    image (the nrf port) get Keel. Returns the paths written."""
+    from pathlib import Path
+
+    written = []
+    for path in sorted(files):
+        target = Path(root) / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(files[path])
+        written.append(target)
+    return written
