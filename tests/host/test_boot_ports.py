@@ -345,3 +345,21 @@ def test_filesystem_holds_the_extracted_system(tmp_path, board_name, platform):
     factory.write_files(fs, files)
     spare = fs.block_count - fs.used_block_count
     assert spare >= 16, f"{board_name}: only {spare} blocks left for the app and state"
+
+
+def test_image_nrf52840_files(keel_cli, tmp_path):
+    """keel image nrf52840: the factory files to copy with mpremote, and the modules."""
+    proc = keel_cli("image", "nrf52840", "--board", "nrf52840_dk", "-o", tmp_path / "nrf")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fs = tmp_path / "nrf" / "fs"
+    assert (fs / "boot.py").read_text() == (REPO / "bootloader" / "stage0.py").read_text()
+    assert json.loads((fs / "keel" / "board.json").read_text())["name"] == "nrf52840_dk"
+    assert {"keel_boot.mpy", "port_nrf.mpy", ".sha256"} <= {p.name for p in (fs / "keel/m/bl").iterdir()}
+    modules = sorted(p.name for p in (tmp_path / "nrf" / "modules").iterdir())
+    assert [m.rsplit("-", 1)[0] for m in modules] == ["bootloader", "system-part-1", "system-part-2"]
+    assert "mpremote connect PORT cp -r boot.py keel :" in proc.stdout
+
+
+def test_image_nrf52840_refuses_an_esp32_board(keel_cli, expect_cli_error, tmp_path):
+    expect_cli_error(keel_cli("image", "nrf52840", "--board", "esp32_generic", "-o", tmp_path),
+                     "esp32_generic is a esp32 board, not an nrf52840 one")
