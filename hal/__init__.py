@@ -4,8 +4,20 @@
 import sys
 
 _PORTS = {"linux": "virtual", "esp32": "esp32"}
-# The nrf port names its platform after the board ("nrf52840-PDK", "nrf52", ...).
-PORT = "nrf" if sys.platform.startswith("nrf") else _PORTS.get(sys.platform)
+
+
+def _port_of_this_vm():
+    # The nrf port names its platform after the board ("nrf52840-PDK", "nrf52",
+    # "PARTICLE-XENON"...); its machine string names the chip ("XENON with NRF52840").
+    if sys.platform.startswith("nrf"):
+        return "nrf"
+    machine = getattr(sys.implementation, "_machine", "")
+    if "nrf5" in machine.lower():
+        return "nrf"
+    return _PORTS.get(sys.platform)
+
+
+PORT = _port_of_this_vm()
 if PORT is None:
     raise ImportError("keel: no HAL port for platform '%s'" % sys.platform)
 

@@ -235,7 +235,7 @@ board_params = pytest.mark.parametrize(
 
 def test_boards_found():
     names = {p.parent.name for p in BOARD_FILES}
-    assert {"virtual", "esp32_generic", "nrf52840_dk"} <= names
+    assert {"virtual", "esp32_generic", "nrf52840_dk", "particle_xenon"} <= names
 
 
 @board_params
@@ -703,7 +703,7 @@ assert ("deepsleep", 5000) in machine.log
 NRF_CHECKS = r"""
 from hal.ports.nrf import gpio as port_gpio, power as port_power
 port_gpio.schedule = None  # firmware without micropython.schedule: the system loop polls
-b3 = Pin("BUTTON3", Pin.IN)
+b3 = Pin(%(irq_pin)r, Pin.IN)
 got = []
 b3.irq(lambda p: got.append(p), Pin.IRQ_RISING)
 b3._pin.handler(b3._pin)
@@ -765,6 +765,21 @@ VM_CASES = {
         "uid": "0123456789abcdef",
         "led": "rgb",
         "first_cause": "deep-sleep",  # the nrf port's PWRON_RESET is a wake from System OFF
+        "irq_pin": "BUTTON3",
+    },
+    "particle_xenon": {
+        "in_pin": "D3",
+        "analog": "A0",
+        "u16": 200 << 8 | 200,
+        "uv": 200 * 3000000 // 255,
+        "pwm": "D5",
+        "i2c_id": 0,
+        "spi_id": 2,
+        "uart_id": 0,
+        "uid": "0123456789abcdef",
+        "led": "rgb",
+        "first_cause": "deep-sleep",
+        "irq_pin": "D6",
     },
 }
 
@@ -780,7 +795,8 @@ def test_backend_runs_on_micropython(board_name, tmp_path):
     fake_dir = tmp_path / "fake"
     fake_dir.mkdir()
     (fake_dir / "fakemachine.py").write_text(FAKE_MACHINE % {"port": port})
-    checks = ESP32_CHECKS if port == "esp32" else NRF_CHECKS % {"marker": str(tmp_path / "m")}
+    checks = ESP32_CHECKS if port == "esp32" else NRF_CHECKS % {
+        "marker": str(tmp_path / "m"), "irq_pin": VM_CASES[board_name]["irq_pin"]}
     script = DRIVER % {
         "fake_dir": str(fake_dir),
         "repo": str(REPO),
