@@ -12,6 +12,7 @@
 # makes the following reset_cause() report "deep-sleep"; the power saving of System
 # OFF is not had.
 import os
+import sys
 import time
 import machine
 from micropython import const
@@ -53,7 +54,11 @@ def reset():
 
 
 def reset_cause():
-    # Worked out once per boot: the marker file is consumed by the first call.
+    # Worked out once per boot: the marker file is consumed by the first call. Under
+    # Keel the bootloader's port (bootloader/port_nrf.py) has already taken it.
+    boot = sys.modules.get("keel_boot")
+    if boot is not None:
+        return boot._port().reset_cause()
     if not _cause:
         raw = machine.reset_cause()
         marked = _take_marker()
