@@ -1,25 +1,24 @@
-# /boot.py: the first Keel code a board runs. It starts the bootloader that an
-# earlier boot (or the factory image) extracted from the bootloader module.
-import os
-import sys
+# /boot.py: stage 0's quick recovery work. A board runs /boot.py after every reset,
+# soft reboots included, and /main.py (bootloader/stage0_main.py, which starts Keel)
+# only when its REPL is in friendly mode. So a tool that soft-reboots into the raw
+# REPL (mpremote, keel flash --usb) finds Keel stopped and the filesystem consistent.
+def _recover():
+    import os
 
-_BL = "/keel/m/bl"
-try:
-    os.stat(_BL)
-except OSError:
-    # A power cut between the two renames of an install: take the new copy if it
-    # is complete (its .sha256 marker is written last), else the old one.
-    for _src in (_BL + ".new/.sha256", _BL + ".old/.sha256"):
-        try:
-            os.stat(_src)
-            os.rename(_src[:-8], _BL)
-            break
-        except OSError:
-            pass
-sys.path.insert(0, _BL)
-try:
-    import keel_boot
-except ImportError as e:
-    print("keel: bootloader missing from /keel/m/bl (%s); reflash the board" % e)
-else:
-    keel_boot.main()
+    bl = "/keel/m/bl"
+    try:
+        os.stat(bl)
+    except OSError:
+        # A power cut between the two renames of an install: take the new copy if it
+        # is complete (its .sha256 marker is written last), else the old one.
+        for src in (bl + ".new/.sha256", bl + ".old/.sha256"):
+            try:
+                os.stat(src)
+                os.rename(src[:-8], bl)
+                break
+            except OSError:
+                pass
+
+
+_recover()
+del _recover

@@ -249,7 +249,9 @@ def test_app_calling_sys_exit_is_a_crash_not_the_end_of_the_system(device, make_
     assert dev.status()["safe_mode_reason"] == "app-crash"
 
 
-def test_a_stray_main_py_on_the_filesystem_does_not_shadow_the_app(device, make_app):
+def test_main_py_at_the_filesystem_root_does_not_shadow_the_app(device, make_app):
+    """/main.py, which starts Keel, is run by the port as a script; imported as the
+    app's `main` module it would print the impostor line."""
     from keel import vdev
 
     dev = device("1.1.0")
@@ -258,8 +260,10 @@ def test_a_stray_main_py_on_the_filesystem_does_not_shadow_the_app(device, make_
     data, board = flash.read_flash(), flash.board()
     fs = flash.open_fs(data, board)
     fs.mount()
+    with fs.open("/main.py", "r") as f:
+        starter = f.read()
     with fs.open("/main.py", "w") as f:
-        f.write("print('an impostor')\n")
+        f.write("if __name__ != '__main__':\n    print('an impostor')\n" + starter)
     flash.store_fs(data, board, fs)
     flash.write_flash(data)
     console = dev.run(until="the real app")

@@ -5,14 +5,17 @@ part of the port's start-up code). The host side here creates, flashes, runs and
 reads a device, as a factory programmer and a USB bootloader would."""
 
 import json
+import re
 import secrets
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tty
 from pathlib import Path
 
 from littlefs import LittleFS, LittleFSError
@@ -32,6 +35,7 @@ UID_FILE = "uid"  # the board's unique id (hal.device.unique_id)
 RESET_EXIT = 100  # exit status of the VM when the device asks for a reset
 DEEP_SLEEP_EXIT = 101  # ... and when it goes into deep sleep
 POWER_CUT_EXIT = 102  # ... and when fault injection cut its power (faults.json)
+SOFT_REBOOT_EXITS = {103: "friendly", 104: "raw"}  # a soft reboot at the console's REPL, by mode
 FAULTS_FILE = "faults.json"  # fault injection for the next boot (docs/virtual-board.md)
 FAULTS_OUT = "faults.out"  # what it counted: "COUNT STATE" (STATE "----------" or cut-/torn-write/-erase)
 STATUS_PATH = "/keel/status.json"
@@ -119,8 +123,13 @@ def check_images_for_board(board: Board, images: list[Image]) -> None:
         seen[key] = image.path
 
 
+# Stage 0 at the filesystem root (board path -> source): /boot.py after every reset,
+# /main.py, which starts Keel, only in friendly-REPL mode (docs/boot-flow.md).
+STAGE0_FILES = {"/boot.py": "bootloader/stage0.py", "/main.py": "bootloader/stage0_main.py"}
+
+
 def _install_bootloader_code(fs: LittleFS, image: Image) -> None:
-    """Factory step: put the bootloader's code and /boot.py on the filesystem."""
+    """Factory step: put the bootloader's code, /boot.py and /main.py on the filesystem."""
     info = image.info
     read = mf.bytes_reader(image.data)
     fs.makedirs("/keel/m/bl", exist_ok=True)
@@ -135,9 +144,9 @@ def _install_bootloader_code(fs: LittleFS, image: Image) -> None:
     digest = image.data[info.header_size + info.payload_size :][:32]
     with fs.open("/keel/m/bl/.sha256", "w") as f:
         f.write(digest.hex())
-    stage0 = (source_root() / "bootloader" / "stage0.py").read_text()
-    with fs.open("/boot.py", "w") as f:
-        f.write(stage0)
+    for target, source in STAGE0_FILES.items():
+        with fs.open(target, "w") as f:
+            f.write((source_root() / source).read_text())
 
 
 def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual") -> list[Image]:
@@ -279,13 +288,236 @@ class Console:
     def close(self) -> None:
         self.log.close()
 
-    def pump(self, stream) -> None:
+    def pump(self, stream, tee=None) -> None:
         for chunk in iter(lambda: stream.read1(4096), b""):
             self.write(chunk)
+            if tee is not None:
+                tee.send(chunk)
 
     def contains(self, needle: str) -> bool:
         with self.lock:
             return needle.encode() in self.text
+
+
+_NEWLINE = re.compile(rb"(?<!\r)\n")
+_HELD_MAX = 4096  # input kept across a reset
+_PTY_BACKLOG = 1 << 20  # output kept for a client that reads slowly; the oldest goes first
+_INTR_PENDING, _INTR_ON, _INTR_OFF, _INTR_RESET = "pending", "on", "off", "reset"
+
+
+class ConsolePty:
+    """The board's console as a pty, as a USB-serial adapter would show it: the slave is
+    linked at `link`, the same across VM restarts. The runner calls attach() for each
+    VM with its stdin pipe and its control pipe, and send() with the VM's output.
+
+    It plays the port's UART driver: Ctrl-C from the host becomes SIGINT (the unix
+    port's keyboard interrupt) while the VM says code runs (b"1" on the control pipe,
+    as when mp_interrupt_char is set), and a character for the REPL otherwise (b"0").
+    A Ctrl-C that comes before the VM says either (start-up), or while the board
+    resets (b"R", or no VM), interrupts as soon as the next VM says b"1"; other input
+    that comes during a reset waits for the next VM (up to _HELD_MAX bytes).
+    Output goes out with LF as CR LF (a board's stdout is cooked), only while a client
+    has the pty open."""
+
+    def __init__(self, link: Path | str):
+        self.link = Path(link)
+        if self.link.exists() and not self.link.is_symlink():
+            raise KeelError(f"{self.link}: already exists and is not a link")
+        self.master, slave = os.openpty()
+        tty.setraw(slave)  # a serial line: no echo, no line editing, no \n translation
+        self.tty = os.ttyname(slave)
+        os.close(slave)
+        os.set_blocking(self.master, False)
+        tmp = self.link.with_name(f".{self.link.name}.{os.getpid()}")
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(self.tty, tmp)
+            os.replace(tmp, self.link)
+        except OSError as e:
+            os.close(self.master)
+            raise KeelError(f"{self.link}: cannot link the console there ({e.strerror})") from None
+        self.lock = threading.Lock()
+        self.out = bytearray()  # for the client
+        self.into_vm = bytearray()
+        self.held = b""  # input that came while the board reset, for the next boot
+        self.vm = None  # (proc, stdin fd, control fd)
+        self.ctl_open = False
+        self.intr = _INTR_OFF
+        self.interrupt_pending = False
+        self.client = False
+        self.last_cr = False
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def attach(self, proc: subprocess.Popen, stdin_fd: int, ctl_fd: int) -> None:
+        os.set_blocking(stdin_fd, False)
+        self.detach()  # the last VM's pipes, if it was killed (watchdog)
+        with self.lock:
+            self.vm = (proc, stdin_fd, ctl_fd)
+            self.ctl_open = True
+            self.intr = _INTR_PENDING  # keeps a Ctrl-C from the reset (interrupt_pending)
+            self.into_vm[:] = self.held  # and what came with it
+            self.held = b""
+        self._wake()
+
+    def detach(self) -> None:
+        with self.lock:
+            if self.vm is not None:
+                os.close(self.vm[1])
+                os.close(self.vm[2])
+            self.vm = None
+            self.intr = _INTR_PENDING
+            self.into_vm.clear()
+        self._wake()
+
+    def send(self, data: bytes) -> None:
+        """The VM's output, for the client."""
+        if data[:1] == b"\n" and self.last_cr:
+            data = b"\n" + _NEWLINE.sub(b"\r\n", data[1:])
+        else:
+            data = _NEWLINE.sub(b"\r\n", data)
+        self.last_cr = data[-1:] == b"\r"
+        with self.lock:
+            if not self.client:
+                return  # nobody listening: a UART's bytes are gone
+            self.out += data
+            if len(self.out) > _PTY_BACKLOG:
+                del self.out[: len(self.out) - _PTY_BACKLOG]
+            self._flush_out()
+
+    def close(self) -> None:
+        self.stopping = True
+        self._wake()
+        self.thread.join(2)
+        self.detach()
+        try:
+            if os.readlink(self.link) == self.tty:
+                self.link.unlink()
+        except OSError:
+            pass
+        for fd in (self.master, self.wake_r, self.wake_w):
+            os.close(fd)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _flush_out(self) -> None:
+        # (lock held)
+        if self.out:
+            try:
+                del self.out[: os.write(self.master, self.out)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.out.clear()
+
+    def _flush_into_vm(self) -> None:
+        # (lock held)
+        if self.into_vm and self.vm is not None:
+            try:
+                del self.into_vm[: os.write(self.vm[1], self.into_vm)]
+            except BlockingIOError:
+                pass
+            except OSError:  # the VM is gone
+                self.into_vm.clear()
+
+    def _interrupt(self) -> None:
+        # (lock held)
+        if self.intr == _INTR_ON:
+            try:
+                self.vm[0].send_signal(signal.SIGINT)
+            except OSError:
+                pass
+        else:
+            self.interrupt_pending = True
+
+    def _from_client(self, data: bytes) -> None:
+        with self.lock:
+            if self.vm is None or self.intr == _INTR_RESET:
+                # The board is resetting: what comes is for the next boot, a Ctrl-C
+                # as an interrupt, the rest as input (a FIFO's worth).
+                self.interrupt_pending = self.interrupt_pending or b"\x03" in data
+                self.held = (self.held + data.replace(b"\x03", b""))[:_HELD_MAX]
+                return
+            while data:
+                if self.intr == _INTR_OFF or b"\x03" not in data:
+                    self.into_vm += data
+                    break
+                before, _, data = data.partition(b"\x03")
+                self.into_vm += before
+                self._interrupt()
+            self._flush_into_vm()
+
+    def _control(self, data: bytes) -> None:
+        # (lock held) b"1": code runs, Ctrl-C interrupts; b"0": the REPL reads it.
+        if not data:
+            self.ctl_open = False  # the VM ended: stop polling its pipe
+            return
+        if self.intr == _INTR_RESET or b"R" in data:
+            self.intr = _INTR_RESET  # whatever it says while it unwinds
+            return
+        self.intr = _INTR_ON if data[-1:] == b"1" else _INTR_OFF
+        if self.intr == _INTR_ON and self.interrupt_pending:
+            self.interrupt_pending = False
+            self._interrupt()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            with self.lock:
+                client = self.client
+                if client:
+                    poller.register(self.master, select.POLLIN | (select.POLLOUT if self.out else 0))
+                vm = self.vm
+                if vm is not None and self.ctl_open:
+                    poller.register(vm[2], select.POLLIN)
+                    if self.into_vm:
+                        poller.register(vm[1], select.POLLOUT)
+            # Without a client the master reports a hang-up at every poll: look for
+            # one every 50 ms instead.
+            events = dict(poller.poll(None if client else 50))
+            if self.wake_r in events:
+                os.read(self.wake_r, 4096)
+            if not client or events.get(self.master, 0) & select.POLLHUP:
+                self._check_client()
+            ev = events.get(self.master, 0)
+            if ev & select.POLLIN:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:
+                    data = b""
+                if data:
+                    self._from_client(data)
+            if ev & select.POLLOUT:
+                with self.lock:
+                    self._flush_out()
+            if vm is not None and events.get(vm[2], 0):
+                with self.lock:
+                    if self.vm is vm:  # not detached meanwhile (its fds closed)
+                        try:
+                            data = os.read(vm[2], 256)
+                        except OSError:
+                            data = b""
+                        self._control(data)
+            if vm is not None and events.get(vm[1], 0):
+                with self.lock:
+                    self._flush_into_vm()
+
+    def _check_client(self) -> None:
+        p = select.poll()
+        p.register(self.master, select.POLLIN)
+        connected = not any(ev & select.POLLHUP for _, ev in p.poll(0))
+        with self.lock:
+            if connected and not self.client:
+                self.out.clear()
+            self.client = connected
 
 
 class BoardMonitor:
@@ -338,12 +570,16 @@ def run(
     heap: int | None = None,
     out=None,
     stop_when=None,
+    pty: Path | str | None = None,
 ) -> Console:
     """Boot the device on the MicroPython VM and relay its console to out.
 
     A reset requested by the device restarts the VM. Stops, as a power cut would,
     after `seconds`, or as soon as stop_when(console) is true; or when the VM exits
-    on its own. Returns the console with everything printed."""
+    on its own. Returns the console with everything printed.
+
+    With `pty`, the board's console is also a pty linked at that path, which speaks
+    MicroPython's REPL (mpremote connect PATH): see docs/virtual-board.md."""
     device = VirtualDevice(path)
     board = device.board()
     if device.running_pid():
@@ -358,6 +594,8 @@ def run(
     cause = "power-on"
     boots = 0
     proc = None
+    link = ConsolePty(pty) if pty is not None else None
+    repl_mode = "friendly"  # the REPL's mode, kept across soft reboots only
 
     def note(text: str) -> None:
         console.write(f"vdev: {text}\n".encode())
@@ -372,15 +610,9 @@ def run(
             boots += 1
             note(f"boot {boots} ({cause}), heap {heap // 1024}K")
             monitor.restart()
-            proc = subprocess.Popen(
-                [micropython(), "-X", f"heapsize={heap}", str(startup), str(device.path), cause],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            proc = _start_vm(startup, device.path, heap, cause, link, repl_mode)
             (device.path / PID_FILE).write_text(str(proc.pid))
-            pump = threading.Thread(target=console.pump, args=(proc.stdout,), daemon=True)
+            pump = threading.Thread(target=console.pump, args=(proc.stdout, link), daemon=True)
             pump.start()
             watchdog = False
             while proc.poll() is None and not stop_now():
@@ -401,9 +633,14 @@ def run(
                 note(f"stopped after {time.monotonic() - started:.1f} s")
                 return console
             pump.join(2)
+            if link is not None:
+                link.detach()
             code = proc.returncode
             monitor.poll()
-            if code == RESET_EXIT:
+            repl_mode = SOFT_REBOOT_EXITS.get(code, "friendly")  # a reset: friendly again
+            if code in SOFT_REBOOT_EXITS:
+                note(f"soft reboot ({repl_mode} REPL)")  # the same reset cause
+            elif code == RESET_EXIT:
                 cause = "soft-reset"
             elif code == DEEP_SLEEP_EXIT:
                 ms = monitor.sleep_ms or 0
@@ -432,7 +669,40 @@ def run(
         if proc is not None and proc.poll() is None:
             _power_off(proc)
         (device.path / PID_FILE).unlink(missing_ok=True)
+        if link is not None:
+            link.close()
         console.close()
+
+
+def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode: str):
+    """One boot: the VM process. With a console pty, its stdin and a control pipe
+    (vm_startup.py's CTL_FD) go to the pty's relay."""
+    command = [micropython(), "-X", f"heapsize={heap}", str(startup), str(device_dir), cause]
+    if link is None:
+        return subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    stdin_r, stdin_w = os.pipe()
+    ctl_r, ctl_w = os.pipe()
+    os.set_blocking(stdin_r, False)  # the REPL takes whatever has come (vm_console.py)
+    try:
+        proc = subprocess.Popen(
+            [*command, mode, str(ctl_w)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=stdin_r,
+            pass_fds=(ctl_w,),
+            start_new_session=True,
+        )
+    finally:
+        os.close(stdin_r)
+        os.close(ctl_w)
+    link.attach(proc, stdin_w, ctl_r)
+    return proc
 
 
 def _power_off(proc: subprocess.Popen) -> None:
