@@ -35,7 +35,7 @@ def make_app(tmp_path_factory):
         key = (name, target)
         if key not in cache:
             if src_dir is None:
-                src_dir = base / f"src-{name}"
+                src_dir = base / f"src-{name}-{target}"
                 src_dir.mkdir()
                 for filename, text in sources.items():
                     (src_dir / filename).write_text(text)
