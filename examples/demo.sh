@@ -69,7 +69,7 @@ for _ in $(seq 150); do
 done
 show keel device show field1
 echo "# the device's console while it was healed:"
-grep -E "SAFE MODE|missing|pending install|installing the update|system 1|hello from keel|vdev: boot" "$DEMO_DIR/field-console.txt" | sed 's/^/  /'
+grep -E "SAFE MODE|missing|pending install|installing the update|on trial|it stays|system 1|hello from keel|vdev: boot" "$DEMO_DIR/field-console.txt" | sed 's/^/  /'
 kill $device 2>/dev/null || true
 wait $device 2>/dev/null || true
 
