@@ -353,11 +353,12 @@ def test_image_nrf52840_files(keel_cli, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fs = tmp_path / "nrf" / "fs"
     assert (fs / "boot.py").read_text() == (REPO / "bootloader" / "stage0.py").read_text()
+    assert (fs / "main.py").read_text() == (REPO / "bootloader" / "stage0_main.py").read_text()
     assert json.loads((fs / "keel" / "board.json").read_text())["name"] == "nrf52840_dk"
     assert {"keel_boot.mpy", "port_nrf.mpy", ".sha256"} <= {p.name for p in (fs / "keel/m/bl").iterdir()}
     modules = sorted(p.name for p in (tmp_path / "nrf" / "modules").iterdir())
     assert [m.rsplit("-", 1)[0] for m in modules] == ["bootloader", "system-part-1", "system-part-2"]
-    assert "mpremote connect PORT cp -r boot.py keel :" in proc.stdout
+    assert "mpremote connect PORT cp -r boot.py main.py keel :" in proc.stdout
 
 
 def test_image_nrf52840_refuses_an_esp32_board(keel_cli, expect_cli_error, tmp_path):

@@ -266,6 +266,8 @@ def test_filesystem_read_by_littlefs_python(built, system_dir):
     assert fs.fs_stat().block_count == fs_part.size // 4096
     with fs.open("/boot.py", "r") as f:
         assert f.read() == (REPO / "bootloader" / "stage0.py").read_text()
+    with fs.open("/main.py", "r") as f:  # where Keel starts (friendly-REPL boots only)
+        assert f.read() == (REPO / "bootloader" / "stage0_main.py").read_text()
     with fs.open("/keel/board.json", "r") as f:
         assert json.load(f) == json.loads((REPO / "boards" / BOARD / "board.json").read_text())
     boot = _bootloader_module(system_dir)

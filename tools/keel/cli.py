@@ -93,7 +93,7 @@ def cmd_image_nrf52840(args) -> int:
     print(f"wrote {out}/fs (the board's filesystem: /boot.py, /keel/board.json, /keel/m/bl) "
           f"and {out}/modules ({', '.join(sorted(names))})")
     print("install (docs/boards/nrf52840.md):")
-    print(f"  cd {out}/fs && mpremote connect PORT cp -r boot.py keel :")
+    print(f"  cd {out}/fs && mpremote connect PORT cp -r boot.py main.py keel :")
     print(f"  keel flash --usb {out}/modules/*.bin --port PORT")
     return 0
 

@@ -25,7 +25,10 @@ BOOTLOADER_CODE_DIR = "/keel/m/bl"
 BOARD_FILE = "/keel/board.json"
 # Stage-0 files at the filesystem root, from the source tree (path on the board ->
 # path in the tree). Where the boot is split into more files, list them here.
-STAGE0_FILES = {"/boot.py": "bootloader/stage0.py"}
+# /boot.py runs after every reset, soft reboots included (recovery only); /main.py,
+# which starts Keel, only in friendly-REPL mode, so a raw-REPL soft reboot (mpremote,
+# keel flash --usb) leaves Keel stopped (docs/boot-flow.md, stage 0).
+STAGE0_FILES = {"/boot.py": "bootloader/stage0.py", "/main.py": "bootloader/stage0_main.py"}
 # LittleFS on-disk version 2.0: what every littlefs v2 (every MicroPython with
 # VfsLfs2) mounts. Newer minor versions would lock out firmware with an older littlefs.
 DISK_VERSION = 0x00020000

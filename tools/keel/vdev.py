@@ -21,7 +21,7 @@ from pathlib import Path
 from littlefs import LittleFS, LittleFSError
 
 from keel import module_format as mf
-from keel import romfs
+from keel import factory
 from keel.boards import Board, board_dir, board_from_dict, load_board
 from keel.errors import KeelError
 from keel.images import Image, load_valid_image, module_label
@@ -125,30 +125,6 @@ def check_images_for_board(board: Board, images: list[Image]) -> None:
 
 # Stage 0 at the filesystem root (board path -> source): /boot.py after every reset,
 # /main.py, which starts Keel, only in friendly-REPL mode (docs/boot-flow.md).
-STAGE0_FILES = {"/boot.py": "bootloader/stage0.py", "/main.py": "bootloader/stage0_main.py"}
-
-
-def _install_bootloader_code(fs: LittleFS, image: Image) -> None:
-    """Factory step: put the bootloader's code, /boot.py and /main.py on the filesystem."""
-    info = image.info
-    read = mf.bytes_reader(image.data)
-    fs.makedirs("/keel/m/bl", exist_ok=True)
-    for path, offset, length in romfs.walk(read, info.header_size, info.payload_size):
-        target = "/keel/m/bl/" + path
-        if offset < 0:
-            fs.makedirs(target, exist_ok=True)
-            continue
-        start = info.header_size + offset
-        with fs.open(target, "wb") as f:
-            f.write(image.data[start : start + length])
-    digest = image.data[info.header_size + info.payload_size :][:32]
-    with fs.open("/keel/m/bl/.sha256", "w") as f:
-        f.write(digest.hex())
-    for target, source in STAGE0_FILES.items():
-        with fs.open(target, "w") as f:
-            f.write((source_root() / source).read_text())
-
-
 def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual") -> list[Image]:
     """Make a virtual device with the bootloader and system parts from system_dir."""
     device = VirtualDevice(path)
@@ -172,15 +148,10 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     flash = bytearray(b"\xff" * board.flash_size)
     for image in images:
         _place(flash, board, image)
-    fs = device.open_fs(flash, board)
-    fs.format()
-    fs.mount()
-    fs.makedirs("/keel", exist_ok=True)
-    with fs.open("/keel/board.json", "w") as f:
-        f.write(json.dumps(board.data))
     boot = [i for i in images if i.info.function == mf.FUNCTION_BOOTLOADER][0]
-    _install_bootloader_code(fs, boot)
-    device.store_fs(flash, board, fs)
+    part = board.partition("fs")
+    flash[part.offset : part.offset + part.size] = factory.make_filesystem(
+        factory.device_files(board.data, boot), board.block_size, part.size)
 
     device.path.mkdir(parents=True, exist_ok=True)
     (device.path / BOARD_FILE).write_text(json.dumps(board.data, indent=2) + "\n")
