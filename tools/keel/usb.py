@@ -167,6 +167,15 @@ class BoardLink:
         except self._error:
             pass  # the board went away mid-answer: that is the reset
 
+    def restart(self) -> None:
+        """Leave the board as it was found: back to the friendly REPL and a soft
+        reboot there, which runs /main.py and so Keel (after a refusal or an error)."""
+        try:
+            self.transport.exit_raw_repl()
+            self.transport.serial.write(b"\x04")
+        except (self._error, OSError):
+            pass
+
     def close(self) -> None:
         try:
             self.transport.close()
@@ -194,12 +203,12 @@ def slot_for(board: dict, image: Image) -> dict:
     raise KeelError(f"{image.path}: board {board['board']} has no slot for {image.name}: nothing written")
 
 
-def _installed(board: dict) -> list[tuple[int, int, int]]:
+def _installed(board: dict) -> list[mf.ModuleInfo]:
     out = []
     for slot in board["slots"]:
         if slot.get("valid") and slot.get("version"):
-            out.append((mf.function_id(slot["function"]), slot["index"],
-                        mf.encode_version(slot["version"])))
+            out.append(mf.ModuleInfo(mf.function_id(slot["function"]), slot["index"],
+                                     mf.encode_version(slot["version"]), 0))
     return out
 
 
@@ -207,8 +216,8 @@ def after_flash_warnings(board: dict, images: list[Image]) -> list[str]:
     """What will not be satisfied once these modules are in (the device will say so
     too, in safe mode): said before writing, like `particle flash` does."""
     replaced = {(i.info.function, i.info.index) for i in images}
-    modules = [m for m in _installed(board) if (m[0], m[1]) not in replaced]
-    modules += [(i.info.function, i.info.index, i.info.version) for i in images]
+    modules = [m for m in _installed(board) if (m.function, m.index) not in replaced]
+    modules += [i.info for i in images]
     warnings = []
     for slot in board["slots"]:
         key = (mf.function_id(slot["function"]), slot["index"])
@@ -275,6 +284,9 @@ def flash(files: list, port: str | None = None, say=print) -> list[Image]:
     link = BoardLink(port)
     try:
         flash_images(link, images, say)
+    except KeelError:
+        link.restart()
+        raise
     finally:
         link.close()
     return images
@@ -353,10 +365,14 @@ def update(catalog, port: str | None = None, version: str | None = None,
         needed, current = update_plan(board, images, allow_downgrade)
         if not needed:
             say(f"{link.port}: {board['board']} already runs system {release['version']}: nothing to do")
+            link.restart()
             return []
         say(f"system {release['version']}" + (" (prerelease)" if release["prerelease"] else "") +
             (f"; already current: {', '.join(current)}" if current else ""))
         flash_images(link, needed, say)
         return [i.name for i in needed]
+    except KeelError:
+        link.restart()
+        raise
     finally:
         link.close()
