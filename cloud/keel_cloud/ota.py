@@ -2,18 +2,23 @@
 
 OtaSender.send() runs in the caller's thread (an HTTP job, a test) and drives one
 transfer to one device: the offer (QoS 1), then chunks (QoS 0) within the window the
-device's acknowledgements allow, at most `in_flight` bytes of them unacknowledged at a
-time, again only what they say is missing, a new offer after 10 s of silence, until the
-device says `pending` (success) or `refused`/`failed`.
+device's acknowledgements allow, at most a path-dependent number of bytes of them
+unacknowledged at a time, again only what they say is missing, a new offer after 10 s
+of silence, until the device says `pending` (success) or `refused`/`failed`.
 
 What a dropped connection costs is what was in flight on it: every chunk between the
 cloud and the device is lost with it and has to go again. The device's window (8 KB)
 is what it can take, not what should be on the way: on a throttled link whatever is
 sent beyond the link's bandwidth x delay only waits in a queue (a proxy's, the
-broker's, a socket's) to be lost at the next drop. So the sender keeps less in flight,
-IN_FLIGHT bytes, which costs some speed on a fast link and bounds the loss per drop.
-The device's `ota/status` messages arrive on paho's thread through on_status(), which
-only hands them over through a queue."""
+broker's, a socket's) to be lost at the next drop, and adds nothing to the speed. So
+the sender measures the path as BBR does (PathEstimate: the delivery rate, the most
+chunk bytes acknowledged per second over recent acknowledgements, and the minimum
+round trip, chunk sent -> its acknowledgement) and keeps about rate x min RTT in
+flight, plus the chunks the device takes between two acknowledgements; it starts at
+3 chunks and doubles while the delivery rate keeps rising. The estimate outlives a
+dropped connection (and, for a while, the transfer: the next one to the device starts
+from it). The device's `ota/status` messages arrive on paho's thread through
+on_status(), which only hands them over through a queue."""
 
 import hashlib
 import json
@@ -22,6 +27,7 @@ import queue
 import struct
 import threading
 import time
+from collections import deque
 
 log = logging.getLogger("keel.cloud.ota")
 
@@ -34,10 +40,17 @@ RESEND_GUARD = 1.0  # a chunk sent less than this ago is not sent again (an olde
 RESEND_AFTER = 15.0
 RECONNECT_GRACE = 1.5  # after a reconnect, how long to wait for the device's status
 MAX_UNANSWERED_OFFERS = 4  # offers in a row without any answer: the device is gone
-# Chunk bytes sent and not yet acknowledged, at most (at least the chunks the device
-# acknowledges at a time, or it would wait for its 2 s idle acknowledgement). About the
-# bandwidth x delay of a 64 KB/s link 40 ms away: a drop costs at most this much.
-IN_FLIGHT = 3 * 1024
+# The in-flight limit (PathEstimate): chunks sent and not yet acknowledged, at most.
+INITIAL_CHUNKS = 3  # before the first measurement (a drop costs at most this much)
+STARTUP_GAIN = 2.0  # x rate x min RTT while the delivery rate keeps rising (doubling per round)
+GAIN = 1.0  # x rate x min RTT once it stopped rising; plus the chunks of one acknowledgement
+FULL_GROWTH = 1.25  # the delivery rate "keeps rising" while it grows this much per round ...
+FULL_ROUNDS = 3  # ... within this many rounds
+RATE_ROUNDS = 10  # the delivery rate: the highest sample over this many min RTTs ...
+RATE_WINDOW_MIN = 1.0  # ... and at least this many seconds
+# After drops: what is in flight is what a drop costs, so at most this fraction of the
+# chunk bytes that go between two drops (bytes sent / (drops + 1)).
+DROP_BUDGET = 0.04
 DEVICE_ACK_EVERY = 4  # for a device whose acknowledgements do not say (`ack`)
 DEFAULT_TIMEOUT = 600.0
 TRIAL_S = 300  # seconds a new system part has to reach the cloud before the device rolls it back
@@ -69,11 +82,142 @@ class _Transfer:
         self.statuses: queue.Queue[dict] = queue.Queue()
 
 
+class _Sent:
+    """A chunk on its way: when it went, and the delivery state then (for a rate sample)."""
+
+    __slots__ = ("at", "size", "delivered", "delivered_at", "first_at", "again")
+
+    def __init__(self, at, size, delivered, delivered_at, first_at, again):
+        self.at, self.size, self.again = at, size, again
+        self.delivered, self.delivered_at, self.first_at = delivered, delivered_at, first_at
+
+
+class PathEstimate:
+    """The path to one device, measured as BBR does, and the in-flight limit from it.
+
+    sent(n, size, now, again) for every chunk published; acked(chunks, now) with the
+    chunks an acknowledgement shows stored for the first time; reconnected(now) when
+    the device's connection changed (what was on its way is lost; the estimate stays).
+
+    - Delivery rate: per acknowledgement, the chunk bytes acknowledged since the newest
+      chunk it covers was sent, over the time that took (the longer of its send and
+      acknowledgement intervals, as BBR: a burst of acknowledgements does not inflate
+      it); the estimate is the highest sample over the last RATE_ROUNDS min RTTs (at
+      least RATE_WINDOW_MIN s), the last one kept when there is none (after a drop).
+    - Min RTT: chunk published -> the acknowledgement that first shows it stored, for
+      chunks sent once (Karn); the lowest on the device's current connection (not over
+      a time window: the limit keeps a chunk or two queued, so a windowed minimum would
+      creep up with them); after a reconnection the first sample replaces it (a new
+      connection may take another route), which is clean: nothing is queued then.
+      It includes the device's own delay (its loop, flash writes) and the broker's.
+    - Limit: rate x min RTT x gain (the bandwidth x delay product: more only waits in
+      queues and is lost at a drop) plus the bytes of one acknowledgement interval (a
+      chunk waits on the device for the next before it is acknowledged). Startup: gain
+      STARTUP_GAIN until the rate stopped rising FULL_GROWTH per round for FULL_ROUNDS
+      rounds, then GAIN. INITIAL_CHUNKS before any sample. The caller bounds it by the
+      device's window and its acknowledgement interval."""
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE):
+        self.chunk_size = chunk_size
+        self.rate = 0.0  # bytes/s (chunk payload acknowledged)
+        self.min_rtt = None  # seconds
+        self.startup = True
+        self.updated = None  # when the last sample came
+        self._rates: deque[tuple[float, float]] = deque()  # (when, rate) samples
+        self._rtt_fresh = False  # the next RTT sample replaces min_rtt (a new connection)
+        self._sent: dict[int, _Sent] = {}
+        self.delivered = 0  # chunk bytes acknowledged
+        self.bytes_sent = 0  # chunk bytes sent (again or not)
+        self.drops = 0  # connections that ended during the transfer
+        self._delivered_at = None  # when the last ones were
+        self._first_at = None  # when the newest chunk acknowledged then was sent
+        # rounds (a round ends when a chunk sent after it began is acknowledged)
+        self._round_end = 0
+        self._full_rate = 0.0
+        self._full_count = 0
+
+    def sent(self, n: int, size: int, now: float, again: bool = False) -> None:
+        if self._delivered_at is None:
+            self._delivered_at = self._first_at = now  # nothing acknowledged yet: from here
+        self._sent[n] = _Sent(now, size, self.delivered, self._delivered_at, self._first_at, again)
+        self.bytes_sent += size
+
+    def reconnected(self, now: float) -> None:
+        """What was on its way is lost; rates are measured again from now on."""
+        if self._sent:
+            self.drops += 1  # (a reconnection with nothing on its way cost nothing)
+        self._sent.clear()
+        self._delivered_at = self._first_at = None
+        self._rtt_fresh = self.min_rtt is not None
+
+    def acked(self, chunks, now: float) -> None:
+        newest = None
+        rtt = None
+        for n in chunks:
+            record = self._sent.pop(n, None)
+            if record is None:
+                continue  # stored before this transfer or this connection
+            self.delivered += record.size
+            if newest is None or record.at > newest.at:
+                newest = record
+            if not record.again:
+                sample = now - record.at
+                rtt = sample if rtt is None else min(rtt, sample)
+        if newest is None:
+            return
+        self._delivered_at = now
+        self._first_at = newest.at
+        self.updated = now
+        if rtt is not None:
+            if self.min_rtt is None or self._rtt_fresh or rtt < self.min_rtt:
+                self.min_rtt = rtt
+            self._rtt_fresh = False
+        interval = max(now - newest.delivered_at, newest.at - newest.first_at)
+        if interval > 0:
+            self._rates.append((now, (self.delivered - newest.delivered) / interval))
+        self._expire(now)
+        if self._rates:
+            self.rate = max(r for _, r in self._rates)
+        if self.startup and newest.delivered >= self._round_end:
+            self._round_end = self.delivered  # a round: everything sent before it is in
+            if self.rate >= self._full_rate * FULL_GROWTH:
+                self._full_rate, self._full_count = self.rate, 0
+            else:
+                self._full_count += 1
+                if self._full_count >= FULL_ROUNDS:
+                    self.startup = False
+
+    def _expire(self, now: float) -> None:
+        window = max(RATE_ROUNDS * (self.min_rtt or 0.0), RATE_WINDOW_MIN)
+        rates = self._rates
+        while len(rates) > 1 and now - rates[0][0] > window:
+            rates.popleft()
+
+    def limit(self, ack_every: int) -> float:
+        """Bytes to keep in flight (before the device's window and floor)."""
+        if not self.rate or self.min_rtt is None:
+            limit = INITIAL_CHUNKS * self.chunk_size
+        else:
+            gain = STARTUP_GAIN if self.startup else GAIN
+            limit = gain * self.rate * self.min_rtt + (ack_every - 1) * self.chunk_size
+            if self.startup:
+                limit = max(limit, INITIAL_CHUNKS * self.chunk_size)
+        if self.drops:
+            limit = min(limit, DROP_BUDGET * self.bytes_sent / (self.drops + 1))
+        return limit
+
+    def summary(self, ack_every: int = 2) -> dict:
+        return {"rate": round(self.rate), "min_rtt": None if self.min_rtt is None else round(self.min_rtt, 4),
+                "limit": round(self.limit(ack_every)), "startup": self.startup, "drops": self.drops}
+
+
 class OtaSender:
-    """publish(topic, payload, qos) is the fleet service's MQTT client's publish."""
+    """publish(topic, payload, qos) is the fleet service's MQTT client's publish.
+    in_flight: None, the limit adapts to the path (PathEstimate); or a fixed number of
+    bytes (a comparison, a test)."""
 
     def __init__(self, publish, silence: float = SILENCE, trial_s: int = TRIAL_S,
-                 in_flight: int = IN_FLIGHT):
+                 in_flight: int | None = None):
         self._publish = publish
         self.silence = silence
         self.in_flight = in_flight
@@ -109,11 +253,12 @@ class OtaSender:
              timeout: float = DEFAULT_TIMEOUT, chunk_size: int = CHUNK_SIZE) -> dict:
         """Send image to the device; module: {function, index, version, platform}.
         Returns {"state": "pending", "sha256", "size", "bytes_sent", "offers",
-        "resent", "duplicates"}; raises OtaError on refused, failed, silence or timeout.
+        "resent", "duplicates", "path"}; raises OtaError on refused, failed, silence or timeout.
         resent: chunks sent again, by why ("dropped": sent on a connection that ended,
         "gap": missing below a later one, "late": unacknowledged for RESEND_AFTER);
         duplicates: chunks the device got more than once, as it reported (None: it
-        did not say), i.e. chunks that were sent again needlessly."""
+        did not say), i.e. chunks that were sent again needlessly; path: the estimate
+        at the end (PathEstimate.summary(): rate, min_rtt, limit, startup)."""
         if not image:
             raise OtaError("the image is empty")
         transfer = _Transfer()
@@ -150,6 +295,9 @@ class OtaSender:
         offers = 0
         unanswered = 0
         acknowledged = -1
+        path = PathEstimate(chunk_size)
+        have: set[int] = set()  # chunks the last acknowledgement showed stored
+        ack_every = DEVICE_ACK_EVERY
 
         def chunk_len(n: int) -> int:
             return min(chunk_size, size - n * chunk_size)
@@ -194,6 +342,7 @@ class OtaSender:
                 # The device tells where it got to once it has subscribed again (or
                 # has lost the transfer in a reset: then it needs the offer).
                 epoch = time.monotonic()
+                path.reconnected(epoch)
                 connection += 1
                 log.debug("%s: connection %d", device_id, connection)
                 offer_at = epoch + RECONNECT_GRACE
@@ -206,13 +355,15 @@ class OtaSender:
                 raise OtaError(f"the update failed on the device: {_reason(status)}")
             if state == "pending":
                 report(size)
-                log.info("%s: %d chunks, %d sent again (%s), %s the device got twice; %d offers",
-                         device_id, count, sum(resent.values()),
-                         ", ".join(f"{k} {v}" for k, v in resent.items()),
-                         "?" if duplicates is None else duplicates, offers)
+                log.info("%s: %d chunks, %d sent again (%s), %s the device got twice; %d offers; "
+                         "path %.1f KB/s, min RTT %s ms, limit %.1f KB", device_id, count,
+                         sum(resent.values()), ", ".join(f"{k} {v}" for k, v in resent.items()),
+                         "?" if duplicates is None else duplicates, offers, path.rate / 1024,
+                         "?" if path.min_rtt is None else f"{1000 * path.min_rtt:.0f}",
+                         path.limit(ack_every) / 1024)
                 return {"state": "pending", "sha256": sha, "size": size,
                         "bytes_sent": bytes_sent, "offers": offers, "resent": resent,
-                        "duplicates": duplicates}
+                        "duplicates": duplicates, "path": path.summary(ack_every)}
             if state == "verifying":
                 report(size)
                 if isinstance(status.get("duplicates"), int):
@@ -235,8 +386,13 @@ class OtaSender:
                     stored.add(nxt + i)
             report(sum(chunk_len(n) for n in stored))
             now = time.monotonic()
+            path.acked(stored - have, now)
+            have = stored
             highest = max(stored, default=-1)
-            log.debug("%s: ack next %d bitmap %s", device_id, nxt, bitmap.hex())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: ack next %d bitmap %s; path %.1f KB/s, min RTT %s, limit %.1f KB%s",
+                          device_id, nxt, bitmap.hex(), path.rate / 1024, path.min_rtt,
+                          path.limit(ack_every) / 1024, " (startup)" if path.startup else "")
             # Within the window: what is on its way, and what to send (new or lost).
             flying = 0
             todo = []
@@ -256,7 +412,13 @@ class OtaSender:
                         flying += 1  # still on its way (a stall), not lost
                         continue
                 todo.append((n, why))
-            room = max(self.in_flight // chunk_size, ack_every, 1) - flying
+            if self.in_flight is None:
+                limit = round(path.limit(ack_every) / chunk_size)  # chunks
+            else:
+                limit = self.in_flight // chunk_size
+            # never fewer than the device acknowledges at a time (it would wait for its
+            # idle acknowledgement), never more than its window (the loop's bound)
+            room = max(limit, ack_every, 1) - flying
             for n, why in todo[:max(0, room)]:
                 data = image[n * chunk_size:(n + 1) * chunk_size]
                 self._publish(prefix + "chunk", tag + struct.pack(">I", n) + data, 0)
@@ -266,4 +428,5 @@ class OtaSender:
                     log.debug("%s: chunk %d sent%s on connection %d", device_id, n,
                               f" again ({why}, first at {sent_at[n]:.3f})" if why else "", connection)
                 sent_at[n] = now
+                path.sent(n, len(data), now, again=why is not None)
                 bytes_sent += len(data)

@@ -20,7 +20,8 @@ from keel import module_format as mf
 from keel.cli import main
 from keel_cloud import pki
 from keel_cloud.config import CloudDir
-from keel_cloud.ota import IN_FLIGHT, OtaError
+from keel_cloud import ota
+from keel_cloud.ota import INITIAL_CHUNKS, OtaError, PathEstimate
 from keel_cloud.server import Cloud
 
 
@@ -53,19 +54,20 @@ class FakeDevice:
     """The device side of the protocol, in paho's thread."""
 
     def __init__(self, cloud: Cloud, name: str, platform: str = "virtual", window: int = 8,
-                 ack_every: int = 2, say_ack: bool = True,
+                 ack_every: int = 2, say_ack: bool = True, ack_delay: float = 0.0,
                  drop: set[int] = frozenset(), silent_after: int | None = None,
                  refuse: str | None = None, fail: str | None = None):
         self.id = secrets.token_hex(12)
         self.window = window
         self.ack_every = ack_every  # new chunks per acknowledgement
         self.say_ack = say_ack  # False: like firmware before `ack` (every 4, unsaid)
+        self.ack_delay = ack_delay  # acknowledgements reach the cloud this much later (a far device)
         self.ahead = 0  # the furthest a chunk came past the `next` of the last ack sent
         self.acked_next = 0
         self.drop = set(drop)  # chunk numbers lost the first time they come
         self.silent_after = silent_after  # stop answering once this chunk is stored, until an offer
         self.refuse, self.fail = refuse, fail
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.offers: list[dict] = []
         self.chunk_bytes = 0  # every chunk byte that reached the device, lost ones included
         self.statuses: list[dict] = []
@@ -116,7 +118,16 @@ class FakeDevice:
 
     def _status(self, **status):
         self.statuses.append(status)
-        self.client.publish(f"devices/{self.id}/ota/status", json.dumps(status), qos=1)
+        def publish():
+            if status["state"] == "receiving":
+                with self.lock:  # what the cloud can know: chunks past it are in flight
+                    self.acked_next = max(self.acked_next, status["next"])
+            self.client.publish(f"devices/{self.id}/ota/status", json.dumps(status), qos=1)
+
+        if self.ack_delay and status["state"] == "receiving":
+            threading.Timer(self.ack_delay, publish).start()
+        else:
+            publish()
 
     def _count(self):
         return (self.offer["size"] + self.offer["chunk_size"] - 1) // self.offer["chunk_size"]
@@ -131,7 +142,6 @@ class FakeDevice:
             if nxt + i < count and nxt + i in self.stored:
                 bits[i // 8] |= 1 << (i % 8)
         self.new_since_ack = 0
-        self.acked_next = nxt
         extra = {"ack": self.ack_every} if self.say_ack else {}
         self._status(state="receiving", next=nxt, bitmap=bits.hex(), window=self.window, **extra)
 
@@ -232,23 +242,190 @@ def test_clean_transfer(cloud, devices):
     assert [s["state"] for s in device.statuses][-2:] == ["verifying", "pending"]
 
 
-def test_in_flight_is_bounded(cloud, devices):
-    """The sender keeps IN_FLIGHT bytes unacknowledged at most, not the device's whole
-    window: what a dropped connection loses. A device that acknowledges less often
-    than that (older firmware: every 4, without saying) still gets its 4 at a time."""
+def test_in_flight_is_bounded(cloud, devices, monkeypatch):
+    """Chunks unacknowledged at once: INITIAL_CHUNKS at first, then about the path's
+    bandwidth x delay (rate x min RTT + one acknowledgement's chunks), never more than
+    the device's window and never fewer than it acknowledges at a time. A near device
+    (loopback) gets a few; a far one (acknowledgements 0.3 s late) its whole window,
+    reached within a few round trips; a device whose window is 4 no more than 4; older
+    firmware that acknowledges every 4 chunks (unsaid) at least 4; a fixed bound
+    (OtaSender(in_flight=N)) is kept."""
     module = {"function": "user-part", "index": 1, "version": "2.0.0", "platform": "virtual"}
-    limit = IN_FLIGHT // 1024
-    for name, kwargs, most in (("ota-bounded", {}, limit),
-                               ("ota-old", {"ack_every": 4, "say_ack": False}, 4)):
+    sender = cloud.service.ota
+    for name, kwargs, fixed, least, most in (
+            ("ota-near", {}, None, 2, 8),
+            ("ota-far", {"ack_delay": 0.3}, None, 8, 8),
+            ("ota-narrow", {"window": 4, "ack_delay": 0.3}, None, 4, 4),
+            ("ota-old", {"ack_every": 4, "say_ack": False}, None, 4, 8),
+            ("ota-fixed", {"ack_delay": 0.3}, 3 * 1024, 3, 3)):
+        monkeypatch.setattr(sender, "in_flight", fixed)
         device = devices(name, **kwargs)
         image = make_image(40_000, seed=4)
         started = time.monotonic()
-        result = cloud.service.ota.send(device.id, image, module, timeout=20)
+        result = sender.send(device.id, image, module, timeout=30)
+        elapsed = time.monotonic() - started
         assert result["state"] == "pending" and device.image == image
         assert result["bytes_sent"] == len(image) and result["duplicates"] is None
         assert result["resent"] == {"dropped": 0, "gap": 0, "late": 0}
-        assert 1 < device.ahead <= most, (name, device.ahead)
-        assert time.monotonic() - started < STALL  # never waited for an idle acknowledgement
+        assert least <= device.ahead <= most, (name, device.ahead, result["path"])
+        assert result["path"]["drops"] == 0 and result["path"]["min_rtt"] > 0, result["path"]
+        if kwargs.get("ack_delay"):
+            assert result["path"]["min_rtt"] >= 0.3, result["path"]
+            # 40 chunks, `most` per 0.3 s round trip, plus the start
+            assert elapsed < (40 / most + 3) * 0.3 + 1.5, (name, elapsed)
+        else:
+            assert elapsed < STALL  # never waited for an idle acknowledgement
+
+
+# The path estimate (the in-flight limit), on a simulated link with a fake clock
+
+class SimLink:
+    """A bottleneck of `rate` bytes/s, `rtt` s away, to a device that acknowledges every
+    `ack_every` new chunks, driven by a PathEstimate the way OtaSender uses it: after
+    each acknowledgement, chunks go while fewer than the limit (at least ack_every, at
+    most `window`) are unacknowledged. Time is simulated (events in order)."""
+
+    def __init__(self, rate, rtt, ack_every=2, window=8, chunk=1024):
+        self.rate, self.rtt, self.ack_every, self.window, self.chunk = rate, rtt, ack_every, window, chunk
+        self.est = PathEstimate(chunk)
+        self.now = 0.0
+        self.free_at = 0.0  # when the bottleneck is free
+        self.next = 0  # the next new chunk
+        self.flying: set[int] = set()
+        self.arrived: list[int] = []  # at the device, not yet acknowledged
+        self.acks: list[tuple[float, list[int]]] = []  # (when it reaches the sender, chunks)
+        self.limits: list[float] = []  # the limit after each acknowledgement
+        self.most = 0  # the most chunks unacknowledged at once
+
+    def allowed(self) -> int:
+        return max(self.ack_every, min(self.window, round(self.est.limit(self.ack_every) / self.chunk)))
+
+    def fill(self):
+        while len(self.flying) < self.allowed():
+            n = self.next
+            self.next += 1
+            self.flying.add(n)
+            self.est.sent(n, self.chunk, self.now)
+            self.free_at = max(self.now, self.free_at) + self.chunk / self.rate
+            arrive = self.free_at + self.rtt / 2
+            self.arrived.append(n)
+            if len(self.arrived) == self.ack_every:
+                self.acks.append((arrive + self.rtt / 2, self.arrived))
+                self.arrived = []
+        self.most = max(self.most, len(self.flying))
+
+    def run(self, chunks: int):
+        self.fill()
+        while self.next < chunks or self.flying:
+            if not self.acks:
+                break
+            self.acks.sort()
+            self.now, acked = self.acks.pop(0)
+            self.flying -= set(acked)
+            self.est.acked(acked, self.now)
+            self.limits.append(self.est.limit(self.ack_every))
+            if self.next < chunks:
+                self.fill()
+        return self.est
+
+
+def test_path_estimate_measures_the_bottleneck_and_min_rtt():
+    """A 16 KB/s link 300 ms away (the 'cellular' profile): the estimate finds the rate
+    and the round trip (plus one chunk's serialisation), leaves startup once the rate
+    stops rising, and keeps rate x min RTT in flight plus the chunk that waits on the
+    device for its partner (it acknowledges every 2): that keeps the link busy (the
+    transfer takes about as long as the link needs, plus a round trip or two)."""
+    link = SimLink(rate=16 * 1024, rtt=0.3)
+    est = link.run(200)
+    serialise = 1024 / (16 * 1024)
+    assert est.rate == pytest.approx(16 * 1024, rel=0.05)
+    assert est.min_rtt == pytest.approx(0.3 + serialise, abs=0.002)
+    assert not est.startup
+    assert est.limit(2) == pytest.approx(16 * 1024 * est.min_rtt + 1024, rel=0.05)
+    assert link.most <= 8
+    ideal = 200 * 1024 / (16 * 1024) + 0.3
+    assert ideal < link.now < ideal + 2 * 0.3
+    # it started at INITIAL_CHUNKS and grew quickly: the link was full within ~5 RTTs
+    assert link.limits[0] >= INITIAL_CHUNKS * 1024
+    assert est.delivered == 200 * 1024
+
+
+def test_path_estimate_grows_fast_and_is_bounded_by_the_window():
+    """A fast, long link (wifi-like but farther away): startup doubles the limit per
+    round trip; the caller's window of 8 is what bounds it."""
+    link = SimLink(rate=500 * 1024, rtt=0.05)
+    est = link.run(40)
+    assert est.startup or est.rate < 500 * 1024  # window-limited: the link was never full
+    assert link.most == 8
+    # doubling: from 3 chunks to the window in a few acknowledgements
+    assert next(i for i, limit in enumerate(link.limits) if limit >= 8 * 1024) <= 6
+
+
+def test_path_estimate_short_link_keeps_little_in_flight():
+    """A 64 KB/s link 10 ms away: about rate x RTT + 1 chunk (the RTT includes the
+    second chunk of a pair waiting behind the first), far below the window, and the
+    link is kept busy."""
+    link = SimLink(rate=64 * 1024, rtt=0.010)
+    est = link.run(300)
+    assert not est.startup
+    assert 0.010 + 1 / 64 <= est.min_rtt <= 0.010 + 2 / 64 + 0.001
+    assert est.limit(2) == pytest.approx(64 * 1024 * est.min_rtt + 1024, rel=0.05)
+    assert est.limit(2) <= 3 * 1024
+    assert link.most <= 6
+    ideal = 300 * 1024 / (64 * 1024) + 0.01
+    assert ideal <= link.now < ideal + 0.1
+
+
+def test_path_estimate_after_a_drop():
+    """A reconnection keeps the estimate (no new startup from 3 chunks); chunks that
+    were on the way count a drop, and after drops the limit is at most DROP_BUDGET of
+    the chunk bytes that go between two drops."""
+    link = SimLink(rate=16 * 1024, rtt=0.3)
+    est = link.run(100)
+    rate, rtt, before = est.rate, est.min_rtt, est.limit(2)
+    est.sent(100, 1024, link.now + 0.01)
+    est.reconnected(link.now + 2.0)
+    assert (est.rate, est.min_rtt, est.startup) == (rate, rtt, False)
+    assert est.drops == 1
+    assert est.limit(2) == pytest.approx(min(before, ota.DROP_BUDGET * est.bytes_sent / 2))
+    assert est.limit(2) < before
+    est.reconnected(link.now + 3.0)  # nothing on its way: not a drop
+    assert est.drops == 1
+
+
+def test_path_estimate_ignores_ack_bursts_and_resent_chunks():
+    """Two acknowledgements that arrive together (queued behind a stall) do not make a
+    rate sample of the time between them; a chunk sent again gives no RTT sample."""
+    est = PathEstimate(1024)
+    for n in range(4):
+        est.sent(n, 1024, 0.1 * n)  # 10 KB/s sending
+    est.acked([0, 1], 1.0)
+    est.acked([2, 3], 1.0001)  # the same instant
+    assert est.rate <= 2048 / 0.2 + 1  # not 2048 / 0.0001
+    assert est.min_rtt == pytest.approx(0.7, abs=0.001)  # chunk 3, sent at 0.3
+    est.sent(4, 1024, 1.1, again=True)
+    est.acked([4], 1.15)
+    assert est.min_rtt == pytest.approx(0.7, abs=0.001)
+
+
+def test_path_estimate_min_rtt_per_connection():
+    """The min RTT is the lowest on the current connection, however long ago (a queued
+    chunk's longer round trip does not replace it); a new connection's first sample
+    replaces it (another route), then the lowest again."""
+    est = PathEstimate(1024)
+    t = 0.0
+    for n, rtt in enumerate([0.12, 0.1, 0.15] + [0.2] * 100):
+        est.sent(n, 1024, t)
+        t += rtt
+        est.acked([n], t)
+    assert est.min_rtt == pytest.approx(0.1)
+    est.reconnected(t)
+    for n, rtt in enumerate([0.45, 0.4, 0.5], start=200):
+        est.sent(n, 1024, t)
+        t += rtt
+        est.acked([n], t)
+    assert est.min_rtt == pytest.approx(0.4)
+    assert est.drops == 0
 
 
 def test_lost_chunks_and_silence_resend_only_what_is_missing(cloud, devices):
