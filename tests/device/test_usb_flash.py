@@ -69,6 +69,7 @@ def test_flash_usb_installs_an_app_that_runs_after_the_reset(running, make_app):
     assert "reset; the board installs and runs the new modules" in proc.stdout
     assert "100%" in proc.stderr  # the progress bar
     board.wait_for(MARK)
+    assert vdev.status(board.dev.path)["reset_reason"] == "update"
     image = app.read_bytes()
     assert slot_bytes(board.dev, "user")[:len(image)] == image
     assert "keel: installing user" in board.console()

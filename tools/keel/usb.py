@@ -161,9 +161,10 @@ class BoardLink:
         return self._exec(f"_sha256({label!r}, {size})", timeout=60).strip()
 
     def reset(self) -> None:
-        """Hard-reset the board; Keel boots and installs what changed."""
+        """Hard-reset the board, recording the reason Keel reports for it (update);
+        Keel boots and installs what changed."""
         try:
-            self.transport.exec_raw_no_follow("_PORT.reset()")
+            self.transport.exec_raw_no_follow("keel_boot.reset('update')")
         except self._error:
             pass  # the board went away mid-answer: that is the reset
 
