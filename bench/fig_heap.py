@@ -1,0 +1,198 @@
+"""Figure 2, heap: the heap in use when the app starts, on the virtual board with the
+board's heap (boards/virtual/board.json: 192 KB), without and with an open cloud
+session (TLS 1.2, mutual authentication, MQTT).
+
+One app measures it: setup() first does gc.collect() and prints gc.mem_alloc() (and
+micropython.qstr_info(): the pools of interned names, which double when full); on a
+provisioned device it then waits for keel.connected(), lets the system loop run for
+0.5 s and measures again. Keel, without: a device with no cloud identity, at setup().
+Keel, with: a provisioned device of `keel cloud serve` (embedded broker), once its
+session is up. Baselines: bare MicroPython (the same binary and heap) running the same
+app from plain files at setup(); with a session, the same plus a TLS socket with the
+device's own certificate and key to the same cloud, through which it has sent an MQTT
+CONNECT and got the CONNACK (bench/heap_tls.py): what an open TLS session costs the
+VM without Keel. The runs alternate Keel and baseline.
+
+Breakdown (for "limits"): the modules the device holds at app start (sys.modules, from
+the same app), and the names' pools."""
+
+from bench.common import KB, Cloud, Goal, board_heap, keel_vm_command, median, micropython, row, time_to_marker
+
+FIGURE = 2
+TITLE = "Heap in use at app start (192 KB board)"
+
+APP = '''\
+import gc
+import sys
+import micropython
+
+
+def heap(label):
+    gc.collect()
+    print(label, gc.mem_alloc(), gc.mem_free())
+    micropython.qstr_info()
+
+
+def setup():
+    heap("HEAP-START")
+    print("HEAP-MODULES", " ".join(sorted(sys.modules)))
+    try:
+        import keel
+    except ImportError:  # bare MicroPython
+        print("HEAP-DONE")
+        return
+    try:
+        import os
+        os.stat("/keel/cloud/cloud.json")
+    except OSError:  # not provisioned: no session
+        print("HEAP-DONE")
+        return
+    t = keel.millis()
+    while not keel.connected() and keel.millis() - t < 10000:
+        keel.delay(20)
+    keel.delay(500)
+    heap("HEAP-UP %s" % keel.connected())
+    print("HEAP-DONE")
+
+
+def loop():
+    pass
+'''
+
+# Bare MicroPython with an open TLS session: the device's credentials (DER) and the
+# cloud's address as arguments; the same measurement as the app's.
+TLS = '''\
+import gc
+import sys
+import socket
+import tls
+import micropython
+
+def heap(label):
+    gc.collect()
+    print(label, gc.mem_alloc(), gc.mem_free())
+    micropython.qstr_info()
+
+def read(name):
+    with open(name, "rb") as f:
+        return f.read()
+
+def main(folder, host, port, client_id):
+    heap("HEAP-START")
+    ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = tls.CERT_REQUIRED
+    ctx.load_verify_locations(read(folder + "/ca.der"))
+    ctx.load_cert_chain(read(folder + "/cert.der"), read(folder + "/key.der"))
+    s = socket.socket()
+    s.connect(socket.getaddrinfo(host, int(port))[0][-1])
+    s = ctx.wrap_socket(s, server_hostname="localhost")
+    cid = client_id.encode()
+    body = b"\\x00\\x04MQTT\\x04\\x02\\x00\\x1e" + len(cid).to_bytes(2, "big") + cid
+    s.write(b"\\x10" + bytes([len(body)]) + body)
+    ack = s.read(4)
+    heap("HEAP-UP %s" % (ack[:2] == b"\\x20\\x02" and ack[3] == 0))
+    print("HEAP-DONE")
+
+main(*sys.argv[1:])
+'''
+
+
+def parse(console: str) -> dict:
+    """{label: (mem_alloc, qstr pool bytes)} and the modules line."""
+    out = {}
+    lines = console.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("HEAP-"):
+            parts = line.split()
+            if parts[0] in ("HEAP-START", "HEAP-UP"):
+                label = parts[0] if parts[0] == "HEAP-START" else "HEAP-UP"
+                qstr = next((int(x.rsplit("n_total_bytes=", 1)[1]) for x in lines[i + 1:i + 3]
+                             if "n_total_bytes=" in x), None)
+                out[label] = {"alloc": int(parts[-2]), "qstr": qstr,
+                              "up": parts[1] == "True" if label == "HEAP-UP" else None}
+            elif parts[0] == "HEAP-MODULES":
+                out["modules"] = parts[1:]
+    return out
+
+
+def run(ctx):
+    from keel import vdev
+
+    runs = ctx.runs(5)
+    heap = board_heap()
+    src, image = ctx.app("heap", {"main.py": APP})
+    (src / "bare_main.py").write_text("import main\nmain.setup()\n")
+    tls_script = ctx.work / "heap_tls.py"
+    tls_script.write_text(TLS)
+    plain = ctx.device("heap-plain", "1.1.0", [image])
+    cloud = Cloud(ctx.work / "cloud")
+    try:
+        online = ctx.device("heap-cloud", "1.1.0", [image])
+        cloud.keel("device", "provision", online, "--name", "heap")
+        creds = ctx.work / "creds"
+        creds.mkdir()
+        for name in ("ca.der", "cert.der", "key.der"):
+            (creds / name).write_bytes(vdev.read_file(online, f"/keel/cloud/{name}"))
+        device_id = (online / "uid").read_text().strip()
+        commands = {
+            "keel": keel_vm_command(plain, heap),
+            "keel_tls": keel_vm_command(online, heap),
+            "bare": [micropython(), "-X", f"heapsize={heap}", str(src / "bare_main.py")],
+            "bare_tls": [micropython(), "-X", f"heapsize={heap}", str(tls_script), str(creds), "127.0.0.1",
+                         str(cloud.mqtt_port), device_id],
+        }
+        for name in ("keel", "keel_tls"):  # warm-up: the first boot installs the code
+            time_to_marker(commands[name], "HEAP-DONE", timeout=60)
+        got = {name: [] for name in commands}
+        for _ in range(runs):
+            for name, cmd in commands.items():
+                got[name].append(parse(time_to_marker(cmd, "HEAP-DONE", timeout=60)[1]))
+    finally:
+        cloud.stop()
+
+    def series(name, label):
+        return [g[label]["alloc"] for g in got[name] if label in g]
+
+    keel0, bare0 = series("keel", "HEAP-START"), series("bare", "HEAP-START")
+    keel1 = [g["HEAP-UP"]["alloc"] for g in got["keel_tls"] if g.get("HEAP-UP", {}).get("up")]
+    bare1 = [g["HEAP-UP"]["alloc"] for g in got["bare_tls"] if g.get("HEAP-UP", {}).get("up")]
+    keel1_idle = series("keel_tls", "HEAP-START")
+    qstr = {name: median([g["HEAP-START"]["qstr"] for g in got[name] if g.get("HEAP-START", {}).get("qstr")])
+            for name in ("keel", "bare", "keel_tls")}
+    qstr_up = median([g["HEAP-UP"]["qstr"] for g in got["keel_tls"] if g.get("HEAP-UP", {}).get("qstr")])
+    modules = next((g["modules"] for g in got["keel"] if "modules" in g), [])
+    bare_modules = next((g["modules"] for g in got["bare"] if "modules" in g), [])
+    ctx.log(f"without: keel {median(keel0)} bare {median(bare0)}; with: keel {median(keel1)} bare {median(bare1)}")
+
+    kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
+    holds = (f"At app start the heap holds {len(modules)} modules ({len(bare_modules)} in bare MicroPython): "
+             f"{' '.join(m for m in modules if m not in bare_modules)}; of the {kb(median(keel0))} KB, "
+             f"{kb(qstr['keel'])} KB are the interned names' pools (bare: {kb(qstr['bare'])} KB), the rest "
+             f"the modules' code (bytecode loaded from .mpy) and their state: the board definition "
+             f"(board.json as a dict, shared by the bootloader and the HAL), the status record, the HAL "
+             f"backends, buffers")
+    rows = [
+        row(FIGURE, "heap in use at setup(), no cloud session", kb(median(keel0)), kb(median(bare0)), "KB",
+            Goal.at_most(32, "≤ 32 KB"), runs={"keel": [kb(x) for x in keel0], "baseline": [kb(x) for x in bare0]},
+            notes=f"gc.collect() then gc.mem_alloc() in the app's setup(), median of {runs} runs each, heap "
+                  f"{heap // KB} KB; baseline: bare MicroPython, same heap, the same app from plain files"),
+        row(FIGURE, "heap in use with the cloud session open (TLS + MQTT)", kb(median(keel1)), kb(median(bare1)),
+            "KB", Goal.at_most(48, "≤ 48 KB"), runs={"keel": [kb(x) for x in keel1], "baseline": [kb(x) for x in bare1]},
+            notes=f"the same app on a provisioned device of `keel cloud serve`: measured once keel.connected() "
+                  f"and 0.5 s of system loop later (at setup(), before connecting: {kb(median(keel1_idle))} KB; "
+                  f"interned names {kb(qstr['keel_tls'])} KB, {kb(qstr_up)} KB once connected); baseline: bare "
+                  f"MicroPython with a mutual-TLS socket to the same cloud (the device's certificate and key) "
+                  f"after an MQTT CONNECT/CONNACK, nothing else; {len(keel1)}/{runs} Keel runs connected"),
+    ]
+    if rows[0]["met"] is False:
+        rows[0]["limits"] = (f"the system holds {kb(median(keel0) - median(bare0))} KB more than bare MicroPython. "
+                             + holds)
+    if rows[1]["met"] is False:
+        rows[1]["limits"] = (f"the session adds {kb(median(keel1) - median(keel0))} KB to the device without one "
+                             f"(an open TLS session with an MQTT CONNECT costs bare MicroPython "
+                             f"{kb(median(bare1) - median(bare0))} KB of its heap on this port); the rest is the "
+                             f"session's code and state (cloud_session, mqtt, ota, part 2's keel API and cloud "
+                             f"service, their buffers) and interned names (+{kb((qstr_up or 0) - (qstr['keel'] or 0))} "
+                             f"KB over the device without a session: the pools double when full); on top of the "
+                             f"{kb(median(keel0))} KB of the row above")
+    return rows
