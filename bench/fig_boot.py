@@ -54,7 +54,7 @@ def measure(ctx, runs: int):
 
 
 def run(ctx):
-    runs = ctx.runs(15)
+    runs = ctx.runs(21)
     keel, bare, empty, system, heap = measure(ctx, runs)
     ctx.log(f"keel {median(keel):.3f} s, bare {median(bare):.3f} s over {runs} runs")
     ms = lambda x: f"{1000 * x:.0f} ms"  # noqa: E731

@@ -118,7 +118,7 @@ def parse(console: str) -> dict:
 def run(ctx):
     from keel import vdev
 
-    runs = ctx.runs(5)
+    runs = ctx.runs(7)
     heap = board_heap()
     src, image = ctx.app("heap", {"main.py": APP})
     (src / "bare_main.py").write_text("import main\nmain.setup()\n")

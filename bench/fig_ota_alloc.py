@@ -132,7 +132,7 @@ def parse(console: str) -> dict:
 
 
 def run(ctx):
-    runs = ctx.runs(5)
+    runs = ctx.runs(7)
     count = 40 if ctx.smoke else 202  # 200 chunks measured in a full run
     _, image = ctx.app("ota-alloc", {"main.py": APP % {"count": count}})
     device = ctx.device("ota-alloc-dev", "1.1.0", [image])
