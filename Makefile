@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= /tmp/keel-demo
 
-.PHONY: setup demo test test-host test-device clean system-packages mosquitto postgresql
+.PHONY: setup demo test test-host test-device bench clean system-packages mosquitto postgresql
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ test-host: setup
 
 test-device: setup
 	$(BIN)/python -m pytest -q tests/device
+
+# Benchmarks (bench/README.md): every figure against its baseline; writes bench/results.md
+# and bench/results.json. They report and never fail on a goal; `make test` runs their
+# smoke run (tests/bench).
+bench: setup
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
