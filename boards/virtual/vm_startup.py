@@ -113,7 +113,8 @@ def _io_files(device_dir):
 def _start(device_dir, cause):
     with open(device_dir + "/board.json") as f:
         board = json.load(f)
-    if "faults.json" in os.listdir(device_dir):
+    names = os.listdir(device_dir)
+    if "faults.json" in names:
         import vm_faults  # (beside this file; fault-injection runs only)
 
         vm_faults.install(device_dir, Partition, _ERASED)
@@ -134,6 +135,10 @@ def _start(device_dir, cause):
     except OSError:
         vboard.uid = "000000000000000000000000"
     vboard.device_dir = device_dir
+    vboard.wires = None  # simulated jumpers: pairs of pin names (keel vdev run --wires)
+    if "wires.json" in names:
+        with open(device_dir + "/wires.json") as f:
+            vboard.wires = json.load(f)["wires"]
     sys.modules["vboard"] = vboard
 
     fs = Partition.find("fs")

@@ -141,7 +141,7 @@ def cmd_vdev_flash(args) -> int:
 
 
 def cmd_vdev_run(args) -> int:
-    vdev.run(args.dir, seconds=args.seconds, heap=args.heap, pty=args.pty)
+    vdev.run(args.dir, seconds=args.seconds, heap=args.heap, pty=args.pty, wires=args.wires)
     return 0
 
 
@@ -268,6 +268,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--heap", type=parse_size, metavar="SIZE", help="e.g. 192K (default: board RAM)")
     p.add_argument("--pty", metavar="PATH",
                    help="also give the console as a pty linked at PATH (mpremote connect PATH)")
+    p.add_argument("--wires", metavar="FILE",
+                   help="jumper pins for the run: a JSON file with a \"wires\" list of pin pairs "
+                        "(e.g. boards/virtual/hil.json)")
     p.set_defaults(func=cmd_vdev_run)
     p = vdevs.add_parser("status", help="what the device recorded at its last boot")
     p.add_argument("dir", metavar="DIR")

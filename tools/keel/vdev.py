@@ -38,6 +38,7 @@ POWER_CUT_EXIT = 102  # ... and when fault injection cut its power (faults.json)
 SOFT_REBOOT_EXITS = {103: "friendly", 104: "raw"}  # a soft reboot at the console's REPL, by mode
 FAULTS_FILE = "faults.json"  # fault injection for the next boot (docs/virtual-board.md)
 FAULTS_OUT = "faults.out"  # what it counted: "COUNT STATE" (STATE "----------" or cut-/torn-write/-erase)
+WIRES_FILE = "wires.json"  # simulated jumpers for the run (keel vdev run --wires)
 STATUS_PATH = "/keel/status.json"
 
 
@@ -542,6 +543,7 @@ def run(
     out=None,
     stop_when=None,
     pty: Path | str | None = None,
+    wires: Path | str | None = None,
 ) -> Console:
     """Boot the device on the MicroPython VM and relay its console to out.
 
@@ -550,11 +552,20 @@ def run(
     on its own. Returns the console with everything printed.
 
     With `pty`, the board's console is also a pty linked at that path, which speaks
-    MicroPython's REPL (mpremote connect PATH): see docs/virtual-board.md."""
+    MicroPython's REPL (mpremote connect PATH): see docs/virtual-board.md.
+
+    With `wires`, a JSON file with a "wires" list of pin-name pairs (a board's hil.json),
+    those pins are jumpered for the run (docs/virtual-board.md, "Simulated jumpers")."""
     device = VirtualDevice(path)
     board = device.board()
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is already running")
+    jumpers = load_wires(wires, board) if wires is not None else None
+    wires_file = device.path / WIRES_FILE
+    if jumpers:
+        wires_file.write_text(json.dumps({"wires": jumpers}) + "\n")
+    else:
+        wires_file.unlink(missing_ok=True)
     console = Console(out or sys.stdout.buffer, device.path / CONSOLE_LOG)
     monitor = BoardMonitor(device.path / IO_LOG)
     (device.path / IO_IN).write_bytes(b"")
@@ -597,6 +608,7 @@ def run(
                 pump.join(2)
                 note("watchdog expired: resetting the board")
                 cause = "watchdog"
+                repl_mode = "friendly"  # a hard reset: /main.py runs again
                 continue
             if proc.poll() is None:
                 _power_off(proc)
@@ -640,9 +652,34 @@ def run(
         if proc is not None and proc.poll() is None:
             _power_off(proc)
         (device.path / PID_FILE).unlink(missing_ok=True)
+        wires_file.unlink(missing_ok=True)
         if link is not None:
             link.close()
         console.close()
+
+
+def load_wires(path: Path | str, board: Board) -> list[list[str]]:
+    """The jumpers in a wires file: {"wires": [["D2", "D3"], ...]} (a board's hil.json
+    has that key) or the bare list; every pin checked against the board."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KeelError(f"{path}: cannot read the wires file ({e})") from None
+    wires = doc.get("wires") if isinstance(doc, dict) else doc
+    if not isinstance(wires, list):
+        raise KeelError(f"{path}: no \"wires\" list (pairs of pin names, e.g. [[\"D2\", \"D3\"]])")
+    pins = board.data.get("pins", {})
+    aliases = board.data.get("aliases", {})
+    out = []
+    for wire in wires:
+        if not (isinstance(wire, list) and len(wire) == 2 and all(isinstance(n, str) for n in wire)):
+            raise KeelError(f"{path}: a wire is a pair of pin names, not {wire!r}")
+        for name in wire:
+            if aliases.get(name, name) not in pins:
+                raise KeelError(f"{path}: board {board.name} has no pin {name}")
+        out.append(list(wire))
+    return out
 
 
 def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode: str):

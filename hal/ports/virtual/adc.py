@@ -1,7 +1,12 @@
 # Virtual ADC: each analog pin reads the level the host set
-# ({"op": "analog", "pin": "A0", "value": 0..65535}); 0 until it does.
+# ({"op": "analog", "pin": "A0", "value": 0..65535}); 0 until it does. With simulated
+# wires (keel vdev run --wires), a pin jumpered to a digital output reads that
+# output: 0 or full scale.
 import hal
+import vboard
 from hal.ports.virtual import link
+
+_wired = bool(getattr(vboard, "wires", None))
 
 _levels = {}  # canonical pin name -> 0..65535, shared by every ADC on the pin
 
@@ -18,6 +23,12 @@ class ADC:
         self._vref_uv = hal.board().get("adc", {}).get("vref_uv", 3300000)
 
     def read_u16(self):
+        if _wired:
+            from hal.ports.virtual import gpio
+
+            for p in gpio._line(self._pin).peers:
+                if p.mode == 1:  # the output it is wired to drives it
+                    return 65535 if p.out else 0
         return _levels.get(self._pin, 0)
 
     def read_uv(self):
