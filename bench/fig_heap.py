@@ -52,6 +52,7 @@ def setup():
         keel.delay(20)
     keel.delay(500)
     heap("HEAP-UP %s" % keel.connected())
+    print("HEAP-MODULES-UP", " ".join(sorted(sys.modules)))
     print("HEAP-DONE")
 
 
@@ -97,6 +98,61 @@ main(*sys.argv[1:])
 '''
 
 
+# The breakdown: a copy of a device whose /main.py imports, before starting Keel as
+# stage 0 does, the modules the system holds at the measurement one by one (leaves
+# first), printing gc.mem_alloc() after each; Keel then finds them loaded.
+ORDER = ("module_format", "flashfs", "keel_boot", "hal", "hal.device", "hal.ports", "hal.ports.virtual",
+         "hal.ports.virtual.link", "hal.status_led", "hal.ports.virtual.status_led", "hal.button",
+         "hal.ports.virtual.button", "events", "led", "runtime", "app_loader", "trial", "mqtt", "ota",
+         "cloud_session", "keel_system", "timers", "store", "log", "cloud", "keel")
+INSTRUMENTED_MAIN = '''\
+import gc
+import sys
+sys.path[:] = ["/keel/m/s1", "/keel/m/s2", "/keel/m/bl", ".frozen", "/lib"]
+gc.collect()
+print("IMP (start)", gc.mem_alloc())
+for name in %r:
+    try:
+        __import__(name)
+    except Exception as e:
+        print("IMP-FAILED", name, repr(e))
+    gc.collect()
+    print("IMP", name, gc.mem_alloc())
+del name
+sys.path[:] = ["/keel/m/bl"]
+import keel_boot
+keel_boot.main()
+'''
+
+
+def breakdown(ctx, device, modules, label, heap) -> tuple[list, int | None]:
+    """[(module, bytes its import added)], the total at the same measurement point, and
+    what the heap held when /main.py began (the VM, vm_startup's vboard, the mount)."""
+    import shutil
+
+    from keel import vdev
+
+    copy = ctx.work / f"{device.name}-instrumented"
+    shutil.copytree(device, copy)
+    order = [m for m in ORDER if m in modules] + sorted(
+        m for m in modules if m not in ORDER and m not in ("main", "vboard", "__main__") and "." not in m)
+    vdev.write_files(copy, {"/main.py": (INSTRUMENTED_MAIN % (order,)).encode()})
+    console = time_to_marker(keel_vm_command(copy, heap), "HEAP-DONE", timeout=60)[1]
+    steps, last, start = [], None, None
+    for line in console.splitlines():
+        if line.startswith("IMP "):
+            name, value = line.split()[1], int(line.split()[2])
+            if last is not None:
+                steps.append((name, value - last))
+            else:
+                start = value
+            last = value
+        elif line.startswith("IMP-FAILED"):
+            ctx.log(line)
+    total = parse(console).get(label, {}).get("alloc")
+    return steps, total, start
+
+
 def parse(console: str) -> dict:
     """{label: (mem_alloc, qstr pool bytes)} and the modules line."""
     out = {}
@@ -112,6 +168,8 @@ def parse(console: str) -> dict:
                               "up": parts[1] == "True" if label == "HEAP-UP" else None}
             elif parts[0] == "HEAP-MODULES":
                 out["modules"] = parts[1:]
+            elif parts[0] == "HEAP-MODULES-UP":
+                out["modules_up"] = parts[1:]
     return out
 
 
@@ -147,6 +205,10 @@ def run(ctx):
         for _ in range(runs):
             for name, cmd in commands.items():
                 got[name].append(parse(time_to_marker(cmd, "HEAP-DONE", timeout=60)[1]))
+        modules = next((g["modules"] for g in got["keel"] if "modules" in g), [])
+        modules_up = next((g["modules_up"] for g in got["keel_tls"] if "modules_up" in g), [])
+        split0, total0, start0 = breakdown(ctx, plain, modules, "HEAP-START", heap)
+        split1, total1, start1 = breakdown(ctx, online, modules_up, "HEAP-UP", heap)
     finally:
         cloud.stop()
 
@@ -160,17 +222,29 @@ def run(ctx):
     qstr = {name: median([g["HEAP-START"]["qstr"] for g in got[name] if g.get("HEAP-START", {}).get("qstr")])
             for name in ("keel", "bare", "keel_tls")}
     qstr_up = median([g["HEAP-UP"]["qstr"] for g in got["keel_tls"] if g.get("HEAP-UP", {}).get("qstr")])
-    modules = next((g["modules"] for g in got["keel"] if "modules" in g), [])
     bare_modules = next((g["modules"] for g in got["bare"] if "modules" in g), [])
     ctx.log(f"without: keel {median(keel0)} bare {median(bare0)}; with: keel {median(keel1)} bare {median(bare1)}")
 
     kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
-    holds = (f"At app start the heap holds {len(modules)} modules ({len(bare_modules)} in bare MicroPython): "
-             f"{' '.join(m for m in modules if m not in bare_modules)}; of the {kb(median(keel0))} KB, "
-             f"{kb(qstr['keel'])} KB are the interned names' pools (bare: {kb(qstr['bare'])} KB), the rest "
-             f"the modules' code (bytecode loaded from .mpy) and their state: the board definition "
-             f"(board.json as a dict, shared by the bootloader and the HAL), the status record, the HAL "
-             f"backends, buffers")
+
+    def split_text(split, total, start):
+        if not split or total is None or start is None:
+            return "(the instrumented run failed)"
+        biggest = sorted(split, key=lambda x: -x[1])
+        imported = sum(b for _, b in split)
+        return (f"Breakdown, from an instrumented run (a copy of the device whose /main.py imports these "
+                f"modules one by one, gc.collect() and gc.mem_alloc() after each, then starts Keel; "
+                f"{kb(total)} KB at the same point): {kb(start)} KB before /main.py (the VM and the "
+                f"virtual board's start-up, vm_startup.py: vboard, its Partition class, the mounted "
+                f"filesystem; a real port does this in C); the imports {kb(imported)} KB: "
+                + ", ".join(f"{n} {kb(b)}" for n, b in biggest if b >= 256)
+                + f" (each with the names it interns: the pools double when full, so an import that "
+                f"starts a new pool pays for it); the rest, {kb(total - imported - start)} KB, is what "
+                f"the boot builds: the board definition, slots, status record, services' state, buffers")
+
+    holds = (f"At app start the heap holds {len(modules)} modules ({len(bare_modules)} in bare MicroPython); "
+             f"of the {kb(median(keel0))} KB, {kb(qstr['keel'])} KB are the interned names' pools (bare: "
+             f"{kb(qstr['bare'])} KB). " + split_text(split0, total0, start0))
     rows = [
         row(FIGURE, "heap in use at setup(), no cloud session", kb(median(keel0)), kb(median(bare0)), "KB",
             Goal.at_most(32, "≤ 32 KB"), runs={"keel": [kb(x) for x in keel0], "baseline": [kb(x) for x in bare0]},
@@ -194,5 +268,5 @@ def run(ctx):
                              f"session's code and state (cloud_session, mqtt, ota, part 2's keel API and cloud "
                              f"service, their buffers) and interned names (+{kb((qstr_up or 0) - (qstr['keel'] or 0))} "
                              f"KB over the device without a session: the pools double when full); on top of the "
-                             f"{kb(median(keel0))} KB of the row above")
+                             f"{kb(median(keel0))} KB of the row above. " + split_text(split1, total1, start1))
     return rows
