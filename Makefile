@@ -43,8 +43,10 @@ postgresql:
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
 
+# ... and the hardware-in-the-loop suite on the virtual board's pty (docs/hil.md).
 test: setup
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python tests/hil/on_virtual_board.py
 
 test-host: setup
 	$(BIN)/python -m pytest -q tests/host

@@ -1,0 +1,163 @@
+"""The hardware-in-the-loop suite on the virtual board, as `make test` runs it.
+
+    .venv/bin/python tests/hil/on_virtual_board.py [PYTEST ARGS...]
+
+Makes a virtual device from this tree (system and the hello app), runs it with its
+console on a pty and the jumpers of boards/virtual/hil.json simulated
+
+    keel vdev run DIR --pty DIR/tty --wires boards/virtual/hil.json
+
+then runs the suite on that pty exactly as on a board
+
+    python -m pytest tests/hil --port DIR/tty --board virtual
+
+and checks that it passed with nothing skipped but what cannot run on this board (the
+esp32 flashing test) or what boards/virtual/hil.json says is skipped, and that the
+device was left as found: the same modules, the app running. Exit status 0 if so.
+On a failure (or with KEEL_HIL_KEEP=1) the work directory is kept and named: the
+device, its console.log, the runner's output and the suite's report (hil.xml).
+See docs/hil.md.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+BOARD = "virtual"
+HIL_JSON = REPO / "boards" / BOARD / "hil.json"
+# Tests that cannot run on this board at all (not a peripheral: nothing to wire).
+NOT_FOR_THIS_BOARD = {"test_hil_esp32_flash"}  # (by module name)
+
+
+def keel(*args, **kw):
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["keel", *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=REPO, **kw)
+    if proc.returncode != 0:
+        raise SystemExit(f"on_virtual_board: keel {' '.join(map(str, args))} failed:\n"
+                         f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def modules(device):
+    from keel import vdev
+
+    status = vdev.status(device)
+    return status, {(m["function"], m["index"]): m.get("sha256") for m in status["modules"]}
+
+
+def stop_vm(device: Path) -> None:
+    """The VM of a runner that had to be killed (it runs in a session of its own)."""
+    try:
+        pid = int((device / "vm.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
+def wait_for(path: Path, text: str, timeout: float, runner) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        if runner.poll() is not None:
+            break
+        time.sleep(0.1)
+    log = path.read_text(errors="replace") if path.is_file() else "(no console.log)"
+    raise SystemExit(f"on_virtual_board: {text!r} never printed:\n{log[-3000:]}")
+
+
+def check_report(xml_path: Path) -> list[str]:
+    """Problems in the suite's JUnit report: failures, and skips not allowed."""
+    allowed = set((json.loads(HIL_JSON.read_text()).get("skip") or {}).values())
+    problems, ran = [], 0
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        ran += 1
+        name = f"{case.get('classname')}::{case.get('name')}"
+        for tag in ("failure", "error"):
+            if case.find(tag) is not None:
+                problems.append(f"{name}: {tag}")
+        skipped = case.find("skipped")
+        module = (case.get("classname") or "").rsplit(".", 1)[-1]
+        if skipped is not None and module not in NOT_FOR_THIS_BOARD:
+            reason = skipped.get("message", "")
+            if not any(a in reason for a in allowed):
+                problems.append(f"{name}: skipped ({reason})")
+    if not ran:
+        problems.append("no test ran")
+    return problems
+
+
+def main(pytest_args: list[str]) -> int:
+    work = Path(tempfile.mkdtemp(prefix="keel-hil-virtual-"))
+    device, tty = work / "dev", work / "dev" / "tty"
+    keel("build", "system", "--platform", BOARD, "-o", work / "system")
+    keel("build", "app", REPO / "examples" / "hello", "--platform", BOARD, "-o", work / "hello.bin")
+    keel("vdev", "create", device, "--system", work / "system")
+    keel("vdev", "flash", device, work / "hello.bin")
+
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    runner_out = open(work / "runner.out", "wb")
+    # (SIGINT as Ctrl-C even when this script was started with it ignored, as a
+    # background job of a shell is)
+    runner = subprocess.Popen(["keel", "vdev", "run", device, "--pty", tty, "--wires", HIL_JSON],
+                              stdout=runner_out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(device / "console.log", "hello from keel", 60, runner)
+        _, before = modules(device)
+        print(f"on_virtual_board: {device} runs on {tty}; pytest tests/hil --port {tty} --board {BOARD}",
+              flush=True)
+        report = work / "hil.xml"
+        suite = subprocess.run(
+            [sys.executable, "-m", "pytest", "tests/hil", "--port", str(tty), "--board", BOARD,
+             "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}", *pytest_args],
+            cwd=REPO, env=env)
+    finally:
+        if runner.poll() is None:
+            runner.send_signal(signal.SIGINT)  # Ctrl-C: the runner powers the VM off
+            try:
+                runner.wait(20)
+            except subprocess.TimeoutExpired:
+                runner.kill()
+                runner.wait()
+                stop_vm(device)
+        runner_out.close()
+
+    problems = [] if suite.returncode == 0 else [f"pytest exited with status {suite.returncode}"]
+    if report.is_file():
+        problems += check_report(report)
+    else:
+        problems.append("pytest wrote no report")
+    if not pytest_args:  # (a selection of tests need not leave a whole session's state)
+        status, after = modules(device)
+        if after != before:
+            problems.append(f"the device's modules changed: {before} -> {after}")
+        if (status["mode"], status["app"]) != ("normal", "running"):
+            problems.append(f"the device was left in mode {status['mode']}, app {status['app']}")
+        console = (device / "console.log").read_text(errors="replace")
+        last_boot = console.rsplit("vdev: boot ", 1)[-1]
+        if "hello from keel" not in last_boot:
+            problems.append("the app did not run again at the device's last boot")
+    for p in problems:
+        print(f"on_virtual_board: {p}")
+    if problems or os.environ.get("KEEL_HIL_KEEP"):
+        print(f"on_virtual_board: {'FAILED' if problems else 'passed'}: the device, its console.log "
+              f"and the suite's report hil.xml are in {work}")
+        return 1 if problems else 0
+    shutil.rmtree(work, ignore_errors=True)
+    print("on_virtual_board: passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
