@@ -14,10 +14,10 @@ broker's, a socket's) to be lost at the next drop, and adds nothing to the speed
 the sender measures the path as BBR does (PathEstimate: the delivery rate, the most
 chunk bytes acknowledged per second over recent acknowledgements, and the minimum
 round trip, chunk sent -> its acknowledgement) and keeps about rate x min RTT in
-flight, plus the chunks the device takes between two acknowledgements; it starts at
-3 chunks and doubles while the delivery rate keeps rising. The estimate outlives a
-dropped connection (and, for a while, the transfer: the next one to the device starts
-from it). The device's `ota/status` messages arrive on paho's thread through
+flight, plus the chunk that waits on the device for its partner (it acknowledges every
+2); it starts at 3 chunks and grows by half and a chunk per round trip while the
+delivery rate keeps rising. The estimate outlives a dropped connection; drops the
+transfer has seen bound it further (DROP_BUDGET). The device's `ota/status` messages arrive on paho's thread through
 on_status(), which only hands them over through a queue."""
 
 import hashlib
@@ -42,8 +42,8 @@ RECONNECT_GRACE = 1.5  # after a reconnect, how long to wait for the device's st
 MAX_UNANSWERED_OFFERS = 4  # offers in a row without any answer: the device is gone
 # The in-flight limit (PathEstimate): chunks sent and not yet acknowledged, at most.
 INITIAL_CHUNKS = 3  # before the first measurement (a drop costs at most this much)
-STARTUP_GAIN = 2.0  # x rate x min RTT while the delivery rate keeps rising (doubling per round)
-GAIN = 1.0  # x rate x min RTT once it stopped rising; plus the chunks of one acknowledgement
+STARTUP_GAIN = 1.5  # x rate x min RTT while the delivery rate keeps rising (+50 % and a chunk per round)
+GAIN = 1.0  # x rate x min RTT once it stopped rising; plus ack_every - 1 chunks
 FULL_GROWTH = 1.25  # the delivery rate "keeps rising" while it grows this much per round ...
 FULL_ROUNDS = 3  # ... within this many rounds
 RATE_ROUNDS = 10  # the delivery rate: the highest sample over this many min RTTs ...
@@ -111,8 +111,10 @@ class PathEstimate:
       connection may take another route), which is clean: nothing is queued then.
       It includes the device's own delay (its loop, flash writes) and the broker's.
     - Limit: rate x min RTT x gain (the bandwidth x delay product: more only waits in
-      queues and is lost at a drop) plus the bytes of one acknowledgement interval (a
-      chunk waits on the device for the next before it is acknowledged). Startup: gain
+      queues and is lost at a drop) plus ack_every - 1 chunks (the min RTT is that of
+      the last chunk of an acknowledgement; the others wait on the device for it), at
+      most DROP_BUDGET x the chunk bytes sent / (drops + 1) once there were drops (a
+      drop costs about what is in flight). Startup: gain
       STARTUP_GAIN until the rate stopped rising FULL_GROWTH per round for FULL_ROUNDS
       rounds, then GAIN. INITIAL_CHUNKS before any sample. The caller bounds it by the
       device's window and its acknowledgement interval."""
@@ -135,6 +137,7 @@ class PathEstimate:
         self._round_end = 0
         self._full_rate = 0.0
         self._full_count = 0
+        self._grown = INITIAL_CHUNKS * chunk_size  # startup: grows with what is acknowledged
 
     def sent(self, n: int, size: int, now: float, again: bool = False) -> None:
         if self._delivered_at is None:
@@ -151,6 +154,7 @@ class PathEstimate:
         self._rtt_fresh = self.min_rtt is not None
 
     def acked(self, chunks, now: float) -> None:
+        before = self.delivered
         newest = None
         rtt = None
         for n in chunks:
@@ -165,6 +169,8 @@ class PathEstimate:
                 rtt = sample if rtt is None else min(rtt, sample)
         if newest is None:
             return
+        if self.startup:  # slow start: + (gain - 1) x what was acknowledged, per round x gain
+            self._grown += (STARTUP_GAIN - 1) * (self.delivered - before)
         self._delivered_at = now
         self._first_at = newest.at
         self.updated = now
@@ -200,8 +206,8 @@ class PathEstimate:
         else:
             gain = STARTUP_GAIN if self.startup else GAIN
             limit = gain * self.rate * self.min_rtt + (ack_every - 1) * self.chunk_size
-            if self.startup:
-                limit = max(limit, INITIAL_CHUNKS * self.chunk_size)
+            if self.startup:  # growing whatever the RTT samples' spread (the device's loop)
+                limit = max(limit, self._grown)
         if self.drops:
             limit = min(limit, DROP_BUDGET * self.bytes_sent / (self.drops + 1))
         return limit
