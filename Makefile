@@ -43,7 +43,7 @@ postgresql:
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh
 
-# ... and the hardware-in-the-loop suite on the virtual board's pty (docs/hil.md).
+# Every suite, then the hardware-in-the-loop suite on the virtual board's pty (docs/hil.md).
 test: setup
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python tests/hil/on_virtual_board.py
