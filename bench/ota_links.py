@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.linkshaper import PROFILES, LinkShaper  # noqa: E402
+from bench.linkshaper import PROFILES, LinkShaper, profile  # noqa: E402
 
 KB = 1024
 DEFAULT_PROFILES = ("wifi", "cellular", "flaky", "chaos")
@@ -207,18 +207,23 @@ class Device:
 
 # One transfer
 
-def run_one(cloud: CloudProcess, shaper: LinkShaper, device: Device, work: Path, name: str,
+def run_one(cloud: CloudProcess, shaper: LinkShaper, device: Device, work: Path, name,
             size: int, seed: int, timeout: float) -> dict:
+    """One transfer over a link profile (a name in PROFILES or a Profile); the result
+    also names the image (`image`: its path) and counts the bytes the link carried down,
+    cloud -> device, lost at drops included (`link_down`: TLS and MQTT included)."""
     from keel_cloud.client import ApiClient
     from keel_cloud.config import CloudDir
 
+    prof = profile(name)
+    name = prof.name
     marker = f"padded app {seed} is running"
     image = padded_app(work, marker, size, seed)
     data = image.read_bytes()
     module = {"function": "user-part", "index": 1, "version": "3.0.0", "platform": "virtual"}
     api = ApiClient(CloudDir(cloud.data))
     before = shaper.stats()
-    shaper.set_profile(name)
+    shaper.set_profile(prof)
     transfer = api.flash("bench", data, module)["transfer"]
     deadline = time.monotonic() + timeout
     while (record := api.transfer(transfer))["state"] == "sending":
@@ -232,7 +237,7 @@ def run_one(cloud: CloudProcess, shaper: LinkShaper, device: Device, work: Path,
     result = cloud.last_result()
     wait_until(lambda: marker in device.console(), 120, f"the new app running after '{name}'")
     wait_until(lambda: cloud.online("bench"), 60, "the device back online")
-    rate = PROFILES[name].rate
+    rate = prof.rate
     xfer = result.get("xfer") or result["done"]
     return {
         "profile": name, "size": len(data), "xfer_s": round(xfer, 2), "done_s": round(result["done"], 2),
@@ -243,6 +248,8 @@ def run_one(cloud: CloudProcess, shaper: LinkShaper, device: Device, work: Path,
         "offers": result.get("offers"), "path": result.get("path"),
         "drops": link["drops"] - before["drops"], "stalls": link["stalls"] - before["stalls"],
         "connections": link["connections"] - before["connections"],
+        "link_down": link["bytes_down"] + link["lost_down"] - before["bytes_down"] - before["lost_down"],
+        "image": str(image),
     }
 
 
