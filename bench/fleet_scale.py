@@ -84,9 +84,11 @@ MAX_WORKERS = 2
 FULL = {"embedded": 1000, "mosquitto": 10000}
 SMOKE = {"embedded": 20, "mosquitto": 20}
 RAMP = 500  # devices connecting per second (10,000 in 20 s: a fleet coming back)
-HOLD = 5.0
+HOLD = 3.0
+DESCRIBE_RATE = 100  # steady describes per second (distinct devices, as after state changes)
+DESCRIBE_S = 4.0
 EVENTS_RATE = 2000  # events/s offered, all devices together
-EVENTS_S = 5.0
+EVENTS_S = 3.0
 DRAIN = 10.0  # s at most after the last event sent for the rest to arrive
 QUIET = 3.0  # s without a new event at the subscriber: the rest is lost
 CONNECT_TIMEOUT = 15.0  # s for TCP, TLS and CONNACK
@@ -394,6 +396,15 @@ class SimDevice(asyncio.Protocol):
         self.describe_t = time.time()
         self.send(mp.build_publish(self.base + "describe", self.w.describe, qos=1, packet_id=self.packet_id()))
 
+    def redescribe(self) -> float | None:
+        from keel_cloud import mqtt_packets as mp
+
+        if not self.up:
+            return None
+        self.describe_t = time.time()
+        self.send(mp.build_publish(self.base + "describe", self.w.describe, qos=1, packet_id=self.packet_id()))
+        return self.describe_t
+
     def event(self, seq: int) -> bool:
         from keel_cloud import mqtt_packets as mp
 
@@ -481,6 +492,23 @@ class Worker:
         return {"sent": sent, "held": held, "t_first": first, "t_last": time.time(),
                 "offered_s": time.monotonic() - started}
 
+    async def describes(self, rate: float, seconds: float) -> dict:
+        """Describes (as after a state change) from distinct devices, `rate` per second."""
+        started = time.monotonic()
+        sent: dict[str, float] = {}
+        k = 0
+        while time.monotonic() - started < seconds and k < len(self.devices):
+            due = int((time.monotonic() - started) * rate) - len(sent)
+            while due > 0 and k < len(self.devices):
+                dev = self.devices[k]
+                k += 1
+                t = dev.redescribe()
+                if t is not None:
+                    sent[dev.id] = t
+                    due -= 1
+            await asyncio.sleep(0.005)
+        return {"describe_t": sent}
+
     def status(self) -> dict:
         return {"up": sum(1 for d in self.devices if d.up), "lost": self.lost,
                 "lost_reasons": self.lost_reasons, "events_acked": self.events_acked,
@@ -523,6 +551,8 @@ def worker_main(argv: list[str]) -> int:
                 answer(await worker.ramp(cmd["rate"], cmd["timeout"]))
             elif what == "status":
                 answer(worker.status())
+            elif what == "describes":
+                answer(await worker.describes(cmd["rate"], cmd["seconds"]))
             elif what == "events":
                 answer(await worker.events(cmd["rate"], cmd["seconds"], cmd["seq0"], cmd["stride"]))
             elif what == "stop":
@@ -611,7 +641,7 @@ def subscriber_main(argv: list[str]) -> int:
         if len(parts) < 3:
             return
         if parts[2] == "describe":
-            describes.setdefault(parts[1], now)
+            describes[parts[1]] = now  # the latest
         elif parts[2] == "events":
             try:
                 events.append((now, json.loads(msg.payload)["t"]))
@@ -814,7 +844,7 @@ def read_registry(path: Path) -> dict[str, tuple]:
 
 def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: float = HOLD,
             events_rate: float = EVENTS_RATE, events_s: float = EVENTS_S, drain: float = DRAIN,
-            say=log) -> dict:
+            describe_rate: float = DESCRIBE_RATE, describe_s: float = DESCRIBE_S, say=log) -> dict:
     """One run of `setup` ('embedded', 'mosquitto': keel cloud serve; 'bare': the
     baseline) with n devices. Returns the measurements."""
     from keel_cloud import pki
@@ -867,34 +897,45 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
         # the describe each device still up sent last
         sent_t = {k: v for s in status for k, v in s["describe_t"].items()}
 
-        # Describe latency.
+        # Describe latency: the describes of the connect ramp, then steady describes.
         if serve is not None:
             listed = serve.devices()
             out["online_listed"] = sum(1 for d in listed if d["online"])
+
+        def latencies(sent_t: dict, prefix: str) -> None:
             now = time.time()
-            rows = read_registry(cloud.registry_path)
-            recorded = {i: rows[i][0] for i, t in sent_t.items()
-                        if i in rows and rows[i][2] and rows[i][0] and rows[i][0] >= t}
-        else:
-            now = time.time()
-            seen = sub.ask("report")["describe"]
-            recorded = {i: seen[i] for i, t in sent_t.items() if i in seen and seen[i] >= t}
-        # A describe not recorded yet counts as (now - sent): a lower bound. A percentile
-        # that lands on one of those is a lower bound too ("censored").
-        lat = sorted(((recorded[i] if i in recorded else now) - t, i in recorded)
-                     for i, t in sent_t.items())
-        if not lat:
-            lat = [(float("nan"), True)]
-        p50, p99 = pct(lat, 50), pct(lat, 99)
-        out["describes"] = len(sent_t)
-        out["describes_recorded"] = len(recorded)
-        out["describe_p50_ms"] = _ms(p50[0] if lat else None)
-        out["describe_p99_ms"] = _ms(p99[0] if lat else None)
-        out["describe_p99_censored"] = not p99[1]
-        out["describe_max_ms"] = _ms(lat[-1][0])
-        say(f"{setup} {n}: held {held} ({out['dropped']} dropped, {out['reconnects']} reconnected), describe p50 {out['describe_p50_ms']} ms "
-            f"p99 {'>= ' if out['describe_p99_censored'] else ''}{out['describe_p99_ms']} ms "
-            f"({len(recorded)}/{len(sent_t)} recorded)")
+            if serve is not None:
+                rows = read_registry(cloud.registry_path)
+                recorded = {i: rows[i][0] for i, t in sent_t.items()
+                            if i in rows and rows[i][2] and rows[i][0] and rows[i][0] >= t}
+            else:
+                seen = sub.ask("report")["describe"]
+                recorded = {i: seen[i] for i, t in sent_t.items() if i in seen and seen[i] >= t}
+            # A describe not recorded yet counts as (now - sent): a lower bound. A
+            # percentile that lands on one of those is a lower bound too ("censored").
+            lat = sorted(((recorded[i] if i in recorded else now) - t, i in recorded)
+                         for i, t in sent_t.items()) or [(float("nan"), True)]
+            p50, p99 = pct(lat, 50), pct(lat, 99)
+            out[f"{prefix}describes"] = len(sent_t)
+            out[f"{prefix}recorded"] = len(recorded)
+            out[f"{prefix}p50_ms"] = _ms(p50[0])
+            out[f"{prefix}p99_ms"] = _ms(p99[0])
+            out[f"{prefix}p99_censored"] = not p99[1]
+            out[f"{prefix}max_ms"] = _ms(lat[-1][0])
+            say(f"{setup} {n}: {prefix.replace('_', ' ')}p50 {out[prefix + 'p50_ms']} ms p99 "
+                f"{'>= ' if not p99[1] else ''}{out[prefix + 'p99_ms']} ms ({len(recorded)}/{len(sent_t)} recorded)")
+
+        say(f"{setup} {n}: held {held} ({out['dropped']} dropped, {out['reconnects']} reconnected)")
+        latencies(sent_t, "ramp_describe_")
+        steady = workers.ask({"cmd": "describes", "seconds": describe_s},
+                             lambda k, m: {"rate": describe_rate / m})
+        steady_t = {k: v for r in steady for k, v in r["describe_t"].items()}
+        time.sleep(1.0)  # the last ones' way through
+        out["steady_rate"] = describe_rate
+        out["steady_s"] = describe_s
+        if serve is not None:  # the registry is read after the HTTP API is asked
+            listed = serve.devices()
+        latencies(steady_t, "describe_")
 
         # Events.
         before = len(ksub.events) if ksub else sub.ask("count")["events"]
@@ -923,7 +964,7 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
         last_arrival = max((e[0] for e in evs), default=None)
         window = (last_arrival - first_sent) if last_arrival else None
         ev_lat = [e[0] - e[1] for e in evs]
-        out.update(events_offered_rate=events_rate, events_sent=sent,
+        out.update(events_offered_rate=events_rate, events_s=events_s, events_sent=sent,
                    events_held_back=sum(r["held"] for r in results),
                    events_sent_rate=round(sent / max(1e-9, last_sent - first_sent), 1),
                    events_received=got,
@@ -934,10 +975,10 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
         out["held_end"] = sum(s["up"] for s in workers.ask({"cmd": "status"}))
         if serve is not None:  # describes that reached the registry late, or never
             rows = read_registry(cloud.registry_path)
-            out["describes_recorded_end"] = sum(1 for i in sent_t if i in rows and rows[i][2])
+            out["ramp_recorded_end"] = sum(1 for i in sent_t if i in rows and rows[i][2])
         else:
             seen = sub.ask("report")["describe"]
-            out["describes_recorded_end"] = sum(1 for i in sent_t if i in seen)
+            out["ramp_recorded_end"] = sum(1 for i in sent_t if i in seen)
     finally:
         # The cloud first, so that it does not write 10,000 offline states as it stops.
         for part in (ksub, serve, sub, workers, mosquitto):
@@ -955,6 +996,15 @@ def _ms(seconds):
 
 
 # --- the figure ---------------------------------------------------------------------
+
+def phases(smoke: bool) -> dict:
+    """one_run's options for the figure, or for the smoke run."""
+    if smoke:
+        return dict(ramp=RAMP, hold=0.5, describe_rate=20, describe_s=0.5, events_rate=100, events_s=1.0,
+                    drain=5.0)
+    return dict(ramp=RAMP, hold=HOLD, describe_rate=DESCRIBE_RATE, describe_s=DESCRIBE_S,
+                events_rate=EVENTS_RATE, events_s=EVENTS_S, drain=DRAIN)
+
 
 def measure(setups: dict[str, int], runs: int, scratch: Path, say=log, **options) -> dict:
     """For each setup (embedded, mosquitto: N devices), `runs` runs of Keel interleaved
@@ -987,16 +1037,20 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=["keel", "bare"], help="one side only (no interleaving)")
     parser.add_argument("--ramp", type=float, default=RAMP)
     parser.add_argument("--hold", type=float)
-    parser.add_argument("--events-rate", type=float, default=EVENTS_RATE)
+    parser.add_argument("--events-rate", type=float)
     parser.add_argument("--events-s", type=float)
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     setups = {s: args.devices or sizes[s] for s in (args.setup or ["embedded", "mosquitto"])}
-    options = dict(ramp=args.ramp, events_rate=args.events_rate if not args.smoke else 100,
-                   hold=args.hold if args.hold is not None else (0.5 if args.smoke else HOLD),
-                   events_s=args.events_s if args.events_s is not None else (1.0 if args.smoke else EVENTS_S),
-                   drain=5.0 if args.smoke else DRAIN)
+    options = phases(args.smoke)
+    options["ramp"] = args.ramp
+    if args.hold is not None:
+        options["hold"] = args.hold
+    if args.events_rate is not None:
+        options["events_rate"] = args.events_rate
+    if args.events_s is not None:
+        options["events_s"] = args.events_s
     runs = args.runs or (1 if args.smoke else 3)
     scratch = Path(tempfile.mkdtemp(prefix="keel-fleet-"))
     started = time.monotonic()
