@@ -169,3 +169,27 @@ def test_no_board_on_the_port_is_a_clear_error(tmp_path):
     proc = keel("flash", "--usb", app, "--port", tmp_path / "nothing")
     assert proc.returncode != 0
     assert "cannot open the port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_a_port_the_one_usb_board_is_found(monkeypatch):
+    """As mpremote finds a board: a USB serial device (with a vendor and product id);
+    none or several is an error that says so."""
+    import serial.tools.list_ports
+
+    from keel import usb
+    from keel.errors import KeelError
+
+    class Port:
+        def __init__(self, device, vid=0x10C4, pid=0xEA60):
+            self.device, self.vid, self.pid = device, vid, pid
+
+    found = []
+    monkeypatch.setattr(serial.tools.list_ports, "comports", lambda: list(found))
+    found[:] = [Port("/dev/ttyS0", None, None)]  # a plain UART: not a USB board
+    with pytest.raises(KeelError, match="no board found on USB"):
+        usb.find_port()
+    found.append(Port("/dev/ttyUSB0"))
+    assert usb.find_port() == "/dev/ttyUSB0"
+    found.append(Port("/dev/ttyACM0"))
+    with pytest.raises(KeelError, match=r"several boards found \(/dev/ttyACM0, /dev/ttyUSB0\)"):
+        usb.find_port()
