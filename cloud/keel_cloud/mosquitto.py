@@ -85,6 +85,11 @@ def write_config(cloud_dir: CloudDir | Path | str, out_dir: Path | str, port: in
         "allow_anonymous false",
         "persistence false",
         f"acl_file {out / ACL_FILE}",
+        # The fleet service is one subscriber for the whole fleet: when thousands of
+        # devices reconnect at once, Mosquitto's default queue (1000 messages per client)
+        # would drop their status and describe messages on the way to it.
+        # (In flight stays at the default 20: it applies to the devices too.)
+        "max_queued_messages 200000",
     ]
     if user:
         lines.append(f"user {user}")

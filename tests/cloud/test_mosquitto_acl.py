@@ -25,6 +25,7 @@ def test_config_file(cloud, tmp_path):
     for line in ("listener 18999 127.0.0.1", "require_certificate true",
                  "use_identity_as_username true", "use_username_as_clientid true",
                  "allow_anonymous false", "tls_version tlsv1.2", "persistence false",
+                 "max_queued_messages 200000",
                  f"acl_file {tmp_path / 'mq' / 'acl'}"):
         assert line in text.splitlines(), line
     assert "\nuser " not in text
