@@ -100,6 +100,7 @@ class Session:
         self._state = _WAITING
         self._opened = 0
         self._up_at = 0
+        self._useful = False
         self._retry_at = time.ticks_ms()  # the first attempt at once
         self._backoff = BACKOFF_MIN_MS
         self._changed_at = None
@@ -209,6 +210,7 @@ class Session:
     def _connected(self):
         self._state = _UP
         self._up_at = time.ticks_ms()
+        self._useful = False
         self.last_error = None
         base = self.base
         client = self._client
@@ -243,8 +245,9 @@ class Session:
         was_up = self._state == _UP
         self._close()
         # (not at CONNACK: a broker that takes the device and drops it again at once,
-        # say for a clone of its identity, must not have it back every second)
-        if was_up and time.ticks_diff(now, self._up_at) >= STABLE_MS:
+        # say for a clone of its identity, must not have it back every second; but a
+        # connection that carried an update was real, however short a bad link made it)
+        if was_up and (self._useful or time.ticks_diff(now, self._up_at) >= STABLE_MS):
             self._backoff = BACKOFF_MIN_MS
         delay = self._backoff + random.getrandbits(16) % (self._backoff // 2 + 1)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_MS)
@@ -309,6 +312,7 @@ class Session:
         elif rest == b"ota/chunk" or rest == b"ota/offer":
             import ota  # (loaded by the first OTA message only)
 
+            self._useful = True
             ota.message(self, rest, payload)
         elif rest[:6] == b"inbox/" and self.app is not None:
             try:
