@@ -103,6 +103,10 @@ class Registry:
             try:
                 self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
                 self._db.execute("PRAGMA journal_mode=WAL")
+                # With WAL, NORMAL syncs at checkpoints rather than at every commit: a
+                # commit stays atomic and the database consistent; a power loss (not a
+                # crash of the process) may undo the last commits before a checkpoint.
+                self._db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as e:
                 raise RegistryError(f"cannot open the registry {self.path}: {_one_line(e)}") from None
         try:
@@ -213,6 +217,8 @@ class Registry:
         )
 
     def seen(self, device_id: str) -> None:
+        """last_seen = now (set_online, set_describe and add_event write it themselves, in
+        their own transaction)."""
         self._query("UPDATE devices SET last_seen = ? WHERE id = ?", (time.time(), device_id))
 
     def known(self, device_id: str) -> bool:
@@ -357,11 +363,14 @@ class Registry:
     # Events
 
     def add_event(self, device_id: str, name: str, data: str | None) -> int:
+        """Stores the event and sets the device's last_seen, in one transaction."""
+        now = time.time()
         with self._transaction() as run:
             seq = run(
                 "INSERT INTO events (device_id, name, data, ts) VALUES (?, ?, ?, ?) RETURNING seq",
-                (device_id, _text(name, MAX_NAME), _text(data), time.time()),
+                (device_id, _text(name, MAX_NAME), _text(data), now),
             )[0][0]
+            run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
             # The device's last KEEP_EVENTS stay (counted: other devices' events
             # take sequence numbers in between).
             run(

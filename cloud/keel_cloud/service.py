@@ -129,13 +129,18 @@ class FleetService:
                 self.registry.add_event(device_id, parts[3], data)
                 with self._events:
                     self._events.notify_all()
+            # set_online, set_describe and add_event set last_seen in their own
+            # transaction; the other kinds set it here.
             elif kind == "reply":
                 self._on_reply(json.loads(msg.payload))
+                self.registry.seen(device_id)
             elif kind == "ota" and len(parts) == 4 and parts[3] == "status":
                 status = json.loads(msg.payload)
                 if isinstance(status, dict):
                     self.ota.on_status(device_id, status)
-            self.registry.seen(device_id)
+                self.registry.seen(device_id)
+            else:
+                self.registry.seen(device_id)
         except (ValueError, UnicodeDecodeError) as e:
             log.warning("bad %s message from %s: %s", kind, device_id, e)
 

@@ -274,6 +274,27 @@ def test_events_added_and_listed(reg):
     assert {e["device"] for e in reg.events(device_id=a)} == {"alpha2"}
 
 
+def test_an_event_sets_last_seen_with_it(reg):
+    """add_event writes the device's last_seen in its own transaction (the service no
+    longer commits a second time for it)."""
+    a, b = new_id(), new_id()
+    reg.add_device(a, "alpha")
+    reg.add_device(b, "beta")
+    seq = reg.add_event(a, "temp", "21.5")
+    (event,) = reg.events(after=seq - 1)
+    assert reg.device(a)["last_seen"] == event["ts"]
+    assert reg.device(b)["last_seen"] is None
+
+
+def test_sqlite_registry_syncs_normally_in_wal(tmp_path):
+    registry = Registry(tmp_path / "registry.db")
+    try:
+        assert registry._query("PRAGMA journal_mode")[0][0] == "wal"
+        assert registry._query("PRAGMA synchronous")[0][0] == 1  # NORMAL
+    finally:
+        registry.close()
+
+
 def test_events_are_trimmed_per_device(reg, monkeypatch):
     monkeypatch.setattr(registry_module, "KEEP_EVENTS", 3)
     a, b = new_id(), new_id()
