@@ -37,7 +37,10 @@ def test_every_built_figure_returns_well_formed_rows(smoke):
         for r in fig["rows"]:
             assert check_row(r) == [], (name, r)
             assert r["figure"] == fig["figure"]
-            assert r["keel"] is not None and r["goal"] and r["met"] in (True, False), (name, r)
+            assert r["keel"] is not None, (name, r)
+            # a row with a goal says whether it is met; others inform (a p50 beside a p99)
+            assert (r["met"] in (True, False)) if r["goal"] else r["met"] is None, (name, r)
+        assert any(r["goal"] for r in fig["rows"]), f"{name}: no row has a goal"
     for name in ("boot", "heap", "ota_alloc", "heal"):
         assert by_name[name]["rows"][0]["baseline"] is not None, name
 
