@@ -34,7 +34,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, wait_until  # noqa: E402
 from bench.linkshaper import PROFILES, LinkShaper, profile  # noqa: E402
 
 KB = 1024
@@ -114,22 +114,6 @@ def _serve(argv: list[str]) -> int:
 
     service.OtaSender = Measured
     return main(["cloud", "serve", *rest])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 class CloudProcess:
