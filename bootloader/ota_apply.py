@@ -49,15 +49,13 @@ def _sha256_of(part, size):
 
 
 def _module_in(part):
-    """(info, sha256 hex) of the valid module image in part, or None."""
+    """The header of the valid (CRC-checked) module image in part, or None."""
     slot = Slot(part, "", 0, 0)
     try:
         info, crc_ok, _ = mf.check_image(slot.read, slot.size, None, _buf)
     except ValueError:
         return None
-    if not crc_ok:
-        return None
-    return info, _sha256_of(part, info.image_size)
+    return info if crc_ok else None
 
 
 def _system_slot(board, label):
@@ -190,11 +188,11 @@ def apply_update(port, board):
         old = _module_in(dest) if _system_slot(board, label) else None
         if old is not None:
             block = dest.ioctl(5, 0)
-            count = (max(size, old[0].image_size) + block - 1) // block
+            count = (max(size, old.image_size) + block - 1) // block
             if count * block <= staging.info()[2]:
-                old = {"size": old[0].image_size, "sha256": old[1],
-                       "version": mf.decode_version(old[0].version)}
-                journal = _start_swap("swap", sha, count, old)
+                backup = {"size": old.image_size, "sha256": _sha256_of(dest, old.image_size),
+                          "version": mf.decode_version(old.version)}
+                journal = _start_swap("swap", sha, count, backup)
     swapped = journal.get("op") == "swap"
     if swapped:
         print("keel: installing the update into %s (swap, block %d of %d)"
@@ -209,10 +207,10 @@ def apply_update(port, board):
             _drop_update()
             return None
     info = _module_in(dest)
-    version = mf.decode_version(info[0].version) if info else None
+    version = mf.decode_version(info.version) if info else None
     if swapped:
         trial = {"slot": label, "version": version, "sha256": sha, "size": size,
-                 "function": "system-part", "index": info[0].index if info else None,
+                 "function": "system-part", "index": info.index if info else None,
                  "backup": journal["old"], "count": journal["count"],
                  "trial_s": trial_s, "boots": 0}
         flashfs.write_json(TRIAL_FILE, trial)
