@@ -4,7 +4,9 @@
 # Layout (little-endian):
 #   header   HEADER_FMT, then dep_count x DEP_FMT
 #   payload  payload_size bytes (a ROMFS image for system and user parts)
-#   suffix   SHA-256 over header+payload (32 bytes), then CRC32 over all before it (4 bytes)
+#   suffix   SHA-256 over header+payload (32 bytes), then, when FLAG_SIGNED is set, the
+#            signature block (key id 32 + Ed25519 signature 64), then CRC32 over all
+#            before it (4 bytes)
 import struct
 import binascii
 
@@ -22,7 +24,8 @@ HEADER_FMT = "<4sBBBBIHBxI"
 HEADER_SIZE = const(20)
 DEP_FMT = "<BBxxI"
 DEP_SIZE = const(8)
-SUFFIX_SIZE = const(36)
+SUFFIX_SIZE = const(36)  # SHA-256 + CRC32: the suffix of an unsigned module
+SIGNATURE_SIZE = const(96)  # key id (SHA-256 of the raw public key) + Ed25519 signature
 MAX_DEPS = const(8)
 MIN_BUFFER = const(84)  # HEADER_SIZE + MAX_DEPS * DEP_SIZE, and more than SUFFIX_SIZE
 
@@ -38,8 +41,10 @@ FUNCTION_NAMES = {
     FUNCTION_VM: "vm",
 }
 
-FLAG_COMPRESSED = const(1)
+FLAG_COMPRESSED = const(1)  # reserved: a reader refuses it (nothing writes it yet)
 FLAG_SIGNED = const(2)
+# What a signature covers: this prefix and the module's SHA-256 (its suffix digest).
+SIGNED_PREFIX = b"KEELSIG1"
 
 # Platform ids. A board names its platform; a module runs only on its platform.
 PLATFORMS = {"virtual": 1, "esp32": 2, "nrf52840": 3}
@@ -152,8 +157,16 @@ class ModuleInfo:
         return HEADER_SIZE + DEP_SIZE * len(self.dependencies)
 
     @property
+    def signed(self):
+        return bool(self.flags & FLAG_SIGNED)
+
+    @property
+    def suffix_size(self):
+        return SUFFIX_SIZE + (SIGNATURE_SIZE if self.flags & FLAG_SIGNED else 0)
+
+    @property
     def image_size(self):
-        return self.header_size + self.payload_size + SUFFIX_SIZE
+        return self.header_size + self.payload_size + self.suffix_size
 
     def to_dict(self):
         return {
@@ -173,6 +186,8 @@ def dependency_dict(dependency):
 def pack_header(info):
     if len(info.dependencies) > MAX_DEPS:
         raise FormatError("at most %d dependencies" % MAX_DEPS)
+    if info.flags & ~FLAG_SIGNED:
+        raise FormatError("unsupported module flags 0x%02x" % info.flags)
     for version in [info.version] + [d[2] for d in info.dependencies]:
         if not _valid_tag(version):
             raise FormatError("invalid version 0x%08x" % version)
@@ -208,6 +223,9 @@ def parse_header(data):
         raise FormatError("unsupported module format version %d" % fmt)
     if ndeps > MAX_DEPS:
         raise FormatError("corrupt header: %d dependencies" % ndeps)
+    if flags & ~FLAG_SIGNED:
+        # A flag this reader does not know may change the layout: never guess.
+        raise FormatError("unsupported module flags 0x%02x" % flags)
     if not _valid_tag(version):
         raise FormatError("corrupt header: invalid version 0x%08x" % version)
     if len(data) < HEADER_SIZE + DEP_SIZE * ndeps:
@@ -221,13 +239,23 @@ def parse_header(data):
     return ModuleInfo(function, index, version, platform, deps, flags, size)
 
 
-def build_image(info, payload, sha256):
-    """Header + payload + suffix. sha256 is a constructor (hashlib.sha256)."""
+def build_image(info, payload, sha256, sign=None):
+    """Header + payload + suffix. sha256 is a constructor (hashlib.sha256); sign, when
+    given, is sign(message) -> (key_id, signature) and makes a signed module."""
     info.payload_size = len(payload)
+    if sign is not None:
+        info.flags |= FLAG_SIGNED
+    elif info.flags & FLAG_SIGNED:
+        raise FormatError("a signed module needs a signer")
     body = pack_header(info) + payload
-    digest = sha256(body).digest()
-    crc = binascii.crc32(body + digest) & 0xFFFFFFFF
-    return body + digest + struct.pack("<I", crc)
+    tail = sha256(body).digest()
+    if sign is not None:
+        key_id, signature = sign(SIGNED_PREFIX + tail)
+        if len(key_id) + len(signature) != SIGNATURE_SIZE:
+            raise FormatError("a signature block is %d bytes" % SIGNATURE_SIZE)
+        tail += key_id + signature
+    crc = binascii.crc32(body + tail) & 0xFFFFFFFF
+    return body + tail + struct.pack("<I", crc)
 
 
 def check_image(read, total_size, sha256=None, buf=None):
@@ -247,6 +275,7 @@ def check_image(read, total_size, sha256=None, buf=None):
     got = read(0, buf)
     info = parse_header(memoryview(buf)[:got])
     body_size = info.header_size + info.payload_size
+    crc_at = info.image_size - 4
     if total_size < info.image_size:
         raise FormatError(
             "truncated: %d bytes, the header says %d" % (total_size, info.image_size)
@@ -255,8 +284,8 @@ def check_image(read, total_size, sha256=None, buf=None):
     hasher = sha256() if sha256 else None
     offset = 0
     view = memoryview(buf)
-    while offset < body_size + 32:
-        want = min(len(buf), body_size + 32 - offset)
+    while offset < crc_at:
+        want = min(len(buf), crc_at - offset)
         got = read(offset, view[:want])
         if got <= 0:
             raise FormatError("truncated at byte %d" % offset)
@@ -267,9 +296,10 @@ def check_image(read, total_size, sha256=None, buf=None):
             if body_part:
                 hasher.update(chunk[:body_part])
         offset += got
-    read(body_size, view[:36])
+    read(body_size, view[:32])
     stored_digest = bytes(view[:32])
-    stored_crc = struct.unpack_from("<I", buf, 32)[0]
+    read(crc_at, view[:4])
+    stored_crc = struct.unpack_from("<I", buf, 0)[0]
     crc_ok = (crc & 0xFFFFFFFF) == stored_crc
     sha_ok = None
     if hasher is not None:
@@ -281,6 +311,15 @@ def stored_sha256(read, info, buf):
     """The SHA-256 recorded in the suffix (not recomputed)."""
     read(info.header_size + info.payload_size, memoryview(buf)[:32])
     return bytes(buf[:32])
+
+
+def signature_block(read, info, buf):
+    """(key_id, signature) of a signed module, as copies; None for an unsigned one.
+    buf holds at least SIGNATURE_SIZE bytes."""
+    if not info.flags & FLAG_SIGNED:
+        return None
+    read(info.header_size + info.payload_size + 32, memoryview(buf)[:SIGNATURE_SIZE])
+    return bytes(buf[:32]), bytes(buf[32:SIGNATURE_SIZE])
 
 
 def bytes_reader(data):

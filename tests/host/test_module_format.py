@@ -49,7 +49,8 @@ def test_layout_constants_match_the_struct_formats():
 @pytest.mark.parametrize("ndeps", range(mf.MAX_DEPS + 1))
 @settings(max_examples=25, deadline=None)
 @given(
-    data=st.data(), function=u8, index=u8, flags=u8, version=version32, platform=u16, size=u32
+    data=st.data(), function=u8, index=u8, flags=st.sampled_from([0, mf.FLAG_SIGNED]),
+    version=version32, platform=u16, size=u32
 )
 def test_header_round_trip(ndeps, data, function, index, flags, version, platform, size):
     deps = data.draw(st.lists(dependency, min_size=ndeps, max_size=ndeps))
@@ -69,7 +70,8 @@ def test_header_round_trip(ndeps, data, function, index, flags, version, platfor
         assert parsed.payload_size == size
         assert parsed.dependencies == deps
         assert parsed.header_size == len(packed)
-        assert parsed.image_size == len(packed) + size + mf.SUFFIX_SIZE
+        signature = mf.SIGNATURE_SIZE if flags & mf.FLAG_SIGNED else 0
+        assert parsed.image_size == len(packed) + size + mf.SUFFIX_SIZE + signature
 
 
 @settings(max_examples=30, deadline=None)

@@ -141,8 +141,9 @@ def _dependency(dep: dict, system: int) -> tuple[int, int, int]:
     return (mf.function_id(dep["function"]), dep["index"], version)
 
 
-def build_system(platform: str, version: str | None, out_dir: Path) -> list[Path]:
-    """Build the bootloader and every system part; returns the files written."""
+def build_system(platform: str, version: str | None, out_dir: Path, sign=None) -> list[Path]:
+    """Build the bootloader and every system part; returns the files written. sign:
+    a signer (keel.signing.signer) to sign every module with."""
     root = source_root()
     platform_id = check_platform(platform)
     port = PLATFORM_PORTS[platform]
@@ -158,7 +159,7 @@ def build_system(platform: str, version: str | None, out_dir: Path) -> list[Path
             if name in seen:
                 raise KeelError(f"module '{name}' is in both {seen[name]} and {label}")
             seen[name] = label
-        images.append((filename, mf.build_image(info, make_romfs(files), hashlib.sha256)))
+        images.append((filename, mf.build_image(info, make_romfs(files), hashlib.sha256, sign)))
 
     bl = spec["bootloader"]
     bl_files = _compile_tree(_expand_sources(root, _bootloader_sources(bl, port), port), root)
@@ -207,11 +208,13 @@ def app_dependencies(target: int) -> list[tuple[int, int, int]]:
 
 
 def build_app(
-    src_dir: Path, platform: str, target: str | None, out: Path, app_version: str = "1.0.0"
+    src_dir: Path, platform: str, target: str | None, out: Path, app_version: str = "1.0.0",
+    sign=None,
 ) -> Path:
     """Compile an app (main.py plus any other .py) into a user part for target.
 
-    The user part's own version is app_version; its dependencies carry target."""
+    The user part's own version is app_version; its dependencies carry target. sign: a
+    signer (keel.signing.signer) to sign the module with."""
     platform_id = check_platform(platform)
     target_version = parse_version(target or system_version())
     own_version = parse_version(app_version)
@@ -236,7 +239,7 @@ def build_app(
     info = mf.ModuleInfo(
         mf.FUNCTION_USER_PART, 1, own_version, platform_id, app_dependencies(target_version)
     )
-    image = mf.build_image(info, make_romfs(files), hashlib.sha256)
+    image = mf.build_image(info, make_romfs(files), hashlib.sha256, sign)
     return _write_atomic(Path(out), image)
 
 

@@ -19,32 +19,97 @@ def parse_size(text: str) -> int:
     return int(digits) * scale
 
 
+def _signer(keyfile: str | None):
+    """The signer for --sign KEYFILE, or None."""
+    if not keyfile:
+        return None
+    from keel import signing
+
+    return signing.signer(signing.load_private_key(keyfile))
+
+
 def cmd_build_system(args) -> int:
-    for path in build.build_system(args.platform, args.version, Path(args.output)):
-        print(f"{path}  {images.read_image(path).name}")
+    sign = _signer(args.sign)
+    for path in build.build_system(args.platform, args.version, Path(args.output), sign):
+        image = images.read_image(path)
+        print(f"{path}  {image.name}" + (f"  signed by {image.signed_by[:16]}" if sign else ""))
     return 0
 
 
 def cmd_build_app(args) -> int:
     path = build.build_app(
-        Path(args.src), args.platform, args.target, Path(args.output), args.app_version
+        Path(args.src), args.platform, args.target, Path(args.output), args.app_version,
+        _signer(args.sign),
     )
     image = images.read_image(path)
     deps = ", ".join(
         f"{d['function']} {d['index']} >= {d['version']}" for d in image.to_dict()["dependencies"]
     )
-    print(f"{path}  user part, {len(image.data)} bytes, depends on {deps}")
+    signed = f", signed by {image.signed_by[:16]}" if image.signed_by else ""
+    print(f"{path}  user part, {len(image.data)} bytes, depends on {deps}{signed}")
+    return 0
+
+
+def cmd_keys_generate(args) -> int:
+    from keel import signing
+
+    fp = signing.generate_key(args.keyfile, force=args.force)
+    print(f"wrote {args.keyfile} (the private key: keep it secret, off boards and out of git)")
+    print(f"  and {signing.public_path(args.keyfile)} (the public key: boards trust it)")
+    print(f"fingerprint {fp}")
+    return 0
+
+
+def cmd_keys_show(args) -> int:
+    from keel import signing
+
+    with open(args.keyfile, "rb") as f:
+        private = b"PRIVATE KEY" in f.read()
+    if private:
+        raw = signing.raw_public(signing.load_private_key(args.keyfile).public_key())
+    else:
+        raw = signing.load_public_key(args.keyfile)
+    print(f"{args.keyfile}: Ed25519 {'private' if private else 'public'} key, "
+          f"fingerprint {signing.fingerprint(raw)}")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from keel import signing
+
+    key = signing.load_private_key(args.key)
+    source = images.load_valid_image(args.file)
+    signed = signing.sign_image(source.data, key)
+    out = Path(args.output or args.file)
+    build._write_atomic(out, signed)
+    image = images.parse_image(signed, out)
+    print(f"{out}  {image.name}, signed by {image.signed_by}")
     return 0
 
 
 def cmd_inspect(args) -> int:
     image = images.read_image(args.file)
+    refusal = None
+    doc = image.to_dict()
+    if args.trust:
+        from keel import signing
+
+        trusted = [signing.load_public_key(k) for k in args.trust]
+        reason = signing.check_signature(image.data, image.info, trusted)
+        doc["signature_ok"] = reason is None
+        if reason:
+            refusal = signing.refusal_text(reason, image.signed_by, trusted)
     if args.json:
-        print(json.dumps(image.to_dict(), indent=2))
+        print(json.dumps(doc, indent=2))
     else:
         print(images.describe(image))
+        if args.trust:
+            print(f"  signature     {'ok (a trusted key)' if refusal is None else 'REFUSED'}")
     if not image.ok:
         print(f"keel: error: {args.file}: {image.problem}", file=sys.stderr)
+        return 1
+    if refusal:
+        print(f"keel: error: {args.file}: {refusal}", file=sys.stderr)
         return 1
     return 0
 
@@ -210,6 +275,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", required=True)
     p.add_argument("--version", help="system version (default: system/VERSION)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--sign", metavar="KEYFILE", help="sign every module with this private key")
     p.set_defaults(func=cmd_build_system)
     p = builds.add_parser("app", help="compile an app into a user part")
     p.add_argument("src", metavar="SRC_DIR")
@@ -217,12 +283,31 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="system version the app needs (default: the current one)")
     p.add_argument("--app-version", default="1.0.0", help="the app's own version (default 1.0.0)")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.add_argument("--sign", metavar="KEYFILE", help="sign the module with this private key")
     p.set_defaults(func=cmd_build_app)
 
     p = commands.add_parser("inspect", help="show what a module image is and check it")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--trust", action="append", default=[], metavar="KEYFILE.pub",
+                   help="check the signature as a board trusting this key would (repeatable)")
     p.set_defaults(func=cmd_inspect)
+
+    keys_cmd = commands.add_parser("keys", help="signing keys")
+    keys = keys_cmd.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = keys.add_parser("generate", help="make an Ed25519 key pair: KEYFILE and KEYFILE.pub")
+    p.add_argument("keyfile", metavar="KEYFILE")
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.set_defaults(func=cmd_keys_generate)
+    p = keys.add_parser("show", help="a key's fingerprint (the id modules it signs carry)")
+    p.add_argument("keyfile", metavar="KEYFILE")
+    p.set_defaults(func=cmd_keys_show)
+
+    p = commands.add_parser("sign", help="sign a module image (in place, or into -o FILE)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--key", required=True, metavar="KEYFILE", help="the private key")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the signed module here")
+    p.set_defaults(func=cmd_sign)
 
     image_cmd = commands.add_parser("image", help="build what goes on a blank real board")
     image_kinds = image_cmd.add_subparsers(dest="what", required=True, metavar="CHIP")

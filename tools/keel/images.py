@@ -34,9 +34,17 @@ class Image:
     def name(self) -> str:
         return module_label(self.info)
 
+    @property
+    def signed_by(self) -> str | None:
+        """The fingerprint of the key the module says signed it (docs/signing.md), or None."""
+        block = mf.signature_block(mf.bytes_reader(self.data), self.info,
+                                   bytearray(mf.SIGNATURE_SIZE))
+        return block[0].hex() if block else None
+
     def to_dict(self) -> dict:
         doc = self.info.to_dict()
-        doc.update(size=len(self.data), crc_ok=self.crc_ok, sha256_ok=self.sha256_ok)
+        doc.update(size=len(self.data), crc_ok=self.crc_ok, sha256_ok=self.sha256_ok,
+                   signed_by=self.signed_by)
         return doc
 
 
@@ -89,6 +97,7 @@ def describe(image: Image) -> str:
         f"  size          {len(image.data)} bytes (payload {info.payload_size})",
         f"  crc32         {'ok' if image.crc_ok else 'MISMATCH'}",
         f"  sha256        {'ok' if image.sha256_ok else 'MISMATCH'}",
+        f"  signed by     {image.signed_by or 'nobody (unsigned: only development boards take it)'}",
     ]
     if info.dependencies:
         lines.append("  depends on")
