@@ -1,14 +1,22 @@
-"""The embedded broker: amqtt in-process on an internal 127.0.0.1 port, behind the gate.
+"""The embedded broker: amqtt in-process behind the gate, with no listening socket of its
+own.
 
-Only the gate (and the in-process fleet service) reach amqtt, so amqtt itself allows
-anonymous clients; authentication (client certificate, client id == CN) and the topic
-ACL are the gate's job (keel_cloud.gate). Devices connect to the gate at the address in
-the cloud directory's configuration (`mqtt`, 127.0.0.1:8883 by default).
+amqtt's listener is of its "external" kind: it opens no socket. The gate (keel_cloud.gate)
+is the only way in: it takes TLS connections with a client certificate from the cloud's
+CA, and hands each one it accepts to amqtt over a socket pair (socket.socketpair(): two
+connected, unnamed sockets that no other process can reach). The in-process fleet service
+connects to the gate too, with its own certificate (CN keel-service), like any client. So
+amqtt allows anonymous clients: whoever reaches it came through the gate, which did the
+authentication (client certificate, client id == CN) and applies the topic ACL. Devices
+connect to the gate at the address in the cloud directory's configuration (`mqtt`,
+127.0.0.1:8883 by default).
 """
 
 import asyncio
 import logging
+import socket
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker, BrokerError, BrokerEvents, MachineError
 from amqtt.contexts import Action
 from amqtt.mqtt.constants import QOS_1, QOS_2
@@ -22,17 +30,32 @@ log = logging.getLogger(__name__)
 LISTENER = "default"
 
 
-def amqtt_config(bind: str = "127.0.0.1:0") -> dict:
-    """amqtt 0.12 broker configuration: one plain TCP listener, anonymous clients, no
-    $SYS topics, no packet logging."""
+def amqtt_config() -> dict:
+    """amqtt 0.12 broker configuration: one "external" listener (amqtt opens no socket for
+    it; connections come in through external_connected), anonymous clients, no $SYS
+    topics, no packet logging."""
     return {
-        "listeners": {LISTENER: {"type": "tcp", "bind": bind, "max_connections": 0}},
+        # amqtt skips a listener without 'bind' (even an external one, whose bind it never
+        # uses), so it has one that says where its connections come from.
+        "listeners": {LISTENER: {"type": "external", "bind": "gate", "max_connections": 0}},
         # Giving 'plugins' replaces amqtt's defaults (event and packet loggers, $SYS).
         "plugins": {
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
         },
         "timeout_disconnect_delay": 0,
     }
+
+
+class _GateWriter(StreamWriterAdapter):
+    """amqtt's stream writer for one end of a socket pair: the peer amqtt logs (and
+    requires) is the gate's client, as an unnamed socket has no address."""
+
+    def __init__(self, writer: asyncio.StreamWriter, peer: tuple[str, int]):
+        super().__init__(writer)
+        self._peer = peer
+
+    def get_peer_info(self) -> tuple[str, int]:
+        return self._peer
 
 
 class KeelBroker(Broker):
@@ -153,7 +176,7 @@ class EmbeddedBroker:
         self._gate_options = gate_options
         self.amqtt: Broker | None = None
         self.gate: Gate | None = None
-        self._internal_port: int | None = None
+        self._sessions: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         config = self.cloud_dir.config()
@@ -164,28 +187,46 @@ class EmbeddedBroker:
         if self._public[1] is not None:
             port = self._public[1]
 
-        self.amqtt = KeelBroker(amqtt_config("127.0.0.1:0"))
+        self.amqtt = KeelBroker(amqtt_config())
         await self.amqtt.start()
         try:
-            self._internal_port = self._bound_port(self.amqtt)
             context = server_context(self.cloud_dir.path / pki.CA_CERT,
                                      self.cloud_dir.path / pki.SERVER_PEM)
-            self.gate = Gate(context, "127.0.0.1", self._internal_port, pki.SERVICE_CN,
-                             **self._gate_options)
+            self.gate = Gate(context, self.open_upstream, pki.SERVICE_CN, **self._gate_options)
             await self.gate.start(host, port)
         except BaseException:
             await self.amqtt.shutdown()
             self.amqtt = None
             raise
-        log.info("embedded broker: amqtt on 127.0.0.1:%d, gate on %s:%d",
-                 self._internal_port, *self.gate.address)
+        log.info("embedded broker: amqtt in-process, gate on %s:%d", *self.gate.address)
 
-    @staticmethod
-    def _bound_port(broker: Broker) -> int:
-        # amqtt 0.12 has no public accessor for the address a listener bound; with port 0
-        # in 'bind' the asyncio server's socket is the only place to read it.
-        server = broker._servers[LISTENER].instance  # noqa: SLF001
-        return server.sockets[0].getsockname()[1]
+    async def open_upstream(self, cn: str, peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection into amqtt for a client the gate accepted: the gate's end of a
+        socket pair; amqtt serves the other end as a connection on its listener."""
+        if self.amqtt is None:
+            raise ConnectionError("the embedded broker is not running")
+        gate_end, broker_end = socket.socketpair()
+        try:
+            reader, writer = await asyncio.open_connection(sock=broker_end)
+            up_reader, up_writer = await asyncio.open_connection(sock=gate_end)
+        except BaseException:
+            gate_end.close()
+            broker_end.close()
+            raise
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            peer = (str(peer[0]), int(peer[1]))
+        else:
+            peer = (cn, 0)
+        session = asyncio.create_task(self.amqtt.external_connected(
+            StreamReaderAdapter(reader), _GateWriter(writer, peer), LISTENER))
+        self._sessions.add(session)
+        session.add_done_callback(self._session_done)
+        return up_reader, up_writer
+
+    def _session_done(self, task: asyncio.Task) -> None:
+        self._sessions.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("embedded broker: a session ended with %r", task.exception())
 
     async def stop(self) -> None:
         if self.gate is not None:
@@ -194,6 +235,11 @@ class EmbeddedBroker:
         if self.amqtt is not None:
             await self.amqtt.shutdown()
             self.amqtt = None
+        sessions = list(self._sessions)
+        for task in sessions:
+            task.cancel()
+        if sessions:
+            await asyncio.gather(*sessions, return_exceptions=True)
 
     async def __aenter__(self) -> "EmbeddedBroker":
         await self.start()
@@ -203,15 +249,15 @@ class EmbeddedBroker:
         await self.stop()
 
     @property
-    def internal_port(self) -> int:
-        """amqtt's plain-TCP port on 127.0.0.1 (for the in-process service)."""
-        if self._internal_port is None:
-            raise RuntimeError("the embedded broker is not running")
-        return self._internal_port
-
-    @property
     def public_address(self) -> tuple[str, int]:
         """Where the gate listens (devices connect here)."""
         if self.gate is None:
             raise RuntimeError("the embedded broker is not running")
         return self.gate.address
+
+    @property
+    def service_address(self) -> tuple[str, int]:
+        """Where the in-process fleet service connects: the gate, on loopback when it
+        listens on every address."""
+        host, port = self.public_address
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port

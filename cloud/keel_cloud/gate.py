@@ -5,8 +5,10 @@ cloud's CA. The gate reads the CONNECT itself and refuses (CONNACK 5, then close
 client whose id is not its certificate's CN, or whose last will lies outside its own
 topic prefix, *before* opening a connection to the broker: amqtt drops an existing
 session for a client id before it authenticates anyone, so a refused client must never
-reach it. Accepted connections are relayed packet by packet to the broker (plain TCP on
-127.0.0.1), and every packet a device sends is checked against the topic ACL:
+reach it. Accepted connections are relayed packet by packet to the broker, over a stream
+the gate's `upstream` opener gives it (keel_cloud.broker hands amqtt one end of a socket
+pair: the broker has no listening socket of its own), and every packet a device sends is
+checked against the topic ACL:
 
 - PUBLISH outside `devices/<cn>/` is dropped (acknowledged by the gate for QoS 1 and 2,
   so the client is not left waiting);
@@ -44,6 +46,9 @@ KEEPALIVE_FACTOR = 1.5
 TAKEOVER_WAIT = 2.0
 
 Authorize = Callable[[str], bool | Awaitable[bool]]
+# upstream(cn, peer) -> (reader, writer): a new connection to the broker for an accepted
+# client (its certificate's CN, and its address).
+Upstream = Callable[[str, object], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 def server_context(ca_file: Path | str, server_pem: Path | str,
@@ -111,14 +116,14 @@ class _Connection:
 
 
 class Gate:
-    def __init__(self, ssl_context: ssl.SSLContext, upstream_host: str, upstream_port: int,
+    def __init__(self, ssl_context: ssl.SSLContext, upstream: Upstream,
                  service_cn: str = pki.SERVICE_CN, *, connect_timeout: float = CONNECT_TIMEOUT,
                  max_packet: int = MAX_PACKET, authorize: Authorize | None = None):
-        """authorize(cn), if given, is asked before a connection is relayed (for
-        example: is this device in the registry and not revoked?)."""
+        """upstream(cn, peer) opens the connection to the broker for an accepted client;
+        authorize(cn), if given, is asked before a connection is relayed (for example: is
+        this device in the registry and not revoked?)."""
         self.ssl_context = ssl_context
-        self.upstream_host = upstream_host
-        self.upstream_port = upstream_port
+        self.upstream = upstream
         self.service_cn = service_cn
         self.connect_timeout = connect_timeout
         self.max_packet = max_packet
@@ -136,8 +141,7 @@ class Gate:
             self._handle, host, port, ssl=self.ssl_context,
             ssl_handshake_timeout=self.connect_timeout, reuse_address=True,
         )
-        log.info("gate listening on %s:%d, broker at %s:%d", *self.address,
-                 self.upstream_host, self.upstream_port)
+        log.info("gate listening on %s:%d", *self.address)
         return self.address
 
     @property
@@ -247,9 +251,8 @@ class Gate:
         await self._take_over(cn, me)
         try:
             try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.upstream_host, self.upstream_port),
-                    UPSTREAM_TIMEOUT)
+                up_reader, up_writer = await asyncio.wait_for(self.upstream(cn, peer),
+                                                              UPSTREAM_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as exc:
                 await answer(mp.CONNACK_UNAVAILABLE, f"broker unreachable: {exc}")
                 return

@@ -18,11 +18,17 @@ from keel_cloud.service import FleetService
 log = logging.getLogger("keel.cloud")
 
 
-def service_tls(cloud_dir: CloudDir, server_name: str) -> ssl.SSLContext:
+# The addresses the broker's certificate names (keel_cloud.config.CloudDir.init).
+CERTIFIED_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def service_tls(cloud_dir: CloudDir, check_hostname: bool) -> ssl.SSLContext:
+    """The fleet service's TLS: its certificate, and the broker's verified against the
+    cloud's CA (and its name too, with check_hostname)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cloud_dir.path / pki.CA_CERT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cloud_dir.path / pki.SERVICE_PEM))
-    ctx.check_hostname = server_name is not None
+    ctx.check_hostname = check_hostname
     return ctx
 
 
@@ -65,14 +71,19 @@ class Cloud:
             if url.scheme != "mqtts" or not url.hostname:
                 raise CloudError(f"--broker must be mqtts://HOST:PORT, not '{config.broker}'")
             host, port = url.hostname, url.port or 8883
-            tls = service_tls(self.dir, config.server_name)
+            tls = service_tls(self.dir, config.server_name is not None)
         else:
             from keel_cloud.broker import EmbeddedBroker
 
             self.loop = _LoopThread()
             self.broker = EmbeddedBroker(self.dir)
             self.loop.run(self.broker.start())
-            host, port, tls = "127.0.0.1", self.broker.internal_port, None
+            # Through the gate, with the service's certificate, like every client: amqtt
+            # has no socket of its own. The gate is this process's own listener, so its
+            # certificate is checked against the CA, and its name when it is one the
+            # certificate carries (a gate bound to another address of the host is not).
+            host, port = self.broker.service_address
+            tls = service_tls(self.dir, host in CERTIFIED_HOSTS)
         self.service = FleetService(self.registry, host, port, tls, cloud_path=self.dir.path,
                                     trial_s=config.trial_s)
         self.service.start()

@@ -318,7 +318,7 @@ def test_garbage_first_packet_closes(clients, make_identity, first):
 def test_connect_timeout(clients, make_identity):
     b = clients.broker
     context = server_context(b.ca_file, b.cloud.path / "server.pem")
-    gate = Gate(context, "127.0.0.1", b.embedded.internal_port, connect_timeout=0.5)
+    gate = Gate(context, b.embedded.open_upstream, connect_timeout=0.5)
     _, port = b.run(gate.start("127.0.0.1", 0))
     try:
         raw = clients.raw(make_identity(), port=port)
