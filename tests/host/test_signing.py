@@ -229,3 +229,122 @@ def test_keys_are_not_mixed_up(keel_cli, expect_cli_error, tmp_path, hello_image
     expect_cli_error(keel_cli("sign", hello_image, "--key", tmp_path / "missing"), "missing")
     (tmp_path / "junk").write_text("not a key")
     expect_cli_error(keel_cli("sign", hello_image, "--key", tmp_path / "junk"), "not a private key")
+
+
+# The rule boards apply (bootloader/trust.py), and setting a board's keys
+
+
+def test_the_rule_a_board_applies():
+    from keel import trust
+
+    digest = hashlib.sha256(b"module").digest()
+    key_id = hashlib.sha256(RAW_A).digest()
+    good = (key_id, KEY_A.sign(trust.SIGNED_PREFIX + digest))
+    refusal = lambda block, keys: trust.refusal(block, digest, keys, signing.verify,  # noqa: E731
+                                                hashlib.sha256)
+    assert refusal(None, []) is None and refusal(good, []) is None
+    assert refusal(good, [RAW_A]) is None and refusal(good, [RAW_B, RAW_A]) is None
+    assert refusal(None, [RAW_A]) == trust.UNSIGNED
+    assert refusal(good, [RAW_B]) == trust.UNTRUSTED
+    assert refusal((key_id, bytes(64)), [RAW_A]) == trust.BAD_SIGNATURE
+    # A signature over another digest (a replayed block) does not verify.
+    other = (key_id, KEY_A.sign(trust.SIGNED_PREFIX + hashlib.sha256(b"other").digest()))
+    assert refusal(other, [RAW_A]) == trust.BAD_SIGNATURE
+    # An unreadable trust file takes nothing, signed or not.
+    assert refusal(good, None) == trust.UNTRUSTED and refusal(None, None) == trust.UNTRUSTED
+
+
+@pytest.mark.parametrize("doc", [None, [], {"keys": "ab"}, {"keys": ["zz" * 32]},
+                                 {"keys": ["ab" * 31]}, {"keys": [7]}, {}])
+def test_a_malformed_trust_document_reads_as_none(doc):
+    from keel import trust
+
+    assert trust.parse_keys(doc) is None
+
+
+def test_trust_document_round_trip():
+    from keel import trust
+
+    assert trust.parse_keys(trust.document([RAW_A, RAW_B])) == [RAW_A, RAW_B]
+    assert trust.parse_keys(trust.document([])) == []
+
+
+def _device_trust(device_dir):
+    from keel import vdev
+
+    return json.loads(vdev.read_file(device_dir, "/keel/m/bl/trust.json"))
+
+
+@pytest.fixture(scope="module")
+def keypair(tmp_path_factory):
+    base = tmp_path_factory.mktemp("keys")
+    signing.generate_key(base / "k")
+    signing.generate_key(base / "other")
+    return base
+
+
+@pytest.fixture(scope="module")
+def signed_system(keypair, tmp_path_factory):
+    from keel import build
+
+    out = tmp_path_factory.mktemp("signed-system")
+    key = signing.load_private_key(keypair / "k")
+    build.build_system("virtual", "1.0.0", out, signing.signer(key))
+    return out
+
+
+def test_vdev_create_trust_sets_the_boards_keys(keel_cli, keypair, signed_system, tmp_path):
+    proc = keel_cli("vdev", "create", tmp_path / "dev", "--system", signed_system,
+                    "--trust", keypair / "k.pub")
+    assert proc.returncode == 0, proc.stderr
+    raw = signing.load_public_key(keypair / "k.pub")
+    assert _device_trust(tmp_path / "dev") == {"keys": [raw.hex()]}
+    assert "trusts 1 key(s)" in proc.stdout
+
+
+def test_vdev_create_refuses_modules_the_board_would_refuse(keel_cli, expect_cli_error, keypair,
+                                                            signed_system, tmp_path, repo):
+    from keel import build
+
+    unsigned = tmp_path / "unsigned"
+    build.build_system("virtual", "1.0.0", unsigned)
+    expect_cli_error(keel_cli("vdev", "create", tmp_path / "a", "--system", unsigned,
+                              "--trust", keypair / "k.pub"), "not signed", "nothing written")
+    expect_cli_error(keel_cli("vdev", "create", tmp_path / "b", "--system", signed_system,
+                              "--trust", keypair / "other.pub"), "does not trust")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_bootloader_can_bring_keys(keel_cli, keypair, tmp_path):
+    """keel build system --trust: the bootloader module carries trust.json (rotation);
+    a board made from it trusts those keys."""
+    out = tmp_path / "sys"
+    proc = keel_cli("build", "system", "--platform", "virtual", "-o", out, "--sign",
+                    keypair / "k", "--trust", keypair / "k.pub", "--trust", keypair / "other.pub")
+    assert proc.returncode == 0, proc.stderr
+    boot = images.load_valid_image(next(out.glob("*bootloader*")))
+    from keel import romfs
+
+    names = [p for p, _, _ in romfs.walk(mf.bytes_reader(boot.data), boot.info.header_size,
+                                          boot.info.payload_size)]
+    assert "trust.json" in names
+    assert keel_cli("vdev", "create", tmp_path / "dev", "--system", out).returncode == 0
+    raws = [signing.load_public_key(keypair / n).hex() for n in ("k.pub", "other.pub")]
+    assert _device_trust(tmp_path / "dev") == {"keys": raws}
+
+
+def test_image_nrf52840_trust(keel_cli, expect_cli_error, keypair, tmp_path):
+    from keel import build
+
+    system = tmp_path / "nsys"
+    build.build_system("nrf52840", None, system,
+                       signing.signer(signing.load_private_key(keypair / "k")))
+    out = tmp_path / "img"
+    proc = keel_cli("image", "nrf52840", "--board", "nrf52840_dk", "--system", system,
+                    "--trust", keypair / "k.pub", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    raw = signing.load_public_key(keypair / "k.pub")
+    assert json.loads((out / "fs/keel/m/bl/trust.json").read_text()) == {"keys": [raw.hex()]}
+    expect_cli_error(keel_cli("image", "nrf52840", "--board", "nrf52840_dk",
+                              "--trust", keypair / "k.pub", "-o", tmp_path / "img2"),
+                     "needs a signed system")

@@ -12,6 +12,7 @@ from pathlib import Path
 from mpremote.romfs import VfsRomWriter
 
 from keel import module_format as mf
+from keel import trust
 from keel.boards import PLATFORM_PORTS
 from keel.errors import KeelError
 from keel.paths import mpy_cross, source_root
@@ -141,9 +142,12 @@ def _dependency(dep: dict, system: int) -> tuple[int, int, int]:
     return (mf.function_id(dep["function"]), dep["index"], version)
 
 
-def build_system(platform: str, version: str | None, out_dir: Path, sign=None) -> list[Path]:
+def build_system(platform: str, version: str | None, out_dir: Path, sign=None,
+                 trust_keys: list[bytes] | None = None) -> list[Path]:
     """Build the bootloader and every system part; returns the files written. sign:
-    a signer (keel.signing.signer) to sign every module with."""
+    a signer (keel.signing.signer) to sign every module with. trust_keys: raw public
+    keys the bootloader brings (trust.json in its payload): a board that installs it
+    trusts exactly these from then on (key rotation, docs/signing.md)."""
     root = source_root()
     platform_id = check_platform(platform)
     port = PLATFORM_PORTS[platform]
@@ -163,6 +167,8 @@ def build_system(platform: str, version: str | None, out_dir: Path, sign=None) -
 
     bl = spec["bootloader"]
     bl_files = _compile_tree(_expand_sources(root, _bootloader_sources(bl, port), port), root)
+    if trust_keys is not None:
+        bl_files[trust.BUNDLED] = json.dumps(trust.document(trust_keys)).encode()
     bl_version = parse_version(bootloader_version())
     add(
         "bootloader",

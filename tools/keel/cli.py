@@ -28,9 +28,28 @@ def _signer(keyfile: str | None):
     return signing.signer(signing.load_private_key(keyfile))
 
 
+def _trusted(keyfiles: list[str]) -> list[bytes] | None:
+    """The raw public keys of --trust KEYFILE.pub options, or None when none is given."""
+    if not keyfiles:
+        return None
+    from keel import signing
+
+    return [signing.load_public_key(k) for k in keyfiles]
+
+
+def _fingerprint(raw: bytes) -> str:
+    from keel import signing
+
+    return signing.fingerprint(raw)
+
+
 def cmd_build_system(args) -> int:
     sign = _signer(args.sign)
-    for path in build.build_system(args.platform, args.version, Path(args.output), sign):
+    trust_keys = _trusted(args.trust)
+    if args.no_trust:
+        trust_keys = []
+    for path in build.build_system(args.platform, args.version, Path(args.output), sign,
+                                   trust_keys):
         image = images.read_image(path)
         print(f"{path}  {image.name}" + (f"  signed by {image.signed_by[:16]}" if sign else ""))
     return 0
@@ -118,7 +137,8 @@ def cmd_image_esp32(args) -> int:
     from keel import esp32image
 
     result = esp32image.build_image(
-        args.board, args.firmware, args.output, args.system, args.app, args.bootloader
+        args.board, args.firmware, args.output, args.system, args.app, args.bootloader,
+        _trusted(args.trust),
     )
     fw = result.firmware
     desc = fw.app_image.app_desc or {}
@@ -148,7 +168,9 @@ def cmd_image_nrf52840(args) -> int:
                                        [Path(a) for a in args.app])
     out = Path(args.output)
     boot = next(i for i in modules if i.info.function == mf.FUNCTION_BOOTLOADER)
-    factory.write_tree(factory.device_files(board.data, boot), out / "fs")
+    fs_files = factory.device_files(board.data, boot, _trusted(args.trust))
+    esp32image.check_board_signatures(modules, fs_files, args.system)
+    factory.write_tree(fs_files, out / "fs")
     (out / "modules").mkdir(parents=True, exist_ok=True)
     names = []
     for image in modules:
@@ -192,8 +214,11 @@ def _add_esp32_flashing(commands) -> None:
 
 
 def cmd_vdev_create(args) -> int:
-    written = vdev.create(args.dir, args.system, args.board)
-    print(f"created virtual device {args.dir} (board {args.board})")
+    trusted = _trusted(args.trust)
+    written = vdev.create(args.dir, args.system, args.board, trusted)
+    mode = (f"trusts {len(trusted)} key(s): " + ", ".join(_fingerprint(k)[:16] for k in trusted)
+            if trusted else "development mode: takes unsigned modules")
+    print(f"created virtual device {args.dir} (board {args.board}; {mode})")
     for image in written:
         print(f"  {image.name}")
     return 0
@@ -276,6 +301,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="system version (default: system/VERSION)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--sign", metavar="KEYFILE", help="sign every module with this private key")
+    trust_opts = p.add_mutually_exclusive_group()
+    trust_opts.add_argument(
+        "--trust", action="append", default=[], metavar="KEYFILE.pub",
+        help="the bootloader brings these keys: a board installing it trusts exactly them "
+        "(key rotation; repeatable)")
+    trust_opts.add_argument(
+        "--no-trust", action="store_true",
+        help="the bootloader brings an empty key list: a board installing it goes back to "
+        "development mode")
     p.set_defaults(func=cmd_build_system)
     p = builds.add_parser("app", help="compile an app into a user part")
     p.add_argument("src", metavar="SRC_DIR")
@@ -323,6 +357,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="module images to install (default: build the system from this tree)")
     p.add_argument("--app", action="append", default=[], metavar="FILE",
                    help="a user part to install too")
+    p.add_argument("--trust", action="append", default=[], metavar="KEYFILE.pub",
+                   help="the board installs only modules signed by this key (repeatable)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.set_defaults(func=cmd_image_esp32)
 
@@ -333,6 +369,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="module images to install (default: build the system from this tree)")
     p.add_argument("--app", action="append", default=[], metavar="FILE",
                    help="a user part to install too")
+    p.add_argument("--trust", action="append", default=[], metavar="KEYFILE.pub",
+                   help="the board installs only modules signed by this key (repeatable)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.set_defaults(func=cmd_image_nrf52840)
 
@@ -342,6 +380,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--system", required=True, metavar="SYSTEM_DIR")
     p.add_argument("--board", default="virtual")
+    p.add_argument("--trust", action="append", default=[], metavar="KEYFILE.pub",
+                   help="the board installs only modules signed by this key (repeatable); "
+                   "without it, it is in development mode")
     p.set_defaults(func=cmd_vdev_create)
     p = vdevs.add_parser("flash", help="write modules into a virtual device's flash")
     p.add_argument("dir", metavar="DIR")

@@ -317,6 +317,18 @@ def board_modules(board: Board, system_dir: Path | None, apps: list[Path]) -> li
     return images
 
 
+def check_board_signatures(modules: list[Image], fs_files: dict, system_dir) -> None:
+    """A board set up to trust keys installs only modules signed by one of them: refuse
+    the set-up before writing anything when it would not."""
+    from keel.vdev import check_signatures
+
+    trusted = factory.trusted_keys(fs_files)
+    if trusted and system_dir is None:
+        raise KeelError("a board that trusts keys needs a signed system: build one with "
+                        "keel build system --sign KEYFILE and give it with --system")
+    check_signatures(modules, trusted)
+
+
 def _fit(board: Board, label: str, data: bytes, what: str) -> int:
     part = board.partition(label)
     if len(data) > part.size:
@@ -332,8 +344,10 @@ def build_image(
     system_dir: Path | str | None = None,
     apps: list[Path | str] = (),
     bootloader_path: Path | str | None = None,
+    trusted: list[bytes] | None = None,
 ) -> Esp32Image:
-    """Check every input, then write the files for a blank ESP32 into out_dir."""
+    """Check every input, then write the files for a blank ESP32 into out_dir.
+    trusted: raw public keys the board trusts (--trust; docs/signing.md)."""
     board = load_board(board_name)
     if board.platform != "esp32":
         raise KeelError(f"board {board_name} is a {board.platform} board, not an esp32 one")
@@ -347,8 +361,9 @@ def build_image(
     modules = board_modules(board, Path(system_dir) if system_dir else None, [Path(a) for a in apps])
     boot_module = next(i for i in modules if i.info.function == mf.FUNCTION_BOOTLOADER)
     fs_part = board.partition("fs")
-    fs = factory.make_filesystem(
-        factory.device_files(board.data, boot_module), board.block_size, fs_part.size)
+    fs_files = factory.device_files(board.data, boot_module, trusted)
+    check_board_signatures(modules, fs_files, system_dir)
+    fs = factory.make_filesystem(fs_files, board.block_size, fs_part.size)
 
     files = [
         FlashFile(_fit(board, "idf-bootloader", firmware.bootloader, "the ESP-IDF bootloader"),

@@ -6,6 +6,8 @@ for real boards (`keel image esp32`) put the same files on a LittleFS filesystem
   /boot.py            stage 0 of the bootloader (bootloader/stage0.py, as source)
   /keel/board.json    the board definition the bootloader and the HAL read
   /keel/m/bl/...      the bootloader module's code, extracted, and its .sha256 marker
+  /keel/m/bl/trust.json  the public keys the board trusts, when it is set up with some
+                      (docs/signing.md); without it the board is in development mode
 
 `device_files()` lists them (path -> bytes); `write_files()` puts such a list on a
 mounted `littlefs.LittleFS`, and `make_filesystem()` builds a whole filesystem image
@@ -17,6 +19,7 @@ from littlefs import LittleFS
 
 from keel import module_format as mf
 from keel import romfs
+from keel import trust
 from keel.errors import KeelError
 from keel.images import Image
 from keel.paths import source_root
@@ -53,15 +56,32 @@ def bootloader_files(image: Image) -> dict[str, bytes]:
     return files
 
 
-def device_files(board_data: dict, bootloader: Image) -> dict[str, bytes]:
-    """Everything a new board's filesystem holds: stage 0, the board, the bootloader."""
+def device_files(board_data: dict, bootloader: Image,
+                 trusted: list[bytes] | None = None) -> dict[str, bytes]:
+    """Everything a new board's filesystem holds: stage 0, the board, the bootloader,
+    and the keys the board trusts. trusted: raw public keys (keel vdev create --trust);
+    None keeps the keys the bootloader module brings, if any."""
     files = {}
     root = source_root()
     for target, source in STAGE0_FILES.items():
         files[target] = (root / source).read_bytes()
     files[BOARD_FILE] = json.dumps(board_data).encode()
     files.update(bootloader_files(bootloader))
+    if trusted:
+        files[trust.TRUST_FILE] = json.dumps(trust.document(trusted)).encode()
     return files
+
+
+def trusted_keys(files: dict[str, bytes]) -> list[bytes] | None:
+    """The keys a board with these factory files trusts ([]: development mode; None:
+    a trust file that cannot be read, which the board treats as trusting nothing)."""
+    data = files.get(trust.TRUST_FILE)
+    if data is None:
+        return []
+    try:
+        return trust.parse_keys(json.loads(data))
+    except ValueError:
+        return None
 
 
 def write_files(fs: LittleFS, files: dict[str, bytes]) -> None:

@@ -15,12 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from keel import module_format as mf
+from keel import trust
 from keel.errors import KeelError
-
-# Why a board refuses a module (the slot's invalid_reason, the OTA refusal's reason).
-UNSIGNED = "unsigned"  # the board trusts keys, the module carries no signature
-UNTRUSTED = "untrusted"  # signed by a key the board does not trust
-BAD_SIGNATURE = "signature"  # signed by a trusted key id, but the signature is wrong
+from keel.trust import BAD_SIGNATURE, UNSIGNED, UNTRUSTED  # noqa: F401 - the reasons
 
 
 def fingerprint(raw_public_key: bytes) -> str:
@@ -123,26 +120,24 @@ def sign_image(data: bytes, key: Ed25519PrivateKey) -> bytes:
     return mf.build_image(info, payload, hashlib.sha256, signer(key))
 
 
+def verify(raw_public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Ed25519 verification on the host (the device runs bootloader/ed25519.py)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_public_key).verify(signature, message)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
 def check_signature(data: bytes, info: mf.ModuleInfo, trusted: list[bytes]) -> str | None:
     """Why a board trusting these raw public keys refuses the module (UNSIGNED,
-    UNTRUSTED, BAD_SIGNATURE), or None when it accepts it. No keys: development mode,
-    every module is accepted."""
-    if not trusted:
-        return None
-    block = mf.signature_block(mf.bytes_reader(data), info, bytearray(mf.SIGNATURE_SIZE))
-    if block is None:
-        return UNSIGNED
-    key_id, signature = block
-    body = info.header_size + info.payload_size
-    digest = data[body:body + 32]
-    for raw in trusted:
-        if hashlib.sha256(raw).digest() == key_id:
-            try:
-                Ed25519PublicKey.from_public_bytes(raw).verify(signature, mf.SIGNED_PREFIX + digest)
-                return None
-            except InvalidSignature:
-                return BAD_SIGNATURE
-    return UNTRUSTED
+    UNTRUSTED, BAD_SIGNATURE), or None when it takes it: the board's own rule
+    (bootloader/trust.py). No keys: development mode, every module is taken."""
+    buf = bytearray(mf.SIGNATURE_SIZE)
+    read = mf.bytes_reader(data)
+    block = mf.signature_block(read, info, buf)
+    digest = mf.stored_sha256(read, info, buf)
+    return trust.refusal(block, digest, trusted, verify, hashlib.sha256)
 
 
 def refusal_text(reason: str, key_id: str | None, trusted: list[bytes]) -> str:

@@ -113,6 +113,18 @@ def check_for_board(board: Board, image: Image) -> None:
         )
 
 
+def check_signatures(images: list[Image], trusted: list[bytes] | None) -> None:
+    """Refuse, before anything is written, modules a board trusting these keys would
+    refuse (docs/signing.md)."""
+    from keel import signing
+
+    for image in images:
+        reason = signing.check_signature(image.data, image.info, trusted)
+        if reason:
+            text = signing.refusal_text(reason, image.signed_by, trusted or [])
+            raise KeelError(f"{image.path}: {image.name}: {text}: nothing written")
+
+
 def check_images_for_board(board: Board, images: list[Image]) -> None:
     """Check a set of modules to be written together: each fits, none collide."""
     seen = {}
@@ -126,8 +138,11 @@ def check_images_for_board(board: Board, images: list[Image]) -> None:
 
 # Stage 0 at the filesystem root (board path -> source): /boot.py after every reset,
 # /main.py, which starts Keel, only in friendly-REPL mode (docs/boot-flow.md).
-def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual") -> list[Image]:
-    """Make a virtual device with the bootloader and system parts from system_dir."""
+def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual",
+           trusted: list[bytes] | None = None) -> list[Image]:
+    """Make a virtual device with the bootloader and system parts from system_dir.
+    trusted: the raw public keys the board trusts (keel vdev create --trust); none
+    leaves it in development mode, unless its bootloader module brings keys."""
     device = VirtualDevice(path)
     if device.exists():
         raise KeelError(f"{device.path}: a virtual device is already there")
@@ -145,14 +160,16 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
         if (function, index) not in functions:
             label = mf.function_name(function) + (f" {index}" if index else "")
             raise KeelError(f"{system_dir}: no {label} module")
+    boot = [i for i in images if i.info.function == mf.FUNCTION_BOOTLOADER][0]
+    files = factory.device_files(board.data, boot, trusted)
+    check_signatures(images, factory.trusted_keys(files))
 
     flash = bytearray(b"\xff" * board.flash_size)
     for image in images:
         _place(flash, board, image)
-    boot = [i for i in images if i.info.function == mf.FUNCTION_BOOTLOADER][0]
     part = board.partition("fs")
     flash[part.offset : part.offset + part.size] = factory.make_filesystem(
-        factory.device_files(board.data, boot), board.block_size, part.size)
+        files, board.block_size, part.size)
 
     device.path.mkdir(parents=True, exist_ok=True)
     (device.path / BOARD_FILE).write_text(json.dumps(board.data, indent=2) + "\n")

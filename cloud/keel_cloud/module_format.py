@@ -1,0 +1,1 @@
+../../lib/module_format.py
