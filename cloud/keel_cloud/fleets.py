@@ -12,7 +12,12 @@ The image is parsed and checked (CRC, SHA-256, function) by the caller (the keel
 which has the module format); here the release is checked against its fleet (platform)
 and the system catalog: an app whose dependencies no catalogued system release satisfies,
 or only a prerelease does while the release does not allow prereleases, is refused, so a
-release that cannot be healed is never rolled out."""
+release that cannot be healed is never rolled out.
+
+A fleet may require signed modules (`keel fleet require-signed NAME KEYFILE.pub…`, the
+`fleet_signing` table): its releases, and the system parts they need from the catalog,
+must then be signed by one of its keys (docs/signing.md), and the fleet service sends its
+members nothing else."""
 
 import hashlib
 import json
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from keel_cloud import signatures
 from keel_cloud.config import CloudDir, CloudError
 from keel_cloud.healer import (HealError, app_matches, image_dependencies, installed_app, plan)
 from keel_cloud.registry import Registry, RegistryError
@@ -43,9 +49,15 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS app_releases (
     released DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (fleet, number)
 )"""
+# The keys (raw Ed25519 public keys, hex, as JSON) a fleet's modules must be signed by;
+# a fleet with no row takes unsigned modules.
+SIGNING_SCHEMA = """CREATE TABLE IF NOT EXISTS fleet_signing (
+    fleet VARCHAR(64) PRIMARY KEY,
+    keys TEXT NOT NULL,
+    updated DOUBLE PRECISION NOT NULL
+)"""
 _COLUMNS = ("fleet, number, platform, module_index, version, size, sha256, digest, dependencies, "
             "allow_prerelease, file, released")
-SUFFIX_SIZE = 36  # the image's SHA-256 of header and payload, then its CRC32
 
 
 @dataclass
@@ -65,7 +77,7 @@ class AppImage:
     @property
     def digest(self) -> str:
         """The SHA-256 recorded in the image's suffix (what a device may report)."""
-        return self.data[-SUFFIX_SIZE:-SUFFIX_SIZE + 32].hex()
+        return signatures.digest(self.data)
 
 
 class Fleets:
@@ -79,6 +91,7 @@ class Fleets:
         self._owns_registry = owns_registry
         with registry._transaction() as run:
             run(SCHEMA)
+            run(SIGNING_SCHEMA)
 
     @classmethod
     def open(cls, cloud_dir: CloudDir) -> "Fleets":
@@ -107,10 +120,15 @@ class Fleets:
         if app.platform != fleet["platform"]:
             raise CloudError(f"the app is built for {app.platform}, fleet '{fleet_name}' is "
                              f"{fleet['platform']}")
+        keys = self.signing_keys(fleet_name)
+        reason = signatures.refusal(app.data, keys)
+        if reason:
+            raise CloudError(f"fleet '{fleet_name}' requires signed modules and the app is not "
+                             f"one it takes: {signatures.refusal_text(reason, signatures.signed_by(app.data), keys)}")
         current = self.current(fleet_name)
         if current and current["sha256"] == app.sha256 and current["allow_prerelease"] == allow_prerelease:
             return current | {"already": True}
-        check_dependencies(app, allow_prerelease, catalog)
+        check_dependencies(app, allow_prerelease, catalog, keys)
 
         relative = f"{RELEASES_DIR}/{APPS_DIR}/{app.sha256}.bin"
         path = self.root / relative
@@ -137,6 +155,30 @@ class Fleets:
                 path.unlink(missing_ok=True)
             raise
         return self.current(fleet_name) | {"already": False}
+
+    # Signatures
+
+    def require_signed(self, fleet_name: str, keys: list[bytes]) -> None:
+        """From now on the fleet takes only modules signed by one of keys (raw Ed25519
+        public keys); [] lifts the requirement."""
+        self._fleet(fleet_name)
+        with self.registry._transaction() as run:
+            run("DELETE FROM fleet_signing WHERE fleet = ?", (fleet_name,))
+            if keys:
+                run("INSERT INTO fleet_signing (fleet, keys, updated) VALUES (?, ?, ?)",
+                    (fleet_name, json.dumps([k.hex() for k in keys]), time.time()))
+
+    def signing_keys(self, fleet_name: str) -> list[bytes]:
+        """The keys the fleet's modules must be signed by; [] when it takes unsigned ones."""
+        rows = self.registry._query("SELECT keys FROM fleet_signing WHERE fleet = ?", (fleet_name,))
+        return [bytes.fromhex(k) for k in json.loads(rows[0][0])] if rows else []
+
+    def device_signing_keys(self, device_id: str) -> list[bytes]:
+        """The keys modules sent to this device must be signed by (its fleet's)."""
+        rows = self.registry._query(
+            "SELECT s.keys FROM fleet_members m JOIN fleet_signing s ON s.fleet = m.fleet "
+            "WHERE m.device_id = ?", (device_id,))
+        return [bytes.fromhex(k) for k in json.loads(rows[0][0])] if rows else []
 
     def _fleet(self, name: str) -> dict:
         try:
@@ -196,9 +238,12 @@ def release_dict(row) -> dict:
             "released": datetime.fromtimestamp(released, timezone.utc).isoformat(timespec="seconds")}
 
 
-def check_dependencies(app: AppImage, allow_prerelease: bool, catalog) -> list[dict]:
+def check_dependencies(app: AppImage, allow_prerelease: bool, catalog,
+                       keys: list[bytes] = ()) -> list[dict]:
     """What a device with no system would be sent for the app (plan()'s answer under the
-    release's prerelease rule); CloudError when the catalog cannot satisfy it."""
+    release's prerelease rule); CloudError when the catalog cannot satisfy it, or (keys:
+    the fleet requires signed modules) when a module it would send is not signed by one
+    of the keys."""
     describe = {"platform": app.platform, "modules": [], "missing": app.dependencies}
 
     def dependencies(module):
@@ -206,10 +251,20 @@ def check_dependencies(app: AppImage, allow_prerelease: bool, catalog) -> list[d
         return image_dependencies(image) if image else []
 
     try:
-        return plan(describe, catalog.releases(app.platform), dependencies, prerelease=allow_prerelease)
+        needed = plan(describe, catalog.releases(app.platform), dependencies, prerelease=allow_prerelease)
     except HealError as e:
         hint = " (register one with keel release system DIR first)" if str(e).startswith("no release") else ""
         raise CloudError(f"{e}{hint}") from None
+    for module in needed if keys else ():
+        image = catalog.image(module["platform"], module["function"], module["index"], module["version"])
+        reason = signatures.refusal(image, list(keys)) if image else "missing"
+        if reason:
+            text = (signatures.refusal_text(reason, signatures.signed_by(image), list(keys))
+                    if image else "its image is missing from the catalog")
+            raise CloudError(f"the app needs {module['function']} {module['index']} "
+                             f"{module['version']} from the catalog, and {text}: the fleet's "
+                             "devices could not be healed")
+    return needed
 
 
 def member_state(device: dict, heal: dict, release: dict | None) -> dict:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keel import images, signing
+from keel_cloud import signatures
 from keel import module_format as mf
 
 KEY_A = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -240,7 +241,7 @@ def test_the_rule_a_board_applies():
     digest = hashlib.sha256(b"module").digest()
     key_id = hashlib.sha256(RAW_A).digest()
     good = (key_id, KEY_A.sign(trust.SIGNED_PREFIX + digest))
-    refusal = lambda block, keys: trust.refusal(block, digest, keys, signing.verify,  # noqa: E731
+    refusal = lambda block, keys: trust.refusal(block, digest, keys, signatures.verify,  # noqa: E731
                                                 hashlib.sha256)
     assert refusal(None, []) is None and refusal(good, []) is None
     assert refusal(good, [RAW_A]) is None and refusal(good, [RAW_B, RAW_A]) is None

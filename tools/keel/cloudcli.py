@@ -372,9 +372,50 @@ def cmd_fleet_create(args) -> int:
         mf.platform_id(args.platform)
     except mf.FormatError as e:
         raise KeelError(str(e)) from None
+    keys = _public_keys(args.require_signed)
     with open_registry(args) as registry:
         registry.create_fleet(args.name, args.platform)
-    print(f"created fleet {args.name} ({args.platform}); add devices with keel fleet add {args.name} DEVICE")
+    if keys:
+        from keel_cloud.fleets import Fleets
+
+        with Fleets.open(cloud_dir(args)) as fleets:
+            fleets.require_signed(args.name, keys)
+    signed = f"; it takes only modules signed by {_key_names(keys)}" if keys else ""
+    print(f"created fleet {args.name} ({args.platform}){signed}; add devices with "
+          f"keel fleet add {args.name} DEVICE")
+    return 0
+
+
+def _public_keys(paths: list[str]) -> list[bytes]:
+    from keel import signing
+
+    return [signing.load_public_key(p) for p in paths]
+
+
+def _key_names(keys: list[bytes]) -> str:
+    from keel import signing
+
+    return ", ".join(signing.fingerprint(k)[:16] for k in keys)
+
+
+def cmd_fleet_require_signed(args) -> int:
+    """keel fleet require-signed NAME KEYFILE.pub... | --off"""
+    from keel_cloud.fleets import Fleets
+
+    if args.off == bool(args.keys):
+        raise KeelError("give the public keys the fleet's modules must be signed by, or --off")
+    keys = [] if args.off else _public_keys(args.keys)
+    with Fleets.open(cloud_dir(args)) as fleets:
+        try:
+            fleets.require_signed(args.name, keys)
+        except CloudError as e:
+            raise KeelError(str(e)) from None
+    if keys:
+        print(f"fleet {args.name} takes only modules signed by {_key_names(keys)}: its releases "
+              "and the system parts sent to its devices")
+    else:
+        print(f"fleet {args.name} takes unsigned modules again")
+    tell_the_cloud(args)
     return 0
 
 
@@ -521,8 +562,17 @@ def add_commands(commands) -> None:
     p = fleets.add_parser("create", help="a new fleet, for one platform")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--platform", required=True, metavar="P")
+    p.add_argument("--require-signed", action="append", default=[], metavar="KEYFILE.pub",
+                   help="the fleet takes only modules signed by this key (repeatable)")
     cloud_option(p)
     p.set_defaults(func=cmd_fleet_create)
+    p = fleets.add_parser("require-signed",
+                          help="the fleet takes only modules signed by these keys (or --off)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("keys", metavar="KEYFILE.pub", nargs="*")
+    p.add_argument("--off", action="store_true", help="take unsigned modules again")
+    cloud_option(p)
+    p.set_defaults(func=cmd_fleet_require_signed)
     for what, func, about in (("add", cmd_fleet_add, "put devices in the fleet"),
                               ("remove", cmd_fleet_remove, "take devices out of the fleet")):
         p = fleets.add_parser(what, help=about)

@@ -10,9 +10,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from keel_cloud import signatures
 
 from keel import module_format as mf
 from keel import trust
@@ -120,15 +120,6 @@ def sign_image(data: bytes, key: Ed25519PrivateKey) -> bytes:
     return mf.build_image(info, payload, hashlib.sha256, signer(key))
 
 
-def verify(raw_public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """Ed25519 verification on the host (the device runs bootloader/ed25519.py)."""
-    try:
-        Ed25519PublicKey.from_public_bytes(raw_public_key).verify(signature, message)
-        return True
-    except (InvalidSignature, ValueError):
-        return False
-
-
 def check_signature(data: bytes, info: mf.ModuleInfo, trusted: list[bytes]) -> str | None:
     """Why a board trusting these raw public keys refuses the module (UNSIGNED,
     UNTRUSTED, BAD_SIGNATURE), or None when it takes it: the board's own rule
@@ -137,7 +128,7 @@ def check_signature(data: bytes, info: mf.ModuleInfo, trusted: list[bytes]) -> s
     read = mf.bytes_reader(data)
     block = mf.signature_block(read, info, buf)
     digest = mf.stored_sha256(read, info, buf)
-    return trust.refusal(block, digest, trusted, verify, hashlib.sha256)
+    return trust.refusal(block, digest, trusted, signatures.verify, hashlib.sha256)
 
 
 def refusal_text(reason: str, key_id: str | None, trusted: list[bytes]) -> str:
