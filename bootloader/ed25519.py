@@ -118,10 +118,7 @@ except ImportError:
     _sha512 = _Sha512
 
 
-# --- the field GF(2^255 - 19) ---
-
-
-def _sq(x, n):
+def _sq(x, n):  # x^(2^n) in GF(2^255 - 19)
     for _ in range(n):
         x = x * x % _P
     return x
@@ -216,10 +213,10 @@ def _table(x, y):
 def verify(public_key, message, signature):
     """True when signature (64 bytes, R || S) is public_key's Ed25519 signature of message.
 
-    Strict: S < L, and public_key and R must be canonical encodings of curve points. The
-    check is cofactorless, [S]B - [k]A == R, made by comparing encodings, so a non-canonical
-    or off-curve R never matches. Bytes of any content or length give True or False; only
-    an argument that is not bytes-like raises (TypeError)."""
+    Strict: S < L, public_key and R must be canonical encodings of curve points, and
+    public_key must not be of small order. The check is cofactorless, [S]B - [k]A == R, made
+    by comparing encodings, so a non-canonical or off-curve R never matches. Bytes of any
+    content or length give True or False; only a non-bytes-like argument raises TypeError."""
     if len(public_key) != 32 or len(signature) != 64:
         return False
     s = int.from_bytes(signature[32:], "little")
@@ -228,6 +225,9 @@ def verify(public_key, message, signature):
     a = _decode(public_key)
     if a is None:
         return False
+    q = _double(_double(_double(a)))
+    if q[0] == 0 and q[1] == q[2]:
+        return False  # [8]A = 0: with a small-order key (all-zero bytes is one) forgeries verify
     r = bytes(signature[:32])
     h = _sha512(r)
     h.update(public_key)
