@@ -31,14 +31,31 @@ def makedirs(path):
 
 
 def remove_tree(path):
+    """Remove a file or a directory with everything in it. Iterative, holding only the
+    path it is in: a tree of any depth (an interrupted install of hostile input) goes
+    without deep recursion. Goes down to the first subdirectory it finds, back up to
+    the parent once a directory is empty."""
     if not exists(path):
         return
-    if is_dir(path):
-        for name in os.listdir(path):
-            remove_tree(path + "/" + name)
-        os.rmdir(path)
-    else:
+    if not is_dir(path):
         os.remove(path)
+        return
+    here = path
+    while True:
+        below = None
+        for name in os.listdir(here):
+            child = here + "/" + name
+            if is_dir(child):
+                below = child
+                break
+            os.remove(child)
+        if below is not None:
+            here = below
+            continue
+        os.rmdir(here)
+        if here == path:
+            return
+        here = here[: here.rfind("/")]
 
 
 def write_atomic(path, data):

@@ -8,9 +8,17 @@ import module_format as mf
 import flashfs
 
 MODULE_ROOT = "/keel/m"
+BOOTLOADER_DIR = MODULE_ROOT + "/bl"
 BOARD_FILE = "/keel/board.json"
 STATUS_FILE = "/keel/status.json"
 RESET_REASON_FILE = "/keel/reset_reason"
+# Boots since the last one that recorded its status: the bootloader adds one to the
+# count in the recorded status at every start, the system's next record has none.
+BOOT_ATTEMPTS = "boot_attempts"
+# A new bootloader on trial: stage 0 (/main.py) counts its boots here and goes back to
+# the previous copy, kept in BOOTLOADER_DIR + ".prev", unless it proves itself.
+BOOTLOADER_TRIAL_FILE = "/keel/bl_trial"
+BOOTLOADER_REJECTED_FILE = "/keel/bl_rejected"  # the digest of the one stage 0 gave up
 
 _buf = bytearray(512)
 
@@ -62,7 +70,7 @@ class Slot:
     @property
     def code_dir(self):
         if self.function == mf.FUNCTION_BOOTLOADER:
-            return MODULE_ROOT + "/bl"
+            return BOOTLOADER_DIR
         if self.function == mf.FUNCTION_USER_PART:
             return MODULE_ROOT + "/app"
         return MODULE_ROOT + "/s%d" % self.index
@@ -135,6 +143,28 @@ def scan(slot, platform):
         hexdigest = binascii.hexlify(slot.digest).decode()
         if slot.installed_digest() == hexdigest:
             slot.sha256_ok = True
+        elif slot.function == mf.FUNCTION_BOOTLOADER:
+            if flashfs.read_text(BOOTLOADER_REJECTED_FILE) == hexdigest:
+                slot.valid = False  # it failed to start once: never installed again
+                slot.reason = "rejected"
+
+
+def refuse(slot, reason, message):
+    slot.valid = False
+    slot.reason = reason
+    version = mf.decode_version(slot.info.version) if slot.info else "?"
+    print("keel: refusing %s %s (%s): %s" % (slot.label, version, reason, message))
+    return False
+
+
+def accept(slot):
+    """Whether the image in the slot, its SHA-256 checked, may be installed: the one
+    place every module passes before its code is written (docs/boot-flow.md)."""
+    import module_check  # only when installing: kept off the heap otherwise
+
+    problem = module_check.check(slot.read, slot.info, slot.function, slot.index)
+    del sys.modules["module_check"]
+    return refuse(slot, problem[0], problem[1]) if problem else True
 
 
 def install_code(slot):
@@ -152,6 +182,8 @@ def install_code(slot):
         slot.valid = False
         slot.reason = "integrity"
         return False
+    if not accept(slot):
+        return False
     final = slot.code_dir
     fresh = final + ".new"
     flashfs.remove_tree(fresh)
@@ -168,10 +200,21 @@ def install_code(slot):
     # Two renames swap the directories; there is always a whole copy to boot from.
     old = final + ".old"
     flashfs.remove_tree(old)
+    if slot.function == mf.FUNCTION_BOOTLOADER:
+        prev = final + ".prev"
+        on_trial = flashfs.exists(BOOTLOADER_TRIAL_FILE) and flashfs.exists(prev)
+        if not on_trial:
+            # Stage 0 keeps this (proven) bootloader until the new one proves itself.
+            # The trial file goes first: stage 0 drops one with no previous copy.
+            flashfs.remove_tree(prev)
+            old = prev
+        # (replacing one still on trial: the proven copy stays, the count starts again)
+        flashfs.write_atomic(BOOTLOADER_TRIAL_FILE, "0")
     if flashfs.exists(final):
         os.rename(final, old)
     os.rename(fresh, final)
-    flashfs.remove_tree(old)
+    if not old.endswith(".prev"):
+        flashfs.remove_tree(old)
     return True
 
 
@@ -227,6 +270,7 @@ def halt(slots, reset_reason, reason, missing):
         },
     )
     print("keel: no usable system (%s); waiting for firmware" % reason)
+    bootloader_proved()
     import time
 
     while True:
@@ -247,11 +291,65 @@ def give_up_trial(reason):
         reset("rollback")
 
 
+def count_boot():
+    """One more boot that has not recorded its status (BOOT_ATTEMPTS, kept in the last
+    status recorded; the system's next record has none): a boot loop shows as one."""
+    doc = flashfs.read_json(STATUS_FILE)
+    if not isinstance(doc, dict):
+        doc = {}
+    count = doc.get(BOOT_ATTEMPTS)
+    count = count + 1 if isinstance(count, int) else 1
+    doc[BOOT_ATTEMPTS] = count
+    flashfs.write_json(STATUS_FILE, doc)
+    return count
+
+
+def boot_failed(count, why):
+    """The system failed to start, before or after it recorded its status: this boot
+    stays counted, with the reason."""
+    doc = flashfs.read_json(STATUS_FILE)
+    if not isinstance(doc, dict):
+        doc = {}
+    doc[BOOT_ATTEMPTS] = count
+    doc["boot_error"] = why
+    flashfs.write_json(STATUS_FILE, doc)
+
+
+def clean_leftovers():
+    """Remove what an interrupted install left in MODULE_ROOT (<dir>.new, <dir>.old:
+    every name with a dot), but the previous bootloader a trial keeps: nothing left
+    half-written can get in the way of a later install."""
+    keep = BOOTLOADER_DIR + ".prev" if flashfs.exists(BOOTLOADER_TRIAL_FILE) else None
+    try:
+        names = os.listdir(MODULE_ROOT)
+    except OSError:
+        return
+    for name in names:
+        path = MODULE_ROOT + "/" + name
+        if "." in name and path != keep:
+            print("keel: removing %s, left by an interrupted install" % path)
+            try:
+                flashfs.remove_tree(path)
+            except OSError as e:
+                print("keel: cannot remove %s (%s)" % (path, e))
+
+
+def bootloader_proved():
+    """This bootloader scanned every slot and got to the system, or to its halt: one on
+    trial has proved itself, and the previous copy stage 0 kept can go."""
+    if flashfs.exists(BOOTLOADER_TRIAL_FILE):
+        os.remove(BOOTLOADER_TRIAL_FILE)
+        flashfs.remove_tree(BOOTLOADER_DIR + ".prev")
+        print("keel: the new bootloader proved itself")
+
+
 def main():
     port = _port()
+    attempts = count_boot()
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
     reset_reason = take_reset_reason(port)
+    clean_leftovers()
     if flashfs.exists(OTA_PENDING_FILE) or flashfs.exists(TRIAL_FILE):
         import ota_apply  # only for an update or a trial: kept off the heap otherwise
 
@@ -268,6 +366,9 @@ def main():
             if install_code(slot):
                 print("keel: bootloader updated, resetting")
                 reset("update")
+        elif slot.reason == "rejected":
+            print("keel: the bootloader in its slot did not start the system when it was "
+                  "installed; keeping the one before it")
         else:
             ensure_installed(slot)
     core = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
@@ -277,7 +378,8 @@ def main():
             halt(slots, reset_reason, core[0].reason, [])
         halt(slots, reset_reason, "dependency", [{"function": "system-part", "index": 1, "version": None}])
     # Module code only: a stray /main.py at the filesystem root must not shadow the app.
-    sys.path[:] = [core[0].code_dir, MODULE_ROOT + "/bl", ".frozen", "/lib"]
+    sys.path[:] = [core[0].code_dir, BOOTLOADER_DIR, ".frozen", "/lib"]
+    bootloader_proved()
     gc.collect()
     try:
         import keel_system
@@ -286,5 +388,7 @@ def main():
         gc.collect()
         keel_system.start(board, slots, reset_reason)
     except Exception as e:  # noqa: BLE001 - the system itself failed (apps' errors end in it)
-        give_up_trial("%s: %s" % (type(e).__name__, e))
+        why = "%s: %s" % (type(e).__name__, e)
+        boot_failed(attempts, why)
+        give_up_trial(why)
         raise

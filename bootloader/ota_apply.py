@@ -9,6 +9,7 @@
 # Both are journaled after every step: a power cut resumes them, and the device boots
 # the old module set or the new, never neither.
 import os
+import sys
 import struct
 import binascii
 import module_format as mf
@@ -63,6 +64,29 @@ def _system_slot(board, label):
         if p["label"] == label:
             return p.get("module") == "system-part"
     return False
+
+
+def _refusal(board, label, staging, size):
+    """Why the staged image may not go into slot `label`, or None: its header must
+    name that slot's module and this platform, and its payload hold what such a
+    module holds (module_check, the same rule the scan applies before installing)."""
+    entry = [p for p in board["flash"]["partitions"] if p["label"] == label]
+    if not entry or not entry[0].get("module"):
+        return "integrity", "%s is not a module slot" % label
+    staged = Slot(staging, "staging", mf.function_id(entry[0]["module"]), entry[0].get("index", 0))
+    try:
+        info, crc_ok, _ = mf.check_image(staged.read, size, None, _buf)
+    except ValueError as e:
+        return "integrity", str(e)
+    if not crc_ok or info.image_size != size:
+        return "integrity", "the staged image is damaged"
+    if info.platform != mf.platform_id(board["platform"]):
+        return "platform", "built for %s" % mf.platform_name(info.platform)
+    import module_check
+
+    problem = module_check.check(staged.read, info, staged.function, staged.index)
+    del sys.modules["module_check"]
+    return problem
 
 
 # Copy (a module with nothing to go back to)
@@ -183,6 +207,12 @@ def apply_update(port, board):
     if not journal:  # a fresh install: copy, or swap when there is a part to go back to
         if _sha256_of(staging, size) != sha:
             print("keel: the staged update is damaged; keeping the installed firmware")
+            _drop_update()
+            return None
+        refused = _refusal(board, label, staging, size)
+        if refused:
+            print("keel: refusing the update for %s (%s): %s; keeping the installed firmware"
+                  % (label, refused[0], refused[1]))
             _drop_update()
             return None
         old = _module_in(dest) if _system_slot(board, label) else None

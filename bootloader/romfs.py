@@ -16,10 +16,20 @@ _HEADER = b"\xd2\xcd\x31"
 _KIND_DATA = const(2)
 _KIND_DIR = const(4)
 _KIND_FILE = const(5)
+# Bounds on what a module's payload may hold, so that hostile input cannot exhaust the
+# heap, the stack or the filesystem while it is walked or extracted. Keel's own parts are
+# far inside them (system part 1: 38 entries, 3 levels, names of at most 17 bytes).
+MAX_DEPTH = const(8)  # directories inside directories
+MAX_ENTRIES = const(256)  # files and directories
+MAX_NAME = const(64)  # bytes in one file or directory name
 
 
 class RomfsError(ValueError):
     pass
+
+
+class RomfsLimitError(RomfsError):
+    """A well-formed image beyond the bounds above."""
 
 
 class _Cursor:
@@ -53,39 +63,60 @@ class _Cursor:
 
 def walk(read, base, size, buf=None):
     """Yield (path, offset, length) for each file and (path, -1, 0) for each
-    directory, parents first. Offsets are relative to base."""
-    cur = _Cursor(read, base, size, buf or bytearray(256))
+    directory, parents first. Offsets are relative to base. Raises RomfsError for a
+    malformed image, RomfsLimitError for one beyond MAX_DEPTH, MAX_ENTRIES, MAX_NAME."""
+    cur = _Cursor(read, base, size, buf or bytearray(MAX_NAME))
     if bytes(cur.take(3)) != _HEADER:
         raise RomfsError("romfs: bad header")
     end = cur.uint()
     end += cur.pos
     if end > size:
         raise RomfsError("romfs: truncated")
-    yield from _records(cur, end, "")
-
-
-def _records(cur, end, prefix):
-    while cur.pos < end:
+    # An explicit stack of the open directories' ends (no recursion for hostile input to
+    # deepen); prefix is the path of the innermost one.
+    ends = [end]
+    prefix = ""
+    entries = 0
+    data = 0
+    while ends:
+        if cur.pos >= ends[-1]:
+            cur.pos = ends.pop()
+            prefix = prefix[: prefix.rfind("/", 0, len(prefix) - 1) + 1]
+            continue
         kind = cur.uint()
         length = cur.uint()
         stop = cur.pos + length
-        if stop > end:
+        if stop > ends[-1]:
             raise RomfsError("romfs: record runs past its directory")
         if kind == _KIND_DIR or kind == _KIND_FILE:
-            name = bytes(cur.take(cur.uint())).decode()
+            entries += 1
+            if entries > MAX_ENTRIES:
+                raise RomfsLimitError("romfs: more than %d entries" % MAX_ENTRIES)
+            n = cur.uint()
+            if n > MAX_NAME:
+                raise RomfsLimitError("romfs: a name longer than %d bytes" % MAX_NAME)
+            name = bytes(cur.take(n)).decode()
+            if cur.pos > stop:
+                raise RomfsError("romfs: name runs past its record")
             if not name or "/" in name or name in (".", ".."):
                 raise RomfsError("romfs: bad name")
             path = prefix + name
             if kind == _KIND_DIR:
+                if len(ends) > MAX_DEPTH:
+                    raise RomfsLimitError("romfs: directories nested deeper than %d" % MAX_DEPTH)
                 yield path, -1, 0
-                yield from _records(cur, stop, path + "/")
-            else:
-                if cur.uint() != _KIND_DATA:
-                    raise RomfsError("romfs: only verbatim file data is supported")
-                data_len = cur.uint()
-                if cur.pos + data_len > stop:
-                    raise RomfsError("romfs: file runs past its record")
-                yield path, cur.pos, data_len
+                ends.append(stop)
+                prefix = path + "/"
+                continue  # its records follow
+            if cur.uint() != _KIND_DATA:
+                raise RomfsError("romfs: only verbatim file data is supported")
+            data_len = cur.uint()
+            if cur.pos + data_len > stop:
+                raise RomfsError("romfs: file runs past its record")
+            data += data_len
+            if data > size:  # cannot happen in a well-formed image: said, not assumed
+                raise RomfsLimitError("romfs: files hold more bytes than the payload")
+            yield path, cur.pos, data_len
         cur.pos = stop
 
 
@@ -107,7 +138,7 @@ def extract(read, base, size, dest, buf=None):
     buf = buf or bytearray(256)
     files = 0
     # walk() reuses the start of buf for names, so copy with a separate view.
-    name_buf = bytearray(256)
+    name_buf = bytearray(MAX_NAME)
     for path, offset, length in walk(read, base, size, name_buf):
         target = dest + "/" + path
         if offset < 0:

@@ -9,9 +9,10 @@ def _recover():
     try:
         os.stat(bl)
     except OSError:
-        # A power cut between the two renames of an install: take the new copy if it
-        # is complete (its .sha256 marker is written last), else the old one.
-        for src in (bl + ".new/.sha256", bl + ".old/.sha256"):
+        # A power cut between two renames: of an install, take the new copy if it is
+        # complete (its .sha256 marker is written last); of stage 0 going back from a
+        # new bootloader (stage0_main.py), the previous one it kept; else the old one.
+        for src in (bl + ".new/.sha256", bl + ".prev/.sha256", bl + ".old/.sha256"):
             try:
                 os.stat(src)
                 os.rename(src[:-8], bl)

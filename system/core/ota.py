@@ -367,6 +367,10 @@ class Receiver:
             return self._failed("header")
         if info.platform != self.platform:
             return self._failed("platform")
+        refused = _refusal(self._read, info, doc)
+        if refused:
+            print("keel: ota: %s" % refused[1])
+            return self._failed(refused[0], detail=refused[1])
         missing = dependency_check(info, self.slots)
         if missing:
             return self._failed("dependency", missing=missing)
@@ -401,6 +405,21 @@ class Receiver:
     def _drop_files(self):
         for path in (TRANSFER_FILE, BITMAP_FILE, PENDING_FILE):
             flashfs.remove_tree(path)
+
+
+def _refusal(read, info, doc):
+    """Why the bootloader would refuse the module, or None: its payload must be what
+    its header says (module_check: the one rule for the device and the host), and a
+    bootloader must not be one stage 0 already went back from."""
+    import sys
+    import module_check  # from the bootloader's code; only now, off the heap otherwise
+
+    problem = module_check.check(read, info, doc["function"], doc["index"])
+    del sys.modules["module_check"]
+    if problem is None and info.function == mf.FUNCTION_BOOTLOADER:
+        if flashfs.read_text(keel_boot.BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
+            problem = ("rejected", "this bootloader did not start the system when it was installed")
+    return problem
 
 
 def dependency_check(info, slots):

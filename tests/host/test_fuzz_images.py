@@ -106,9 +106,12 @@ def test_mutated_valid_images(case):
 def test_valid_images_parse_ok(payload, deps):
     data = small_image(payload, deps)
     image = images.parse_image(data)
-    assert image.ok and image.problem is None
+    assert image.crc_ok and image.sha256_ok
     assert image.info.dependencies == deps
     assert image.data == data
+    # Intact, but random bytes are no app: refused for what they hold, not as corrupt.
+    assert not image.ok and image.refusal is not None
+    assert "the payload is not what the header says" in image.problem
 
 
 # --- truncation ----------------------------------------------------------------------
@@ -116,7 +119,7 @@ def test_valid_images_parse_ok(payload, deps):
 
 def assert_every_truncation_is_reported(data):
     image = images.parse_image(data)
-    assert image.ok
+    assert image.crc_ok and image.sha256_ok
     header_size = image.info.header_size
     for n in range(len(data)):
         with pytest.raises(KeelError) as info:

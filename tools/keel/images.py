@@ -4,6 +4,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel import module_check
 from keel import module_format as mf
 from keel.errors import KeelError
 
@@ -17,10 +18,13 @@ class Image:
     info: mf.ModuleInfo
     crc_ok: bool
     sha256_ok: bool
+    # (reason, message) when the payload is not what the header says: the bootloader's
+    # own rule (bootloader/module_check.py), so a board would refuse it too
+    refusal: tuple[str, str] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.crc_ok and self.sha256_ok
+        return self.crc_ok and self.sha256_ok and self.refusal is None
 
     @property
     def problem(self) -> str | None:
@@ -28,6 +32,9 @@ class Image:
             return "CRC32 mismatch: the image is corrupt"
         if not self.sha256_ok:
             return "SHA-256 mismatch: the image is corrupt"
+        if self.refusal is not None:
+            return (f"{self.name}: the payload is not what the header says "
+                    f"({self.refusal[0]}): {self.refusal[1]}")
         return None
 
     @property
@@ -44,7 +51,9 @@ class Image:
     def to_dict(self) -> dict:
         doc = self.info.to_dict()
         doc.update(size=len(self.data), crc_ok=self.crc_ok, sha256_ok=self.sha256_ok,
-                   signed_by=self.signed_by)
+                   signed_by=self.signed_by, content_ok=self.refusal is None)
+        if self.refusal is not None:
+            doc["refused"] = {"reason": self.refusal[0], "message": self.refusal[1]}
         return doc
 
 
@@ -64,7 +73,8 @@ def parse_image(data: bytes, path: Path | str = "<bytes>") -> Image:
     if len(data) > info.image_size:
         extra = len(data) - info.image_size
         raise KeelError(f"{path}: {extra} bytes after the end of the module (corrupt or not a module)")
-    return Image(Path(path), data, info, crc_ok, bool(sha_ok))
+    refusal = module_check.check(mf.bytes_reader(data), info, info.function, info.index)
+    return Image(Path(path), data, info, crc_ok, bool(sha_ok), refusal)
 
 
 def read_image(path: Path | str) -> Image:
@@ -97,6 +107,8 @@ def describe(image: Image) -> str:
         f"  size          {len(image.data)} bytes (payload {info.payload_size})",
         f"  crc32         {'ok' if image.crc_ok else 'MISMATCH'}",
         f"  sha256        {'ok' if image.sha256_ok else 'MISMATCH'}",
+        "  content       " + ("ok" if image.refusal is None else
+                              f"REFUSED ({image.refusal[0]}): {image.refusal[1]}"),
         f"  signed by     {image.signed_by or 'nobody (unsigned: only development boards take it)'}",
     ]
     if info.dependencies:

@@ -1,0 +1,121 @@
+# Whether a module's payload is what its header claims, checked before anything is
+# installed: by the bootloader (keel_boot.install_code, ota_apply.apply_update), by the
+# OTA receiver before it accepts an update (system/core/ota.py), and by the host tools
+# before they write anything (keel inspect, keel vdev flash, keel flash --usb: through
+# the link tools/keel/module_check.py). One file for the MicroPython VM and CPython; the
+# device imports it only to install. Rules: docs/boot-flow.md, "What a module must hold".
+import sys
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):
+        return x
+
+
+try:
+    import module_format as mf
+    import romfs
+except ImportError:  # the host tools: the keel package
+    from keel import module_format as mf
+    from keel import romfs
+
+# Why a module is refused (a slot's invalid_reason, an update's failure reason).
+INTEGRITY = "integrity"  # malformed: the payload is not a ROMFS image a reader can walk
+CONTENT = "content"  # well-formed, but not what the header says (or beyond the bounds)
+MPY = "mpy"  # bytecode this VM does not load
+
+# The modules a payload must hold at its top, by function (and index for system parts).
+# The bootloader's are the ones stage 0, the system and the host's USB tools import from
+# /keel/m/bl (a subset of its sources in system/parts.json, checked by the host tests);
+# a system part's or the app's are the one the bootloader (or the system) imports first.
+BOOTLOADER_MODULES = ("keel_boot", "flashfs", "romfs", "module_format", "module_check", "ota_apply")
+# The bootloader's flash port by platform id ("port_sources" in parts.json); the virtual
+# board's (vboard) is part of the VM.
+BOOTLOADER_PORTS = {2: "port_esp32", 3: "port_nrf"}
+SYSTEM_MODULES = {1: "keel_system", 2: "keel"}
+APP_MODULE = "main"
+
+# .mpy header: b"M", major version, flags (native arch << 2 | sub-version), small-int bits.
+MPY_VERSION = const(6)  # what every Keel target's MicroPython loads (1.22 on)
+_MPY_MAGIC = const(0x4D)
+
+
+def required(function, index, platform):
+    """The top-level .mpy files a module of this kind must hold (names without .mpy)."""
+    if function == mf.FUNCTION_BOOTLOADER:
+        port = BOOTLOADER_PORTS.get(platform)
+        return BOOTLOADER_MODULES + ((port,) if port else ())
+    if function == mf.FUNCTION_SYSTEM_PART:
+        name = SYSTEM_MODULES.get(index)
+        return (name,) if name else ()
+    if function == mf.FUNCTION_USER_PART:
+        return (APP_MODULE,)
+    return ()
+
+
+def vm_mpy():
+    """What this VM loads (sys.implementation._mpy), or None on CPython (the host)."""
+    return getattr(sys.implementation, "_mpy", None)
+
+
+def mpy_problem(head, vm):
+    """Why a VM whose sys.implementation._mpy is vm would refuse a .mpy file starting
+    with head (4 bytes), or None. vm None (the host): the major version only, as native
+    code depends on the board's CPU."""
+    if len(head) < 4 or head[0] != _MPY_MAGIC:
+        return "not a .mpy file"
+    major = MPY_VERSION if vm is None else vm & 0xFF
+    if head[1] != major:
+        return "bytecode version %d, the VM loads %d" % (head[1], major)
+    arch = head[2] >> 2
+    if arch and vm is not None:
+        if arch != (vm >> 10) & 0x3F or head[2] & 3 != (vm >> 8) & 3:
+            return "native code for another CPU (arch %d.%d)" % (arch, head[2] & 3)
+    return None
+
+
+def check(read, info, function, index, mpy=-1):
+    """None when the payload of the image in read (info: its header) may be installed
+    into the slot for (function, index), else (reason, message). The caller has checked
+    the image's CRC32 and SHA-256. mpy: what the VM loads (default: this VM's)."""
+    if info.function != function or info.index != index:
+        return (INTEGRITY, "a %s %d module, not one for this slot" % (
+            mf.function_name(info.function), info.index))
+    names = required(function, index, info.platform)
+    if function not in (mf.FUNCTION_BOOTLOADER, mf.FUNCTION_SYSTEM_PART, mf.FUNCTION_USER_PART):
+        return None  # no ROMFS payload to look into
+    if mpy == -1:
+        mpy = vm_mpy()
+    found = []
+    head = bytearray(4)
+    base = info.header_size
+    try:
+        for path, offset, length in romfs.walk(read, base, info.payload_size):
+            name = path[path.rfind("/") + 1 :]
+            if name[0] == ".":
+                # Keel's own markers (.sha256) live beside the code: a payload has none.
+                return (CONTENT, "%s: hidden files are not module code" % path)
+            if offset < 0 or not name.endswith(".mpy"):
+                continue
+            got = read(base + offset, head) if length >= 4 else 0
+            why = mpy_problem(head if got == 4 else b"", mpy)
+            if why:
+                return (MPY, "%s: %s" % (path, why))
+            if "/" not in path and name[:-4] in names:
+                found.append(name[:-4])
+    except romfs.RomfsLimitError as e:
+        return (CONTENT, str(e))
+    except ValueError as e:  # RomfsError, or a name that is not UTF-8
+        return (INTEGRITY, str(e) or "romfs: unreadable")
+    for name in names:
+        if name not in found:
+            return (CONTENT, "no %s.mpy: not a %s" % (name, _kind(function, index)))
+    return None
+
+
+def _kind(function, index):
+    if function == mf.FUNCTION_SYSTEM_PART:
+        return "system part %d" % index
+    return mf.function_name(function)

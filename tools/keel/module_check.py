@@ -1,0 +1,1 @@
+../../bootloader/module_check.py
