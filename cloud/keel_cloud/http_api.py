@@ -20,39 +20,53 @@
 import base64
 import binascii
 import hashlib
-import itertools
-import time
-
 import hmac
+import itertools
 import json
 import logging
+import math
+import re
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
+from keel_cloud import protocol
 from keel_cloud.fleets import member_state
 from keel_cloud.healer import installed_app
 from keel_cloud.ota import OtaError
+from keel_cloud.registry import RegistryError
 from keel_cloud.service import DeviceError, FleetService
 
 log = logging.getLogger("keel.cloud.http")
 MAX_BODY = 16 * 1024
-MAX_WAIT = 25.0
+MAX_WAIT = 25.0  # s; a longer wait is cut to this, NaN, infinite or negative is refused
+MAX_SEGMENT = 256  # characters of one path segment (a name, an id)
+MAX_ARG = 1024  # bytes of a function's argument and of a cloud event's data (UTF-8)
+MAX_EVENT_NAME = 64
+MAX_SEQ = 2**63 - 1  # event sequence numbers are 64-bit in the registry
+SOCKET_TIMEOUT = 60.0  # s a client may stall while sending a request
+_INTEGER = re.compile(r"^-?[0-9]{1,19}$")
 MAX_IMAGE = 4 * 1024 * 1024  # the largest module image the flash endpoint takes
 MODULE_KEYS = ("function", "index", "version", "platform")
 KEEP_TRANSFERS = 100  # finished transfers remembered for GET /api/transfers/ID
 
 
 def device_summary(device: dict) -> dict:
+    # describe_error: why the stored describe is treated as unknown (None when it is not)
     return {k: device.get(k) for k in ("name", "id", "platform", "online", "mode", "system_version",
-                                       "fleet")}
+                                       "fleet", "describe_error")}
 
 
-def device_detail(device: dict, heal: dict | None = None, rollbacks: list | None = None) -> dict:
+def device_detail(device: dict, heal: dict | None = None, rollbacks: list | None = None,
+                  dropped: dict | None = None) -> dict:
     out = device_summary(device)
     describe = device["describe"]
     out.update(
+        # Messages from the device the protocol does not allow, dropped: {"count",
+        # "reason" (the last one's), "ts"} (docs/protocol.md, Limits).
+        dropped=dropped or {"count": 0, "reason": None, "ts": None},
         last_seen=device["last_seen"],
         safe_mode_reason=describe.get("safe_mode_reason"),
         missing=describe.get("missing", []),
@@ -105,6 +119,7 @@ class ApiError(Exception):
 class _Handler(BaseHTTPRequestHandler):
     server: "ApiServer"
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT
 
     def log_message(self, fmt, *args):  # route to logging, not stderr
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -114,50 +129,175 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line or header, an unsupported
+        method) as JSON, like every other answer."""
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        # Its 5xx are the client's doing too: an unknown method, an HTTP version.
+        status = {HTTPStatus.NOT_IMPLEMENTED: HTTPStatus.METHOD_NOT_ALLOWED,
+                  HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: HTTPStatus.BAD_REQUEST}.get(status, status)
+        if self.request_version == "HTTP/0.9":  # an unreadable request line: answer in 1.1
+            self.request_version = "HTTP/1.1"
+        self.close_connection = True
+        self._send(status, {"error": message or status.phrase})
 
     def _authorised(self) -> bool:
         header = self.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.server.token)
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("utf-8", "replace"), self.server.token.encode())
 
     def _body(self, limit: int = MAX_BODY) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        # Until the body is read the connection cannot serve another request.
+        keep = self.close_connection
+        self.close_connection = True
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isascii() or not text.isdigit() or len(text) > 12:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length must be a number of bytes")
+        length = int(text)
         if length > limit:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"request body too large (at most {limit} bytes)")
         raw = self.rfile.read(length) if length else b"{}"
+        if len(raw) != length and length:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body is shorter than its Content-Length")
+        self.close_connection = keep
         try:
-            body = json.loads(raw)
-        except ValueError:
+            body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return body
 
     def _handle(self, method: str) -> None:
-        url = urlparse(self.path)
-        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        try:
+            url = urlparse(self.path)
+            parts = [unquote(p, errors="strict") for p in url.path.strip("/").split("/")]
+            query = parse_qs(url.query, keep_blank_values=True, errors="strict",
+                             max_num_fields=20)
+        except ValueError:
+            if method == "POST":
+                self.close_connection = True
+            return self._send(HTTPStatus.BAD_REQUEST, {"error": "malformed URL"})
         if not parts or parts[0] != "api":
+            if method == "POST":
+                self.close_connection = True
             return self._send(HTTPStatus.NOT_FOUND, {"error": "not found"})
         if not self._authorised():
+            if method == "POST":
+                self.close_connection = True
             return self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API token"})
         try:
+            for part in parts:
+                if len(part) > MAX_SEGMENT or not part.isprintable():
+                    raise ApiError(HTTPStatus.BAD_REQUEST,
+                                   f"a path segment must be printable, at most {MAX_SEGMENT} characters")
+            if method != "POST" and (self.headers.get("Content-Length") or "0").strip() != "0":
+                self.close_connection = True  # a body nobody reads: no next request after it
             flash = method == "POST" and parts[-1:] == ["flash"]
             body = self._body(MAX_IMAGE * 4 // 3 + 4096 if flash else MAX_BODY) if method == "POST" else {}
-            result = self.server.route(method, parts[1:], parse_qs(url.query), body)
+            result = self.server.route(method, parts[1:], query, body)
             self._send(HTTPStatus.OK, result)
         except ApiError as e:
             self._send(e.status, {"error": str(e)})
         except DeviceError as e:
             self._send(HTTPStatus.GATEWAY_TIMEOUT if "did not answer" in str(e) else HTTPStatus.BAD_GATEWAY,
                        {"error": str(e)})
+        except RegistryError as e:
+            log.error("registry: %s", e)
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
+        except (OSError, TimeoutError):
+            self.close_connection = True  # the client went away, or stalled
+        except Exception as e:  # noqa: BLE001 - answered, and logged with its traceback
+            log.exception("%s %s failed", method, self.path[:200])
+            self.close_connection = True
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR,
+                       {"error": f"internal error: {type(e).__name__}: {e}"[:500]})
 
     def do_GET(self):
         self._handle("GET")
 
     def do_POST(self):
         self._handle("POST")
+
+    def _not_allowed(self):
+        self.close_connection = True
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} is not supported: "
+                                                            "use GET or POST"})
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _query_value(query: dict, key: str, default: str | None) -> str | None:
+    values = query.get(key)
+    if not values:
+        return default
+    if len(values) > 1:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} given more than once")
+    return values[0]
+
+
+def _integer(text: str, key: str, low: int, high: int) -> int:
+    text = text.strip()
+    if not _INTEGER.match(text):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be an integer, not '{text[:40]}'")
+    value = int(text)
+    if not low <= value <= high:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be from {low} to {high}")
+    return value
+
+
+def _wait(text: str) -> float:
+    """The long poll's wait: a finite number of seconds >= 0; above MAX_WAIT it is cut."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"wait must be a number of seconds, not '{text[:40]}'") from None
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"wait must be a finite number of seconds >= 0 "
+                       f"(at most {MAX_WAIT:g} are waited)")
+    return min(value, MAX_WAIT)
+
+
+def _short_text(value, key: str, limit: int, *, nullable: bool = False) -> str | None:
+    """A string of at most limit bytes (UTF-8) without NUL."""
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be a string")
+    if len(value.encode("utf-8", "surrogatepass")) > limit or "\x00" in value:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be at most {limit} bytes, without NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be valid Unicode text") from None
+    return value
+
+
+def _name(value: str, what: str) -> str:
+    """The name of a function, variable or event: 1 to 64 characters, usable in a topic
+    (no wildcards, no NUL) and in the request the device reads."""
+    if not 0 < len(value) <= MAX_EVENT_NAME or any(c in value for c in "+#\x00"):
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       f"{what} must be 1 to {MAX_EVENT_NAME} characters, without + # or NUL")
+    _short_text(value, what, 4 * MAX_EVENT_NAME)
+    return value
 
 
 class ApiServer(ThreadingHTTPServer):
@@ -196,29 +336,32 @@ class ApiServer(ThreadingHTTPServer):
             case "GET", ["devices", name]:
                 device = self._device(name)
                 return device_detail(device, self.service.healer.status(device["id"]),
-                                     self.registry.rollbacks(device["id"]))
+                                     self.registry.rollbacks(device["id"]),
+                                     self.registry.drops(device["id"]))
             case "GET", ["devices", name, "variables", var]:
+                var = _name(var, "a variable's name")
                 device = self._online(name)
                 return {"value": self.service.request(device["id"], "get", var)}
             case "POST", ["devices", name, "functions", fn]:
+                fn = _name(fn, "a function's name")
+                arg = _short_text(body.get("arg", ""), "arg", MAX_ARG)
                 device = self._online(name)
-                arg = body.get("arg", "")
-                if not isinstance(arg, str):
-                    raise ApiError(HTTPStatus.BAD_REQUEST, "arg must be a string")
                 return {"result": self.service.request(device["id"], "call", fn, arg)}
             case "POST", ["events"]:
                 name = body.get("name")
-                if not isinstance(name, str) or not 0 < len(name) <= 64:
+                if not isinstance(name, str):
                     raise ApiError(HTTPStatus.BAD_REQUEST, "an event needs a name of 1 to 64 characters")
-                data = body.get("data")
+                name = _name(name, "an event's name")
+                data = _short_text(body.get("data"), "data", MAX_ARG, nullable=True)
                 targets = [d["id"] for d in self.registry.devices()]
                 return {"sent_to": self.service.send_event(name, data, targets)}
             case "GET", ["events"]:
-                after = int((query.get("after") or ["0"])[0])
-                wait = min(float((query.get("wait") or ["0"])[0]), MAX_WAIT)
+                after = _integer(_query_value(query, "after", "0"), "after", -MAX_SEQ, MAX_SEQ)
+                wait = _wait(_query_value(query, "wait", "0"))
                 device_id = None
-                if query.get("device"):
-                    device_id = self._device(query["device"][0])["id"]
+                device_name = _query_value(query, "device", None)
+                if device_name:
+                    device_id = self._device(device_name)["id"]
                 if after < 0:  # "from now on"
                     return {"events": [], "last": self.registry.last_event_seq()}
                 events = self.service.wait_events(after, device_id, wait)
@@ -255,8 +398,11 @@ class ApiServer(ThreadingHTTPServer):
     # Updates over the air
 
     def _start_flash(self, device: dict, body: dict) -> dict:
+        encoded = body.get("image")
+        if not isinstance(encoded, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64")
         try:
-            image = base64.b64decode(body.get("image") or "", validate=True)
+            image = base64.b64decode(encoded, validate=True)
         except (binascii.Error, TypeError, ValueError):
             raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64") from None
         if not image:
@@ -267,6 +413,13 @@ class ApiServer(ThreadingHTTPServer):
         if not isinstance(module, dict) or any(k not in module for k in MODULE_KEYS):
             raise ApiError(HTTPStatus.BAD_REQUEST, "module must give function, index, version and platform")
         module = {k: module[k] for k in MODULE_KEYS}
+        index = module["index"]
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= protocol.MAX_INDEX \
+                or not all(isinstance(module[k], str) and 0 < len(module[k]) <= protocol.MAX_TEXT
+                           for k in ("function", "version", "platform")):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "module: function, version and platform must be "
+                           f"strings of 1 to {protocol.MAX_TEXT} characters, index an integer from 0 "
+                           f"to {protocol.MAX_INDEX}")
         if device["platform"] and module["platform"] != device["platform"]:
             raise ApiError(HTTPStatus.CONFLICT, f"the module is for {module['platform']}, "
                            f"device '{device['name']}' is {device['platform']}")

@@ -8,12 +8,17 @@ written once, with `?` placeholders (turned into psycopg's `%s`), in plain porta
 only the events table's autoincrement key is declared per dialect."""
 
 import json
+import logging
 import re
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from keel_cloud import protocol
+
+log = logging.getLogger("keel.cloud.registry")
 
 # The only per-dialect SQL: how the events table's key counts up.
 SEQ_KEY = {
@@ -62,9 +67,17 @@ SCHEMA = (
         ts DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (device_id, function, module_index, version, sha256)
     )""",
+    # Messages from a device that the protocol does not allow (keel_cloud.protocol): how
+    # many were dropped, the last one's reason and when.
+    """CREATE TABLE IF NOT EXISTS dropped_messages (
+        device_id VARCHAR(32) PRIMARY KEY,
+        count BIGINT NOT NULL,
+        reason VARCHAR(200) NOT NULL,
+        ts DOUBLE PRECISION NOT NULL
+    )""",
 )
 KEEP_EVENTS = 1000  # per device
-MAX_ID, MAX_NAME, MAX_PLATFORM = 32, 64, 32  # the column widths above
+MAX_ID, MAX_NAME, MAX_PLATFORM, MAX_REASON = 32, 64, 32, 200  # the column widths above
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _DEVICE_COLUMNS = "d.id, d.name, d.platform, d.online, d.last_seen, d.describe, m.fleet"
@@ -210,11 +223,42 @@ class Registry:
         )
 
     def set_describe(self, device_id: str, describe: dict) -> None:
+        """Store a describe; it must be one the protocol allows (protocol.Invalid if not:
+        only what validated is stored)."""
+        protocol.check_describe(describe)
         self._query(
             "UPDATE devices SET describe = ?, platform = ?, last_seen = ? WHERE id = ?",
             (json.dumps(describe), _text(describe.get("platform"), MAX_PLATFORM), time.time(),
              device_id),
         )
+
+    def count_drop(self, device_id: str, reason: str) -> int:
+        """One more message from the device dropped, for reason; also sets last_seen (it
+        was heard from). Returns the device's count of dropped messages."""
+        now = time.time()
+        reason = _text(reason, MAX_REASON)
+        with self._transaction() as run:
+            rows = run("SELECT count FROM dropped_messages WHERE device_id = ?", (device_id,))
+            if rows:
+                count = rows[0][0] + 1
+                run("UPDATE dropped_messages SET count = ?, reason = ?, ts = ? WHERE device_id = ?",
+                    (count, reason, now, device_id))
+            else:
+                count = 1
+                run("INSERT INTO dropped_messages (device_id, count, reason, ts) VALUES (?, ?, ?, ?)",
+                    (device_id, count, reason, now))
+            run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
+        return count
+
+    def drops(self, device_id: str) -> dict:
+        """{"count", "reason", "ts"} of the messages dropped from the device (count 0,
+        reason and ts None, when there were none)."""
+        rows = self._query("SELECT count, reason, ts FROM dropped_messages WHERE device_id = ?",
+                           (device_id,))
+        if not rows:
+            return {"count": 0, "reason": None, "ts": None}
+        count, reason, ts = rows[0]
+        return {"count": count, "reason": reason, "ts": ts}
 
     def seen(self, device_id: str) -> None:
         """last_seen = now (set_online, set_describe and add_event write it themselves, in
@@ -402,21 +446,38 @@ class Registry:
 
 
 def _device(row) -> dict:
-    device_id, name, platform, online, last_seen, describe, fleet = row
-    describe = json.loads(describe) if describe else {}
-    modules = describe.get("modules", [])
-    system = [m for m in modules if m.get("function") == "system-part" and m.get("index") == 1]
+    device_id, name, platform, online, last_seen, stored, fleet = row
+    describe, describe_error = stored_describe(stored)
+    if describe_error:
+        log.warning("device %s: its stored describe is unusable (%s): treated as unknown",
+                    device_id, describe_error)
+    system = [m for m in describe.get("modules") or []
+              if m.get("function") == "system-part" and m.get("index") == 1]
     return {
         "name": name,
         "id": device_id,
         "platform": platform,
         "online": bool(online),
         "mode": describe.get("mode"),
-        "system_version": system[0]["version"] if system else None,
+        "system_version": system[0].get("version") if system else None,
         "last_seen": last_seen,
         "describe": describe,
+        # Why the stored describe was not used (None when it was, or there is none).
+        "describe_error": describe_error,
         "fleet": fleet,
     }
+
+
+def stored_describe(stored) -> tuple[dict, str | None]:
+    """(describe, None) for a stored describe the protocol allows, else ({}, why): a row
+    written by an older version or by hand is treated as unknown, never raised."""
+    if not stored:
+        return {}, None
+    try:
+        text = stored if isinstance(stored, bytes) else str(stored).encode("utf-8", "replace")
+        return protocol.parse_describe(text), None
+    except protocol.Invalid as e:
+        return {}, str(e)
 
 
 def _fleet(row) -> dict:

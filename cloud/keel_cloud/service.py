@@ -2,16 +2,16 @@
 from what devices send, and carries calls, variable reads and events to them. Its healer
 sends each fleet member its fleet's app and the system parts that app needs."""
 
-import itertools
 import json
 import logging
+import secrets
 import ssl
 import threading
 import time
 
 import paho.mqtt.client as mqtt
 
-from keel_cloud import pki
+from keel_cloud import pki, protocol
 from keel_cloud.fleets import Fleets
 from keel_cloud.healer import Healer, SharedCatalog, rollback_of
 from keel_cloud.ota import TRIAL_S, OtaSender
@@ -33,8 +33,9 @@ class FleetService:
         self.registry = registry
         self.host = host
         self.port = port
-        self._ids = itertools.count(1)
-        self._pending: dict[int, dict] = {}
+        # Requests waiting for their reply, by (device id, request id): a reply counts only
+        # on the reply topic of the device the request went to.
+        self._pending: dict[tuple[str, str], dict] = {}
         self._pending_lock = threading.Lock()
         self._events = threading.Condition()
         self._connected = threading.Event()
@@ -102,54 +103,64 @@ class FleetService:
     # Incoming
 
     def _on_message(self, client, userdata, msg):
-        parts = msg.topic.split("/", 3)
-        if len(parts) < 3 or parts[0] != "devices":
+        """paho's callback: whatever arrives, nothing may raise into paho's loop (it would
+        end the service's MQTT thread). Messages are checked first (keel_cloud.protocol);
+        the except below is the last line of defence, for a database failure say."""
+        try:
+            self._handle(msg.topic, msg.payload)
+        except Exception:  # noqa: BLE001 - the service must outlive any one message
+            log.exception("a message on %r could not be handled", getattr(msg, "_topic", b"?")[:120])
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        device_id = protocol.device_of(topic)
+        if device_id is None:
+            log.warning("message on %r ignored: not a device topic", topic[:120])
             return
-        device_id, kind = parts[1], parts[2]
         if not self.registry.known(device_id):
             log.warning("message from unregistered device %s ignored", device_id)
             return
         try:
-            if kind == "status":
-                self.registry.set_online(device_id, msg.payload == b"online")
-                if msg.payload == b"online":
-                    self.ota.on_online(device_id)
-                else:
-                    self.healer.on_offline(device_id)
-            elif kind == "describe":
-                describe = json.loads(msg.payload)
-                self.registry.set_describe(device_id, describe)
-                rollback = rollback_of(describe)
-                if rollback and self.registry.add_rollback(device_id, rollback):
-                    log.warning("device %s rolled back %s %s %s (%s)", device_id, rollback["function"],
-                                rollback["index"], rollback["version"], rollback.get("reason"))
-                self.healer.on_describe(device_id, describe)  # only schedules: its own threads work
-            elif kind == "events" and len(parts) == 4:
-                data = msg.payload.decode("utf-8", errors="replace") if msg.payload else None
-                self.registry.add_event(device_id, parts[3], data)
-                with self._events:
-                    self._events.notify_all()
-            # set_online, set_describe and add_event set last_seen in their own
-            # transaction; the other kinds set it here.
-            elif kind == "reply":
-                self._on_reply(json.loads(msg.payload))
-                self.registry.seen(device_id)
-            elif kind == "ota" and len(parts) == 4 and parts[3] == "status":
-                status = json.loads(msg.payload)
-                if isinstance(status, dict):
-                    self.ota.on_status(device_id, status)
-                self.registry.seen(device_id)
+            message = protocol.parse(topic, payload)
+        except protocol.Invalid as e:
+            count = self.registry.count_drop(device_id, str(e))
+            log.warning("device %s: dropped a message (%s); %d dropped so far", device_id, e, count)
+            return
+        # set_online, set_describe and add_event set last_seen in their own transaction;
+        # the other kinds set it here.
+        if message.kind == "status":
+            self.registry.set_online(device_id, message.value)
+            if message.value:
+                self.ota.on_online(device_id)
             else:
-                self.registry.seen(device_id)
-        except (ValueError, UnicodeDecodeError) as e:
-            log.warning("bad %s message from %s: %s", kind, device_id, e)
+                self.healer.on_offline(device_id)
+        elif message.kind == "describe":
+            describe = message.value
+            self.registry.set_describe(device_id, describe)
+            rollback = rollback_of(describe)
+            if rollback and self.registry.add_rollback(device_id, rollback):
+                log.warning("device %s rolled back %s %s %s (%s)", device_id, rollback["function"],
+                            rollback["index"], rollback["version"], rollback.get("reason"))
+            self.healer.on_describe(device_id, describe)  # only schedules: its own threads work
+        elif message.kind == "event":
+            name, data = message.value
+            self.registry.add_event(device_id, name, data)
+            with self._events:
+                self._events.notify_all()
+        elif message.kind == "reply":
+            self._on_reply(device_id, message.value)
+            self.registry.seen(device_id)
+        elif message.kind == "ota_status":
+            self.ota.on_status(device_id, message.value)
+            self.registry.seen(device_id)
 
-    def _on_reply(self, reply: dict) -> None:
+    def _on_reply(self, device_id: str, reply: dict) -> None:
         with self._pending_lock:
-            waiter = self._pending.get(reply.get("id"))
-        if waiter is not None:
-            waiter["reply"] = reply
-            waiter["done"].set()
+            waiter = self._pending.get((device_id, reply["id"]))
+        if waiter is None:  # late (after its timeout), or not a request of this device
+            log.info("device %s: a reply to no request of its own waiting, ignored", device_id)
+            return
+        waiter["reply"] = reply
+        waiter["done"].set()
 
     # Fleets
 
@@ -179,10 +190,12 @@ class FleetService:
 
     def request(self, device_id: str, kind: str, name: str, arg=None, timeout: float = REQUEST_TIMEOUT):
         """Send a call or get to a device and wait for its reply."""
-        request_id = next(self._ids)
+        # 64 random bits, as text: unguessable, and no large integer for the device's JSON.
+        request_id = secrets.token_hex(8)
+        key = (device_id, request_id)
         waiter = {"done": threading.Event(), "reply": None}
         with self._pending_lock:
-            self._pending[request_id] = waiter
+            self._pending[key] = waiter
         try:
             payload = {"id": request_id, "name": name}
             if kind == "call":
@@ -192,7 +205,7 @@ class FleetService:
                 raise DeviceError(f"the device did not answer within {timeout:g} s")
         finally:
             with self._pending_lock:
-                self._pending.pop(request_id, None)
+                self._pending.pop(key, None)
         reply = waiter["reply"]
         if not reply.get("ok"):
             raise DeviceError(reply.get("error") or "the device refused the request")
@@ -205,6 +218,8 @@ class FleetService:
         return len(device_ids)
 
     def wait_events(self, after: int, device_id: str | None, timeout: float) -> list[dict]:
+        if not 0 <= timeout < float("inf"):  # NaN too: it would never end
+            raise ValueError(f"wait must be a finite number of seconds >= 0, not {timeout!r}")
         deadline = time.monotonic() + timeout
         with self._events:
             while True:

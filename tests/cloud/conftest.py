@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,16 +101,17 @@ def embedded_broker(cloud):
                 loop.close()
 
 
-@pytest.fixture(scope="session")
-def mosquitto_broker(cloud, tmp_path_factory):
+@contextmanager
+def running_mosquitto(cloud_dir: CloudDir, out: Path):
+    """A Mosquitto for the cloud directory (keel_cloud.mosquitto's configuration) on a free
+    127.0.0.1 port: yields (process, port, log file)."""
     if not MOSQUITTO.exists():
         pytest.fail(f"{MOSQUITTO} is missing: install Debian's mosquitto (make mosquitto)")
-    out = tmp_path_factory.mktemp("mosquitto")
     port = free_port()
     # Started as root, Mosquitto switches to the 'mosquitto' account before it reads the
     # key, which is readable by its owner only.
     user = "root" if os.geteuid() == 0 else None
-    conf = write_config(cloud, out, port=port, listen="127.0.0.1", user=user)
+    conf = write_config(cloud_dir, out, port=port, listen="127.0.0.1", user=user)
     log_file = out / "mosquitto.log"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdout=log,
@@ -126,8 +128,7 @@ def mosquitto_broker(cloud, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"mosquitto did not listen on {port}:\n{log_file.read_text()}")
                 time.sleep(0.05)
-        yield BrokerUnderTest("mosquitto", "127.0.0.1", port, cloud, process=proc,
-                              log_file=log_file)
+        yield proc, port, log_file
     finally:
         proc.terminate()
         try:
@@ -135,6 +136,13 @@ def mosquitto_broker(cloud, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def mosquitto_broker(cloud, tmp_path_factory):
+    with running_mosquitto(cloud, tmp_path_factory.mktemp("mosquitto")) as (proc, port, log_file):
+        yield BrokerUnderTest("mosquitto", "127.0.0.1", port, cloud, process=proc,
+                              log_file=log_file)
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])

@@ -17,13 +17,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from keel_cloud import protocol
 from keel_cloud import registry as registry_module
 from keel_cloud.registry import Registry, RegistryError
 
 WAIT = 30  # seconds: bound for initdb, and for the server to start and stop
 DEVICE_KEYS = {"name", "id", "platform", "online", "mode", "system_version", "last_seen", "describe",
-               "fleet"}
-TABLES = "events, devices, fleets, fleet_members, rollbacks, app_releases, release_modules"
+               "describe_error", "fleet"}
+TABLES = ("events, devices, fleets, fleet_members, rollbacks, app_releases, release_modules, "
+          "dropped_messages")
 EVENT_KEYS = {"seq", "device", "id", "name", "data", "ts"}
 
 
@@ -146,7 +148,7 @@ def test_add_and_rename_a_device(reg):
     device = reg.device("sensor1")
     assert device == {"name": "sensor1", "id": device_id, "platform": "virtual", "online": False,
                       "mode": None, "system_version": None, "last_seen": None, "describe": {},
-                      "fleet": None}
+                      "describe_error": None, "fleet": None}
     assert reg.device(device_id) == device
 
     reg.add_device(device_id, "sensor-renamed")  # the same id: renamed, platform kept
@@ -212,6 +214,79 @@ def test_online_describe_and_shapes(reg):
     assert (device["system_version"], device["mode"]) == (None, None)
 
 
+def test_only_a_describe_the_protocol_allows_is_stored(reg):
+    device_id = new_id()
+    reg.add_device(device_id, "sensor1")
+    reg.set_describe(device_id, describe("1.2.3"))
+    for bad in ([], None, "x", {"modules": "all"}, {"modules": [1]},
+                {"modules": [{"function": "system-part", "index": "1"}]}):
+        with pytest.raises(protocol.Invalid):
+            reg.set_describe(device_id, bad)
+    assert reg.device(device_id)["describe"] == describe("1.2.3")  # the last good one
+
+
+# What older versions (or a hand) may have left in the describe column: each must leave
+# the registry readable, with that device's describe unknown, and say why.
+STORED_DESCRIBES = [
+    ("not JSON", "{modules: ["),
+    ("a list", "[1, 2, 3]"),
+    ("null", "null"),
+    ("a string", '"hello"'),
+    ("modules not a list", '{"modules": "system-part 1"}'),
+    ("a module not an object", '{"modules": [1, 2]}'),
+    ("a module without its index", '{"modules": [{"function": "system-part", "version": "1.0.0"}]}'),
+    ("a version not a string", '{"modules": [{"function": "system-part", "index": 1, "version": 5}]}'),
+    ("missing not a list", '{"missing": {"function": "x"}}'),
+    ("NaN", '{"heap_free": NaN}'),
+    ("too deep", '{"vm": ' * 40 + "{}" + "}" * 40),
+    ("too big", '{"board": "' + "x" * (protocol.MAX_DESCRIBE + 10) + '"}'),
+]
+
+
+@pytest.mark.parametrize("stored", [s for _, s in STORED_DESCRIBES],
+                         ids=[name for name, _ in STORED_DESCRIBES])
+def test_a_stored_describe_of_the_wrong_shape_is_unknown_not_fatal(reg, stored):
+    good, bad = new_id(), new_id()
+    reg.add_device(good, "good")
+    reg.set_describe(good, describe("1.2.3"))
+    reg.add_device(bad, "poisoned", "virtual")
+    reg._query("UPDATE devices SET describe = ? WHERE id = ?", (stored, bad))  # as by hand
+
+    listed = {d["name"]: d for d in reg.devices()}
+    assert listed["good"]["system_version"] == "1.2.3" and listed["good"]["describe_error"] is None
+    poisoned = reg.device("poisoned")
+    assert poisoned == listed["poisoned"]
+    assert (poisoned["describe"], poisoned["mode"], poisoned["system_version"]) == ({}, None, None)
+    assert poisoned["describe_error"].startswith("describe")
+    assert poisoned["platform"] == "virtual"  # its own column, unharmed
+    reg.set_describe(bad, describe("1.0.0"))  # the device's next describe replaces it
+    assert reg.device("poisoned")["describe_error"] is None
+
+
+def test_dropped_messages_are_counted_per_device_and_kept(target):
+    reg = Registry(target)
+    a, b = new_id(), new_id()
+    try:
+        reg.add_device(a, "a")
+        reg.add_device(b, "b")
+        assert reg.drops(a) == {"count": 0, "reason": None, "ts": None}
+        before = time.time()
+        assert reg.count_drop(a, "describe: a JSON list, not an object") == 1
+        assert reg.count_drop(a, "reply: not JSON\x00" + "x" * 500) == 2
+        drops = reg.drops(a)
+        assert drops["count"] == 2 and drops["ts"] >= before - 1
+        assert drops["reason"].startswith("reply: not JSON") and len(drops["reason"]) <= 200
+        assert reg.device("a")["last_seen"] >= before - 1  # it was heard from
+        assert reg.drops(b)["count"] == 0
+    finally:
+        reg.close()
+    reg = Registry(target)  # kept across a restart
+    try:
+        assert reg.drops(a)["count"] == 2
+    finally:
+        reg.close()
+
+
 def test_devices_sorted_by_name_alike_in_both(reg):
     names = ["b", "B", "a_1", "a-2", "Z", "a"]
     for name in names:
@@ -233,10 +308,12 @@ def test_device_by_name_comes_before_by_id(reg):
 def test_platform_from_a_device_is_stored_alike(reg):
     device_id = new_id()
     reg.add_device(device_id, "sensor1")
-    reg.set_describe(device_id, {"platform": "p" * 40 + "\x00", "modules": []})
-    assert reg.device(device_id)["platform"] == "p" * 32
-    reg.set_describe(device_id, {"platform": 7})
-    assert reg.device(device_id)["platform"] == "7"
+    reg.set_describe(device_id, {"platform": "p" * 31 + "\x00", "modules": []})
+    assert reg.device(device_id)["platform"] == "p" * 31 + "\ufffd"  # PostgreSQL has no NUL
+    for refused in ({"platform": 7}, {"platform": "p" * 33}):  # the protocol's limits
+        with pytest.raises(protocol.Invalid):
+            reg.set_describe(device_id, refused)
+    assert reg.device(device_id)["platform"] == "p" * 31 + "\ufffd"
 
 
 # Events

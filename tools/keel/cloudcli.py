@@ -141,8 +141,9 @@ def cmd_list(args) -> int:
     for d in devices:
         state = "online" if d["online"] else "offline"
         mode = f" safe mode" if d["mode"] == "safe" else ""
+        unknown = "  (describe unreadable)" if d.get("describe_error") else ""
         print(f"{d['name']:<20} {d['id']}  {d['platform'] or '-':<9} {state:<7} "
-              f"system {d['system_version'] or '-'}{mode}")
+              f"system {d['system_version'] or '-'}{mode}{unknown}")
     return 0
 
 
@@ -169,7 +170,19 @@ def cmd_device_show(args) -> int:
         print(f"  module        {m['function']} {m['index']} {m.get('version')}  {state}")
     print(f"  functions     {', '.join(device.get('functions', [])) or '-'}")
     print(f"  variables     {', '.join(device.get('variables', [])) or '-'}")
+    if device.get("describe_error"):
+        print(f"  describe      unknown: the stored one is unusable ({device['describe_error']})")
+    print(f"  dropped       {dropped_line(device.get('dropped') or {})}")
     return 0
+
+
+def dropped_line(dropped: dict) -> str:
+    """The device's dropped messages in one line: `3 message(s), the last at …: reason`."""
+    count = dropped.get("count") or 0
+    if not count:
+        return "0 messages"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(dropped["ts"])) if dropped.get("ts") else "?"
+    return f"{count} message(s), the last at {when}: {dropped.get('reason')}"
 
 
 def heal_line(heal: dict) -> str:
