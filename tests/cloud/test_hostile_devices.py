@@ -6,8 +6,10 @@ went up with a reason, and the cloud restarts cleanly. A device also cannot answ
 request that went to another device."""
 
 import json
+import logging
 import os
 import queue
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -327,6 +329,26 @@ def test_hostile_json_shapes(setup, message):
         assert after in (before, before + 1)
     setup.still_serving()
     assert setup.api.device("hostile")["describe_error"] is None  # what is stored validated
+
+
+def test_a_database_failure_in_the_callback_does_not_stop_the_service(setup, monkeypatch, caplog):
+    """The last line of defence: an error nobody foresaw (here the database failing while
+    it stores an event) is logged, and the service goes on with the next message."""
+    failed = threading.Event()
+
+    def failing(*args):
+        failed.set()
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(setup.registry, "add_event", failing)
+    with caplog.at_level(logging.ERROR, logger="keel.cloud.service"):
+        setup.hostile.publish("events/doomed", b"lost")
+        assert failed.wait(WAIT)
+        wait_until(lambda: any("could not be handled" in r.getMessage() for r in caplog.records),
+                   "the error logged")
+    monkeypatch.undo()
+    setup.processed(setup.hostile)
+    setup.still_serving()
 
 
 def test_a_device_cannot_answer_a_request_meant_for_another(setup):

@@ -28,11 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def serve(tmp_path):
-    """A running `keel cloud serve` (embedded broker): (process, cloud directory)."""
+@pytest.fixture(params=["127.0.0.1", "0.0.0.0"])
+def serve(request, tmp_path):
+    """A running `keel cloud serve` (embedded broker), its gate on loopback or on every
+    address (the fleet service then reaches it on loopback): (process, cloud directory)."""
     data = tmp_path / "cloud"
-    mqtt, http = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    mqtt, http = f"{request.param}:{free_port()}", f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(["keel", "cloud", "serve", "--data", str(data), "--mqtt", mqtt,
                              "--http", http], env=env, stdout=subprocess.PIPE,
