@@ -21,6 +21,7 @@ log = logging.getLogger("keel.cloud.service")
 PREFIX = "devices/"
 REQUEST_TIMEOUT = 5.0
 FLEET_POLL = 5.0  # s between looks at fleet memberships and releases other processes changed
+LOGGED_DROPS = 10  # a device's first malformed messages are logged, then every 100th
 
 
 class DeviceError(Exception):
@@ -123,7 +124,9 @@ class FleetService:
             message = protocol.parse(topic, payload)
         except protocol.Invalid as e:
             count = self.registry.count_drop(device_id, str(e))
-            log.warning("device %s: dropped a message (%s); %d dropped so far", device_id, e, count)
+            if count <= LOGGED_DROPS or count % 100 == 0:  # a device cannot flood the log
+                log.warning("device %s: dropped a message (%s); %d dropped so far", device_id, e,
+                            count)
             return
         # set_online, set_describe and add_event set last_seen in their own transaction;
         # the other kinds set it here.
