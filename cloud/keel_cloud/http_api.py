@@ -126,14 +126,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: HTTPStatus, body) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (ConnectionError, TimeoutError):  # the client left before its answer
+            self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line or header, an unsupported
@@ -169,7 +172,10 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"request body too large (at most {limit} bytes)")
-        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            raw = self.rfile.read(length) if length else b"{}"
+        except (ConnectionError, TimeoutError):
+            raise _ClientGone from None
         if len(raw) != length and length:
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body is shorter than its Content-Length")
         self.close_connection = keep
@@ -218,8 +224,8 @@ class _Handler(BaseHTTPRequestHandler):
         except RegistryError as e:
             log.error("registry: %s", e)
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
-        except (OSError, TimeoutError):
-            self.close_connection = True  # the client went away, or stalled
+        except _ClientGone:
+            self.close_connection = True  # it went away, or stalled, while sending its body
         except Exception as e:  # noqa: BLE001 - answered, and logged with its traceback
             log.exception("%s %s failed", method, self.path[:200])
             self.close_connection = True
@@ -238,6 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
                                                             "use GET or POST"})
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+
+class _ClientGone(Exception):
+    """The client stopped sending (closed, reset, or stalled past SOCKET_TIMEOUT)."""
 
 
 def _no_constant(name: str):
@@ -316,6 +326,11 @@ class ApiServer(ThreadingHTTPServer):
         thread = threading.Thread(target=self.serve_forever, name="keel-http", daemon=True)
         thread.start()
         return thread
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints these to stderr; a request the handler could not finish
+        # (the client reset the connection, say) is the client's business: logged only.
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
     def _device(self, name: str) -> dict:
         device = self.registry.device(name)

@@ -160,7 +160,7 @@ class FleetService:
         with self._pending_lock:
             waiter = self._pending.get((device_id, reply["id"]))
         if waiter is None:  # late (after its timeout), or not a request of this device
-            log.info("device %s: a reply to no request of its own waiting, ignored", device_id)
+            log.debug("device %s: a reply to no request of its own waiting, ignored", device_id)
             return
         waiter["reply"] = reply
         waiter["done"].set()
