@@ -15,7 +15,7 @@ RESET_REASON_FILE = "/keel/reset_reason"
 # Boots since the last one that recorded its status: the bootloader adds one to the
 # count in the recorded status at every start, the system's next record has none.
 BOOT_ATTEMPTS = "boot_attempts"
-# A new bootloader on trial: stage 0 (/main.py) counts its boots here and goes back to
+# A new bootloader on trial: stage 0 (/boot.py) counts its boots here and goes back to
 # the previous copy, kept in BOOTLOADER_DIR + ".prev", unless it proves itself.
 BOOTLOADER_TRIAL_FILE = "/keel/bl_trial"
 BOOTLOADER_REJECTED_FILE = "/keel/bl_rejected"  # the digest of the one stage 0 gave up
@@ -149,73 +149,11 @@ def scan(slot, platform):
                 slot.reason = "rejected"
 
 
-def refuse(slot, reason, message):
-    slot.valid = False
-    slot.reason = reason
-    version = mf.decode_version(slot.info.version) if slot.info else "?"
-    print("keel: refusing %s %s (%s): %s" % (slot.label, version, reason, message))
-    return False
-
-
-def accept(slot):
-    """Whether the image in the slot, its SHA-256 checked, may be installed: the one
-    place every module passes before its code is written (docs/boot-flow.md)."""
-    import module_check  # only when installing: kept off the heap otherwise
-
-    problem = module_check.check(slot.read, slot.info, slot.function, slot.index)
-    del sys.modules["module_check"]
-    return refuse(slot, problem[0], problem[1]) if problem else True
-
-
 def install_code(slot):
-    """Verify the SHA-256 and extract the payload into the module's code directory.
+    """Install the slot's module (keel_install.py, loaded only for this)."""
+    import keel_install
 
-    Extracts to a new directory and swaps it into place with renames, so a power
-    cut leaves the old code, or the new, or a half-written copy that the next boot
-    redoes (stage0 finishes an interrupted swap of the bootloader's own code)."""
-    import hashlib
-    import romfs  # only needed when something changed: kept off the heap otherwise
-
-    _, _, sha_ok = mf.check_image(slot.read, slot.size, hashlib.sha256, _buf)
-    slot.sha256_ok = sha_ok
-    if not sha_ok:
-        slot.valid = False
-        slot.reason = "integrity"
-        return False
-    if not accept(slot):
-        return False
-    final = slot.code_dir
-    fresh = final + ".new"
-    flashfs.remove_tree(fresh)
-    flashfs.makedirs(fresh)
-    try:
-        romfs.extract(slot.read, slot.info.header_size, slot.info.payload_size, fresh, _buf)
-    except (ValueError, OSError) as e:
-        print("keel: cannot install %s: %s" % (slot.label, e))
-        flashfs.remove_tree(fresh)
-        slot.valid = False
-        slot.reason = "integrity"
-        return False
-    flashfs.write_atomic(fresh + "/.sha256", binascii.hexlify(slot.digest).decode())
-    # Two renames swap the directories; there is always a whole copy to boot from.
-    old = final + ".old"
-    flashfs.remove_tree(old)
-    if slot.function == mf.FUNCTION_BOOTLOADER:
-        prev = final + ".prev"
-        on_trial = flashfs.exists(BOOTLOADER_TRIAL_FILE) and flashfs.exists(prev)
-        if not on_trial:
-            # Stage 0 keeps this (proven) bootloader until the new one proves itself.
-            # The trial file goes first: stage 0 drops one with no previous copy.
-            flashfs.remove_tree(prev)
-            old = prev
-        # (replacing one still on trial: the proven copy stays, the count starts again)
-        flashfs.write_atomic(BOOTLOADER_TRIAL_FILE, "0")
-    if flashfs.exists(final):
-        os.rename(final, old)
-    os.rename(fresh, final)
-    if not old.endswith(".prev"):
-        flashfs.remove_tree(old)
-    return True
+    return keel_install.install_code(slot)
 
 
 def ensure_installed(slot):
@@ -291,28 +229,21 @@ def give_up_trial(reason):
         reset("rollback")
 
 
-def count_boot():
-    """One more boot that has not recorded its status (BOOT_ATTEMPTS, kept in the last
-    status recorded; the system's next record has none): a boot loop shows as one."""
+def note_boot(count=0, why=None):
+    """Count this boot in the last status recorded (BOOT_ATTEMPTS: the boots since it,
+    none of which recorded its own; the system's next record has no count); or, with
+    why, keep this one counted because the system failed to start. Returns the count."""
     doc = flashfs.read_json(STATUS_FILE)
     if not isinstance(doc, dict):
         doc = {}
-    count = doc.get(BOOT_ATTEMPTS)
-    count = count + 1 if isinstance(count, int) else 1
+    if why is None:
+        count = doc.get(BOOT_ATTEMPTS)
+        count = count + 1 if isinstance(count, int) else 1
+    else:
+        doc["boot_error"] = why
     doc[BOOT_ATTEMPTS] = count
     flashfs.write_json(STATUS_FILE, doc)
     return count
-
-
-def boot_failed(count, why):
-    """The system failed to start, before or after it recorded its status: this boot
-    stays counted, with the reason."""
-    doc = flashfs.read_json(STATUS_FILE)
-    if not isinstance(doc, dict):
-        doc = {}
-    doc[BOOT_ATTEMPTS] = count
-    doc["boot_error"] = why
-    flashfs.write_json(STATUS_FILE, doc)
 
 
 def clean_leftovers():
@@ -327,7 +258,7 @@ def clean_leftovers():
     for name in names:
         path = MODULE_ROOT + "/" + name
         if "." in name and path != keep:
-            print("keel: removing %s, left by an interrupted install" % path)
+            print("keel: removing %s, left over from an install" % path)
             try:
                 flashfs.remove_tree(path)
             except OSError as e:
@@ -345,7 +276,7 @@ def bootloader_proved():
 
 def main():
     port = _port()
-    attempts = count_boot()
+    attempts = note_boot()
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
     reset_reason = take_reset_reason(port)
@@ -384,11 +315,12 @@ def main():
     try:
         import keel_system
 
-        sys.modules.pop("romfs", None)
+        for name in ("keel_install", "romfs"):  # what installing loaded
+            sys.modules.pop(name, None)
         gc.collect()
         keel_system.start(board, slots, reset_reason)
     except Exception as e:  # noqa: BLE001 - the system itself failed (apps' errors end in it)
         why = "%s: %s" % (type(e).__name__, e)
-        boot_failed(attempts, why)
+        note_boot(attempts, why)
         give_up_trial(why)
         raise

@@ -1,7 +1,13 @@
-# /boot.py: stage 0's quick recovery work. A board runs /boot.py after every reset,
-# soft reboots included, and /main.py (bootloader/stage0_main.py, which starts Keel)
-# only when its REPL is in friendly mode. So a tool that soft-reboots into the raw
-# REPL (mpremote, keel flash --usb) finds Keel stopped and the filesystem consistent.
+# /boot.py: stage 0's recovery work. A board runs /boot.py after every reset, soft
+# reboots included, and /main.py (bootloader/stage0_main.py, which starts Keel) only
+# when its REPL is in friendly mode. So a tool that soft-reboots into the raw REPL
+# (mpremote, keel flash --usb) finds Keel stopped and the filesystem consistent.
+#
+# A bootloader that installs a new one keeps itself in /keel/m/bl.prev and writes
+# /keel/bl_trial ("0"): the new one is on trial until it gets to the system, when it
+# deletes both. Each boot of it is counted here; at the fourth, or when /main.py wrote
+# why it failed into the file, the previous one goes back in place and the new one's
+# digest is recorded as rejected (docs/boot-flow.md, "Bootloader updates").
 def _recover():
     import os
 
@@ -10,8 +16,8 @@ def _recover():
         os.stat(bl)
     except OSError:
         # A power cut between two renames: of an install, take the new copy if it is
-        # complete (its .sha256 marker is written last); of stage 0 going back from a
-        # new bootloader (stage0_main.py), the previous one it kept; else the old one.
+        # complete (its .sha256 marker is written last); of going back (below), the
+        # previous one; else the old one.
         for src in (bl + ".new/.sha256", bl + ".prev/.sha256", bl + ".old/.sha256"):
             try:
                 os.stat(src)
@@ -19,7 +25,68 @@ def _recover():
                 break
             except OSError:
                 pass
+    trial = "/keel/bl_trial"
+    try:
+        with open(trial) as f:
+            said = f.read()
+    except OSError:
+        return  # the usual boot
+    try:
+        os.stat(bl + ".prev/.sha256")
+    except OSError:
+        os.remove(trial)  # nothing to go back to: an install cut short, or done
+        return
+    boots = int(said) if said.isdigit() else -1
+    if 0 <= boots < 3:
+        _write(trial, str(boots + 1))
+        print("keel: new bootloader on trial (boot %d of 3)" % (boots + 1))
+        globals()["_bl_trial_failed"] = _trial_failed  # for /main.py
+        return
+    try:
+        with open(bl + "/.sha256") as f:
+            digest = f.read()
+    except OSError:
+        digest = ""
+    why = said if boots < 0 else "%d boots did not get to the system" % boots
+    print("keel: the new bootloader %s did not prove itself (%s); going back to the "
+          "previous one" % (digest[:16], why))
+    _write("/keel/bl_rejected", digest)
+    for n in range(10):  # aside, for the bootloader to remove; cut here, bl.prev wins
+        try:
+            os.rename(bl, "%s.rejected%d" % (bl, n))
+            break
+        except OSError:
+            pass
+    os.rename(bl + ".prev", bl)
+    os.remove(trial)
+    _write("/keel/reset_reason", "rollback")
+
+
+def _write(path, text):
+    import os
+
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+
+def _trial_failed(e):
+    """/main.py: the bootloader on trial raised; unless it got to the system first
+    (which ends the trial), note why and reset: the next boot goes back."""
+    import os
+
+    try:
+        os.stat("/keel/bl_trial")
+    except OSError:
+        return
+    with open("/keel/bl_trial", "w") as f:
+        f.write("%s: %s" % (type(e).__name__, e))
+    try:
+        import vboard as port
+    except ImportError:
+        import machine as port
+    port.reset()
 
 
 _recover()
-del _recover
+del _recover, _write, _trial_failed

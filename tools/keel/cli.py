@@ -240,6 +240,20 @@ def cmd_vdev_status(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
+    if doc["mode"] == vdev.BOOT_LOOP:
+        print(f"mode            boot-loop ({doc[vdev.BOOT_ATTEMPTS]} boots in a row did not get "
+              "as far as recording their status)")
+        if doc.get("boot_error"):
+            print(f"  error         {doc['boot_error']}")
+        if doc["console"]:
+            print("  console (the last lines of the last run):")
+            for line in doc["console"]:
+                print(f"    {line}")
+        if doc["recorded_mode"] is None:
+            print("no status was ever recorded")
+            return 0
+        print("the last status recorded, before the loop:")
+        doc = {**doc, "mode": doc["recorded_mode"]}
     print(f"mode            {doc['mode']}" + (f" ({doc['safe_mode_reason']})" if doc["safe_mode_reason"] else ""))
     for dep in doc["missing"]:
         print(f"  missing       {dep['function']} {dep['index']} >= {dep['version'] or 'any'}")

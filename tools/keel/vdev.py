@@ -210,11 +210,39 @@ def status(path: Path | str) -> dict:
         raise KeelError(f"{device.path}: no status recorded yet (has the device booted?)") from None
     except ValueError:
         raise KeelError(f"{device.path}: the recorded status is unreadable") from None
+    if not isinstance(doc, dict):
+        raise KeelError(f"{device.path}: the recorded status is unreadable")
+    attempts = doc.get(BOOT_ATTEMPTS)
+    attempts = attempts if isinstance(attempts, int) else 0
+    if attempts >= BOOT_LOOP_ATTEMPTS:
+        # Boots that started and never recorded their own status: what is recorded is
+        # stale (docs/boot-flow.md, "Boot loops").
+        doc = {**doc, "mode": BOOT_LOOP, "recorded_mode": doc.get("mode"),
+               "console": last_console_lines(device.path)}
+    elif "mode" not in doc:
+        raise KeelError(f"{device.path}: no status recorded yet (has the device booted?)")
     return _ordered(doc, STATUS_KEYS)
 
 
+# The bootloader counts, in the recorded status, the boots since it was recorded; the
+# boot in progress is one, so two or more have started and not got as far.
+BOOT_ATTEMPTS = "boot_attempts"
+BOOT_LOOP_ATTEMPTS = 2
+BOOT_LOOP = "boot-loop"
+
+
+def last_console_lines(path: Path | str, count: int = 12) -> list[str]:
+    """The end of what the device printed in its last `keel vdev run`."""
+    try:
+        text = (Path(path) / CONSOLE_LOG).read_bytes().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-count:]
+
+
 # The device writes JSON in whatever order its dicts keep; show it in a fixed one.
-STATUS_KEYS = ("mode", "safe_mode_reason", "missing", "reset_reason", "vm", "app", "mem", "modules")
+STATUS_KEYS = ("mode", BOOT_ATTEMPTS, "boot_error", "recorded_mode", "safe_mode_reason",
+               "missing", "reset_reason", "vm", "app", "mem", "modules")
 DEP_KEYS = ("function", "index", "version")
 MODULE_KEYS = ("function", "index", "version", "platform", "dependencies", "size", "crc_ok",
                "sha256_ok", "valid")
