@@ -258,3 +258,119 @@ def test_extract_refuses_an_existing_tree(tmp_path):
     with pytest.raises(OSError):
         romfs.extract(mf.bytes_reader(data), 0, len(data), str(tmp_path))
     assert os.path.isdir(tmp_path / "lib" / "sub")
+
+
+# --- bounds: hostile input cannot exhaust the heap, the stack or the filesystem --------
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+import hostile_images as hostile  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_nesting_up_to_the_limit_is_read_beyond_it_refused():
+    files = {"/".join(["d"] * romfs.MAX_DEPTH) + "/x.mpy": b"x"}
+    entries = walk_all(build.make_romfs(files))
+    assert entries[-1][0] == "/".join(["d"] * romfs.MAX_DEPTH) + "/x.mpy"
+    deeper = {"/".join(["d"] * (romfs.MAX_DEPTH + 1)) + "/x.mpy": b"x"}
+    with pytest.raises(romfs.RomfsLimitError, match="nested deeper than %d" % romfs.MAX_DEPTH):
+        walk_all(build.make_romfs(deeper))
+
+
+def test_nesting_far_beyond_any_recursion_limit_is_refused_not_a_crash():
+    data = hostile.nested_romfs(sys.getrecursionlimit() * 5)
+    with pytest.raises(romfs.RomfsLimitError):
+        walk_all(data)
+
+
+def test_the_walk_keeps_no_stack_for_siblings():
+    """Directories one after the other (not inside each other) are not nesting."""
+    files = {f"d{i}/x{j}.mpy": b"x" for i in range(20) for j in range(5)}
+    assert len(walk_all(build.make_romfs(files))) == 20 * 6
+
+
+@pytest.mark.parametrize("extra, refused", [(0, False), (1, True), (3000, True)])
+def test_entries_up_to_the_limit(extra, refused):
+    # main.mpy + count files: MAX_ENTRIES in all, then more
+    data = hostile.wide_romfs(romfs.MAX_ENTRIES - 1 + extra)
+    if refused:
+        with pytest.raises(romfs.RomfsLimitError, match="more than %d entries" % romfs.MAX_ENTRIES):
+            walk_all(data)
+    else:
+        assert len(walk_all(data)) == romfs.MAX_ENTRIES
+
+
+def test_directories_count_as_entries():
+    files = {f"d{i}/x.mpy": b"x" for i in range(romfs.MAX_ENTRIES // 2 + 1)}
+    with pytest.raises(romfs.RomfsLimitError, match="entries"):
+        walk_all(build.make_romfs(files))
+
+
+def test_names_up_to_the_limit():
+    walk_all(build.make_romfs({"n" * romfs.MAX_NAME: b""}))
+    with pytest.raises(romfs.RomfsLimitError, match="longer than %d bytes" % romfs.MAX_NAME):
+        walk_all(build.make_romfs({"n" * (romfs.MAX_NAME + 1): b""}))
+    with pytest.raises(romfs.RomfsLimitError):  # a length no name buffer could hold
+        walk_all(hostile.romfs_image(hostile.romfs_file("n" * 100000, b"")))
+
+
+def test_a_name_running_past_its_record_is_malformed():
+    raw = hostile.romfs_file("abc", b"data")
+    # the record says it is 3 bytes long: its name (and data) run past it
+    bad = raw[:1] + bytes([3]) + raw[2:]
+    with pytest.raises(romfs.RomfsError):
+        walk_all(hostile.romfs_image(bad))
+
+
+def test_limit_errors_are_romfs_errors():
+    assert issubclass(romfs.RomfsLimitError, romfs.RomfsError)
+
+
+def test_extract_stops_at_the_limits_too(tmp_path):
+    data = hostile.nested_romfs(romfs.MAX_DEPTH + 1)
+    with pytest.raises(romfs.RomfsLimitError):
+        romfs.extract(mf.bytes_reader(data), 0, len(data), str(tmp_path))
+    assert sum(1 for p in tmp_path.rglob("*") if p.is_dir()) == romfs.MAX_DEPTH
+
+
+# --- flashfs.remove_tree --------------------------------------------------------------
+
+
+def _flashfs():
+    spec = importlib.util.spec_from_file_location("keel_flashfs", REPO / "bootloader" / "flashfs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_remove_tree_of_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    flashfs = _flashfs()
+    depth = sys.getrecursionlimit() + 200
+    path = tmp_path / "top"
+    leaf = str(path)
+    os.mkdir(leaf)
+    for _ in range(depth):  # (os.makedirs recurses)
+        leaf += "/d"
+        os.mkdir(leaf)
+    with open(os.path.join(leaf, "f"), "w") as f:
+        f.write("x")
+    (path / "d" / "g").write_text("y")
+    flashfs.remove_tree(str(path))
+    assert not path.exists()
+    assert tmp_path.exists()
+
+
+def test_remove_tree_of_a_wide_tree_a_file_and_nothing(tmp_path):
+    flashfs = _flashfs()
+    for i in range(30):
+        (tmp_path / "w" / f"d{i}" / "e").mkdir(parents=True)
+        (tmp_path / "w" / f"d{i}" / "e" / "f").write_bytes(b"x")
+        (tmp_path / "w" / f"f{i}").write_bytes(b"x")
+    (tmp_path / "keep").write_bytes(b"x")
+    flashfs.remove_tree(str(tmp_path / "w"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    flashfs.remove_tree(str(tmp_path / "keep"))
+    flashfs.remove_tree(str(tmp_path / "absent"))
+    assert list(tmp_path.iterdir()) == []
