@@ -16,6 +16,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
+from keel import build
 from keel import module_format as mf
 from keel.cli import main
 from keel_cloud import pki
@@ -37,8 +38,10 @@ STALL = 2.0  # the device acknowledges when chunks stop coming for this long
 def make_image(size: int, platform: str = "virtual", seed: int = 1) -> bytes:
     info = mf.ModuleInfo(mf.FUNCTION_USER_PART, 1, mf.encode_version("2.0.0"), mf.platform_id(platform),
                          [(mf.FUNCTION_SYSTEM_PART, 1, mf.encode_version("1.1.0"))])
-    payload = hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
-    return mf.build_image(info, payload, hashlib.sha256)
+    # What keel flash checks before it sends an app: a ROMFS holding main.mpy (its header
+    # as mpy-cross writes it; the rest random, of the size asked).
+    main_mpy = b"M\x06\x00\x1f" + hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
+    return mf.build_image(info, build.make_romfs({"main.mpy": main_mpy}), hashlib.sha256)
 
 
 def wait_until(predicate, timeout=10.0, what="condition"):
