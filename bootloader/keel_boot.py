@@ -160,8 +160,8 @@ def ensure_installed(slot):
     if slot.valid and not slot.sha256_ok:
         print("keel: installing %s %s" % (slot.label, mf.decode_version(slot.info.version)))
         install_code(slot)
-    elif not slot.valid and slot.function == mf.FUNCTION_USER_PART:
-        # Never run app code that no longer matches a valid module.
+    if not slot.valid and slot.function == mf.FUNCTION_USER_PART:
+        # Never run app code that no longer matches a valid module (nor one refused).
         flashfs.remove_tree(slot.code_dir)
 
 
