@@ -200,7 +200,8 @@ class EmbeddedBroker:
             raise
         log.info("embedded broker: amqtt in-process, gate on %s:%d", *self.gate.address)
 
-    async def open_upstream(self, cn: str, peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open_upstream(self, cn: str,
+                            peer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A new connection into amqtt for a client the gate accepted: the gate's end of a
         socket pair; amqtt serves the other end as a connection on its listener."""
         if self.amqtt is None:

@@ -209,7 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
             for part in parts:
                 if len(part) > MAX_SEGMENT or not part.isprintable():
                     raise ApiError(HTTPStatus.BAD_REQUEST,
-                                   f"a path segment must be printable, at most {MAX_SEGMENT} characters")
+                                   "a path segment must be printable, at most "
+                                   f"{MAX_SEGMENT} characters")
             if method != "POST" and (self.headers.get("Content-Length") or "0").strip() != "0":
                 self.close_connection = True  # a body nobody reads: no next request after it
             flash = method == "POST" and parts[-1:] == ["flash"]
@@ -278,7 +279,8 @@ def _wait(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"wait must be a number of seconds, not '{text[:40]}'") from None
+        raise ApiError(HTTPStatus.BAD_REQUEST,
+                       f"wait must be a number of seconds, not '{text[:40]}'") from None
     if not math.isfinite(value) or value < 0:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"wait must be a finite number of seconds >= 0 "
                        f"(at most {MAX_WAIT:g} are waited)")

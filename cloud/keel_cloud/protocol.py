@@ -129,7 +129,8 @@ def _check_depth(value, what: str) -> None:
                 raise Invalid(f"{what}: nested deeper than {MAX_DEPTH}")
             if isinstance(item, dict) and len(item) > MAX_KEYS:
                 raise Invalid(f"{what}: an object with more than {MAX_KEYS} keys")
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+            inner = item.values() if isinstance(item, dict) else item
+            stack.extend((v, depth + 1) for v in inner)
 
 
 def _kind(value) -> str:
@@ -269,7 +270,8 @@ def _reply(reply: dict) -> dict:
     if reply["ok"]:
         result = reply.get("result")
         if isinstance(result, (dict, list)):
-            raise Invalid(f"{where}.result: a {_kind(result)}, not a string, number, boolean or null")
+            raise Invalid(f"{where}.result: a {_kind(result)}, "
+                          "not a string, number, boolean or null")
     else:
         _text(reply, "error", where, limit=MAX_REPLY_ERROR, empty=True)
     return reply

@@ -110,7 +110,8 @@ class FleetService:
         try:
             self._handle(msg.topic, msg.payload)
         except Exception:  # noqa: BLE001 - the service must outlive any one message
-            log.exception("a message on %r could not be handled", getattr(msg, "_topic", b"?")[:120])
+            log.exception("a message on %r could not be handled",
+                          getattr(msg, "_topic", b"?")[:120])
 
     def _handle(self, topic: str, payload: bytes) -> None:
         device_id = protocol.device_of(topic)
