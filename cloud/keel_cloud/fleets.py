@@ -173,6 +173,10 @@ class Fleets:
         rows = self.registry._query("SELECT keys FROM fleet_signing WHERE fleet = ?", (fleet_name,))
         return [bytes.fromhex(k) for k in json.loads(rows[0][0])] if rows else []
 
+    def signing(self) -> dict[str, str]:
+        """{fleet: its signing keys (as stored)} for every fleet that requires signatures."""
+        return dict(self.registry._query("SELECT fleet, keys FROM fleet_signing"))
+
     def device_signing_keys(self, device_id: str) -> list[bytes]:
         """The keys modules sent to this device must be signed by (its fleet's)."""
         rows = self.registry._query(

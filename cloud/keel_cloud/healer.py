@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from keel_cloud import signatures
 from keel_cloud.ota import OtaError
 from keel_cloud.releases import SCHEMA as RELEASES_SCHEMA, RELEASES_DIR, Catalog, version_key
 
@@ -448,6 +449,11 @@ class Healer:
             self._deps[key] = image_dependencies(image) if image else []
         return self._deps[key]
 
+    def _signing_keys(self, device_id: str) -> list[bytes]:
+        """The keys the device's fleet requires its modules to be signed by ([]: none)."""
+        keys = getattr(self.fleets, "device_signing_keys", None)
+        return keys(device_id) if keys else []
+
     def _target(self, device_id: str) -> dict | None:
         return self.fleets.target(device_id) if self.fleets is not None else None
 
@@ -465,9 +471,10 @@ class Healer:
         the rollbacks (a block or failure waits for one of them to change)."""
         if rolled_back is None:
             release, rolled_back = self._target(device_id), self._rolled_back(device_id, describe)
-        return (_fingerprint({k: describe.get(k) for k in ("modules", "missing", "mode")}),
+        keys = [k.hex() for k in self._signing_keys(device_id)]
+        return (_fingerprint({k: describe.get(k) for k in ("modules", "missing", "mode", "trust")}),
                 _fingerprint(self._releases(describe.get("platform"))),
-                _fingerprint([release, rolled_back]))
+                _fingerprint([release, rolled_back, keys]))
 
     def _evaluate(self, device_id: str, dev: _Device, describe: dict) -> None:
         if dev.awaiting and not self._install_settled(device_id, dev, describe):
@@ -596,6 +603,11 @@ class Healer:
     def _send(self, device_id, dev, describe, module, image, labels, prints, state, release=None) -> None:
         """One transfer, in this worker thread; then wait for the describe after the reset."""
         name = labels[0]
+        refused = signatures.send_refusal(image, self._signing_keys(device_id), describe)
+        if refused:  # it would be refused (docs/signing.md): say so, and wait for a change
+            log.warning("healer: %s: not sending %s: %s", device_id, name, refused)
+            return self._park(device_id, dev, describe, "blocked", f"not sending {name}: {refused}",
+                              prints)
         sending = {"module": name, "size": len(image), "acknowledged": 0}
         with self._lock:
             if state == "healing":

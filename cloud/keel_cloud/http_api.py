@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 from keel_cloud import protocol
+from keel_cloud import signatures
 from keel_cloud.fleets import member_state
 from keel_cloud.healer import installed_app
 from keel_cloud.ota import OtaError
@@ -83,14 +84,21 @@ def device_detail(device: dict, heal: dict | None = None, rollbacks: list | None
         # part its bootloader ever rolled back, as recorded: {function, index, version,
         # sha256, restored, reason, ts}. The healer never sends those to it again.
         rollback=describe.get("rollback"),
+        # The keys the board trusts ({"mode": development|enforced, "keys": [fingerprints]}),
+        # and the last module it refused ({function, index, version, sha256, reason, via}).
+        trust=describe.get("trust"),
+        refused=describe.get("refused"),
         rollbacks=rollbacks or [],
     )
     return out
 
 
-def fleet_summary(fleet: dict, release: dict | None) -> dict:
+def fleet_summary(fleet: dict, release: dict | None, signing_keys: list[bytes] = ()) -> dict:
+    """signed_by: the fingerprints of the keys the fleet requires its modules to be signed
+    by ([]: it takes unsigned modules)."""
     return {"name": fleet["name"], "platform": fleet["platform"], "members": fleet["members"],
-            "release": _release_summary(release)}
+            "release": _release_summary(release),
+            "signed_by": [signatures.fingerprint(k) for k in signing_keys]}
 
 
 def _release_summary(release: dict | None) -> dict | None:
@@ -387,7 +395,8 @@ class ApiServer(ThreadingHTTPServer):
                 return self._start_flash(self._online(name), body)
             case "GET", ["fleets"]:
                 fleets = self.service.fleets
-                return [fleet_summary(f, fleets.current(f["name"])) for f in self.registry.fleets()]
+                return [fleet_summary(f, fleets.current(f["name"]), fleets.signing_keys(f["name"]))
+                        for f in self.registry.fleets()]
             case "GET", ["fleets", name]:
                 return self._fleet(name)
             case "POST", ["rollout"]:
@@ -409,7 +418,7 @@ class ApiServer(ThreadingHTTPServer):
         members = [fleet_member(d, self.service.healer.status(d["id"]), release,
                                 self.registry.rollbacks(d["id"]))
                    for d in self.registry.fleet_devices(name)]
-        return fleet_summary(fleet, release) | {
+        return fleet_summary(fleet, release, self.service.fleets.signing_keys(name)) | {
             "releases": [_release_summary(r) for r in history], "devices": members}
 
     # Updates over the air
@@ -437,9 +446,21 @@ class ApiServer(ThreadingHTTPServer):
             raise ApiError(HTTPStatus.BAD_REQUEST, "module: function, version and platform must be "
                            f"strings of 1 to {protocol.MAX_TEXT} characters, index an integer from 0 "
                            f"to {protocol.MAX_INDEX}")
+        try:
+            info = signatures.header(image)
+        except ValueError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"not a Keel module image: {e}") from None
+        said = info.to_dict()
+        if any(module[k] != said[k] for k in MODULE_KEYS):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "module does not match the image's header "
+                           f"({said['function']} {said['index']} {said['version']} {said['platform']})")
         if device["platform"] and module["platform"] != device["platform"]:
             raise ApiError(HTTPStatus.CONFLICT, f"the module is for {module['platform']}, "
                            f"device '{device['name']}' is {device['platform']}")
+        refused = signatures.send_refusal(image, self.service.fleets.device_signing_keys(device["id"]),
+                                          device["describe"])
+        if refused:
+            raise ApiError(HTTPStatus.CONFLICT, f"not sent to '{device['name']}': {refused}")
         if self.service.ota.busy(device["id"]):
             raise ApiError(HTTPStatus.CONFLICT, f"an update to '{device['name']}' is in progress")
         transfer_id = str(next(self._transfer_ids))

@@ -29,6 +29,8 @@ import threading
 import time
 from collections import deque
 
+from keel_cloud import signatures
+
 log = logging.getLogger("keel.cloud.ota")
 
 CHUNK_SIZE = 1024
@@ -290,6 +292,8 @@ class OtaSender:
             "size": size, "chunk_size": chunk_size,
             # only a new system part goes on trial (and is rolled back if it fails it)
             **({"trial_s": self.trial_s} if module.get("function") == "system-part" else {}),
+            # a signed module's signature: a board that trusts keys checks it first
+            **signatures.offer_fields(image),
         })
         deadline = time.monotonic() + timeout
         epoch = time.monotonic()  # when the device's current connection began

@@ -32,6 +32,8 @@ MAX_PLATFORM = 32  # the registry's column
 MAX_KEYS = 64  # keys of any one object
 MAX_DEPTH = 6  # objects and lists within each other
 MAX_INDEX = 255
+MAX_TRUSTED_KEYS = 8  # the public keys a board says it trusts (fingerprints)
+TRUST_MODES = ("development", "enforced")
 MAX_COUNT = 2**31 - 1  # sizes, heap, chunk numbers
 MAX_WINDOW = 1024  # OTA chunks a device may say it holds ahead of `next`
 OTA_STATES = ("receiving", "refused", "verifying", "failed", "pending", "installed")
@@ -250,6 +252,23 @@ def check_describe(describe) -> dict:
         _hex(rollback, "sha256", at, length=64)
         _text(rollback, "restored", at)
         _text(rollback, "reason", at)
+    trust = describe.get("trust")
+    if trust is not None:
+        at = f"{where}.trust"
+        _object(trust, at)
+        if trust.get("mode") not in TRUST_MODES:
+            raise Invalid(f"{at}.mode: not one of {', '.join(TRUST_MODES)}")
+        for i, key in enumerate(_list(trust, "keys", at, MAX_TRUSTED_KEYS)):
+            if not isinstance(key, str) or not _HEX.match(key) or len(key) != 64:
+                raise Invalid(f"{at}.keys[{i}]: not a fingerprint (64 hex digits)")
+        _text(trust, "error", at)
+    refused = describe.get("refused")
+    if refused is not None:
+        at = f"{where}.refused"
+        _module_key(_object(refused, at), at, version_required=False)
+        _hex(refused, "sha256", at, length=64)
+        _text(refused, "reason", at, required=True)
+        _text(refused, "via", at)
     return describe
 
 

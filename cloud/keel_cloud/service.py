@@ -169,12 +169,14 @@ class FleetService:
     # Fleets
 
     def rollout(self) -> int:
-        """Look again at the devices whose fleet, or whose fleet's release, changed since
-        the last look: the healer sends each the fleet's app if it does not run it (a device
-        not heard from yet gets it when it describes). Returns how many changed."""
+        """Look again at the devices whose fleet, or whose fleet's release or signing keys,
+        changed since the last look: the healer sends each the fleet's app if it does not
+        run it (a device not heard from yet gets it when it describes). Returns how many
+        changed."""
         with self._fleet_lock:
             currents = self.fleets.currents()
-            now = {device_id: (fleet, currents.get(fleet))
+            signing = self.fleets.signing()
+            now = {device_id: (fleet, currents.get(fleet), signing.get(fleet))
                    for device_id, fleet in self.registry.memberships().items()}
             changed = [device_id for device_id in set(now) | set(self._fleet_print)
                        if now.get(device_id) != self._fleet_print.get(device_id)]

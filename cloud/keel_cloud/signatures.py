@@ -64,3 +64,44 @@ def refusal_text(reason: str, key_id: str | None, keys: list[bytes]) -> str:
     if reason == trust.UNTRUSTED:
         return f"it is signed by key {(key_id or '?')[:16]}, not by one of the keys {names}"
     return f"its signature does not verify with key {(key_id or '?')[:16]}"
+
+
+def offer_fields(data: bytes) -> dict:
+    """What an update offer says of a signed module, so that a board that trusts keys can
+    check the signature before it takes a single chunk (docs/protocol.md): {"signature":
+    {"key", "digest", "sig"}} (hex), or {} for an unsigned module."""
+    try:
+        info = header(data)
+    except ValueError:
+        return {}
+    block = mf.signature_block(mf.bytes_reader(data), info, bytearray(mf.SIGNATURE_SIZE))
+    if block is None:
+        return {}
+    return {"signature": {"key": block[0].hex(), "digest": digest(data), "sig": block[1].hex()}}
+
+
+def send_refusal(data: bytes, fleet_keys: list[bytes], describe: dict | None) -> str | None:
+    """Why the cloud does not send this module image to a device, or None: its fleet
+    requires modules signed by fleet_keys, or its describe says it trusts only some keys
+    (`trust`) and the module is not signed by one of them (the board would refuse it)."""
+    board = describe.get("trust") if isinstance(describe, dict) else None
+    enforced = isinstance(board, dict) and board.get("mode") == "enforced"
+    if not fleet_keys and not enforced:
+        return None  # a board in development mode takes what it can check itself
+    try:
+        key_id = signed_by(data)
+    except ValueError as e:
+        return f"not a module image ({e})"
+    if fleet_keys:
+        reason = refusal(data, fleet_keys)
+        if reason:
+            return f"the device's fleet requires signed modules: {refusal_text(reason, key_id, fleet_keys)}"
+    if enforced:
+        keys = [k for k in board.get("keys") or [] if isinstance(k, str)]
+        names = ", ".join(k[:16] for k in keys) or "none readable"
+        if key_id is None:
+            return f"the device takes only modules signed by its keys ({names}): it is not signed"
+        if key_id not in keys:
+            return (f"it is signed by key {key_id[:16]}, which the device does not trust "
+                    f"(its keys: {names})")
+    return None

@@ -166,14 +166,30 @@ def cmd_device_show(args) -> int:
     for r in device.get("rollbacks", []):
         print(f"  rolled back   {rollback_line(r)}")
     for m in device.get("modules", []):
-        state = "valid" if m.get("valid") else "INVALID"
+        state = "valid" if m.get("valid") else f"INVALID ({m.get('invalid_reason')})"
         print(f"  module        {m['function']} {m['index']} {m.get('version')}  {state}")
+    print(f"  trust         {trust_line(device.get('trust'))}")
+    refused = device.get("refused")
+    if refused:
+        print(f"  refused       {refused.get('function')} {refused.get('index')} "
+              f"{refused.get('version') or '?'}: {refused.get('reason')}"
+              + (f" ({refused['via']})" if refused.get("via") else ""))
     print(f"  functions     {', '.join(device.get('functions', [])) or '-'}")
     print(f"  variables     {', '.join(device.get('variables', [])) or '-'}")
     if device.get("describe_error"):
         print(f"  describe      unknown: the stored one is unusable ({device['describe_error']})")
     print(f"  dropped       {dropped_line(device.get('dropped') or {})}")
     return 0
+
+
+def trust_line(trust: dict | None) -> str:
+    """What the board says of the keys it trusts (docs/signing.md)."""
+    if not trust:
+        return "unknown (its system does not say)"
+    if trust.get("mode") == "development":
+        return "development mode: takes unsigned modules"
+    keys = ", ".join(k[:16] for k in trust.get("keys") or []) or "none readable"
+    return f"takes only modules signed by {keys}" + (f" ({trust['error']})" if trust.get("error") else "")
 
 
 def dropped_line(dropped: dict) -> str:
@@ -479,6 +495,8 @@ def cmd_fleet_show(args) -> int:
         return 0
     print(f"fleet {fleet['name']} ({fleet['platform']}), {fleet['members']} device(s)")
     print(f"  {release_text(fleet['release'])}")
+    if fleet.get("signed_by"):
+        print(f"  takes only modules signed by {', '.join(k[:16] for k in fleet['signed_by'])}")
     for d in fleet["devices"]:
         state = "online" if d["online"] else "offline"
         print(f"  {d['name']:<20} {state:<7}  app {d['app_version'] or '-':<10} "
