@@ -52,7 +52,8 @@ def images(tmp_path_factory):
         mf.FUNCTION_SYSTEM_PART, 2, mf.encode_version("9.0.0"), mf.platform_id("virtual"),
         [(mf.FUNCTION_SYSTEM_PART, 1, mf.encode_version("9.0.0"))],
     )
-    out["sys-deps"] = mf.build_image(info, build.make_romfs({"x.mpy": b"\0" * 100}), hashlib.sha256)
+    part2 = {"keel.mpy": b"M\x06\x00\x1f" + b"\0" * 100}  # what a part 2 holds (module_check)
+    out["sys-deps"] = mf.build_image(info, build.make_romfs(part2), hashlib.sha256)
     return out
 
 

@@ -94,7 +94,8 @@ def test_a_module_too_big_for_its_slot_is_refused(running, tmp_path):
     info = mf.ModuleInfo(mf.FUNCTION_USER_PART, 1, mf.encode_version("1.0.0"),
                          mf.platform_id("virtual"))
     big = tmp_path / "big.bin"
-    big.write_bytes(mf.build_image(info, bytes(300 * 1024), hashlib.sha256))
+    app = {"main.mpy": b"M\x06\x00\x1f", "blob.bin": bytes(300 * 1024)}  # an app, too big
+    big.write_bytes(mf.build_image(info, build.make_romfs(app), hashlib.sha256))
     before = slot_bytes(board.dev, "user")
     proc = keel("flash", "--usb", big, "--port", board.tty)
     assert proc.returncode != 0
@@ -165,7 +166,8 @@ def test_no_board_on_the_port_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "x.bin" in proc.stderr  # the file is checked first
     app = tmp_path / "app.bin"
     info = mf.ModuleInfo(mf.FUNCTION_USER_PART, 1, mf.encode_version("1.0.0"), 1)
-    app.write_bytes(mf.build_image(info, b"x" * 100, hashlib.sha256))
+    payload = build.make_romfs({"main.mpy": b"M\x06\x00\x1f"})
+    app.write_bytes(mf.build_image(info, payload, hashlib.sha256))
     proc = keel("flash", "--usb", app, "--port", tmp_path / "nothing")
     assert proc.returncode != 0
     assert "cannot open the port" in proc.stderr and "Traceback" not in proc.stderr

@@ -54,7 +54,8 @@ def test_module_that_does_not_fit_is_refused(device, tmp_path):
     slot = dev.board().partition("user")
     info = mf.ModuleInfo(mf.FUNCTION_USER_PART, 1, mf.encode_version("1.0.0"), 1)
     big = tmp_path / "big.bin"
-    big.write_bytes(mf.build_image(info, b"\0" * slot.size, hashlib.sha256))
+    app = {"main.mpy": b"M\x06\x00\x1f", "blob.bin": bytes(slot.size)}  # an app, too big
+    big.write_bytes(mf.build_image(info, build.make_romfs(app), hashlib.sha256))
     before = flash_digest(dev)
     with pytest.raises(KeelError, match="do not fit"):
         dev.flash(big)
