@@ -150,10 +150,10 @@ def scan(slot, platform):
 
 
 def install_code(slot):
-    """Install the slot's module (keel_install.py, loaded only for this)."""
-    import keel_install
+    """Install the slot's module (module_check.py, loaded only for this)."""
+    import module_check
 
-    return keel_install.install_code(slot)
+    return module_check.install_code(slot)
 
 
 def ensure_installed(slot):
@@ -315,7 +315,7 @@ def main():
     try:
         import keel_system
 
-        for name in ("keel_install", "romfs"):  # what installing loaded
+        for name in ("module_check", "romfs"):  # what installing loaded
             sys.modules.pop(name, None)
         gc.collect()
         keel_system.start(board, slots, reset_reason)

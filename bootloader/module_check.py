@@ -1,9 +1,12 @@
 # Whether a module's payload is what its header claims, checked before anything is
-# installed: by the bootloader (keel_boot.install_code, ota_apply.apply_update), by the
-# OTA receiver before it accepts an update (system/core/ota.py), and by the host tools
+# installed: by the bootloader (accept() below, ota_apply.apply_update), by the OTA
+# receiver before it accepts an update (system/core/ota.py), and by the host tools
 # before they write anything (keel inspect, keel vdev flash, keel flash --usb: through
-# the link tools/keel/module_check.py). One file for the MicroPython VM and CPython; the
-# device imports it only to install. Rules: docs/boot-flow.md, "What a module must hold".
+# the link tools/keel/module_check.py). One file for the MicroPython VM and CPython. On
+# the device it also installs a module's code once accepted (install_code): the
+# bootloader imports it only to install, and drops it before the hand-over.
+# Rules: docs/boot-flow.md, "What a module must hold" and "Installing a module".
+import os
 import sys
 
 try:
@@ -30,9 +33,7 @@ MPY = "mpy"  # bytecode this VM does not load
 # The bootloader's are the ones stage 0, the system and the host's USB tools import from
 # /keel/m/bl (a subset of its sources in system/parts.json, checked by the host tests);
 # a system part's or the app's are the one the bootloader (or the system) imports first.
-BOOTLOADER_MODULES = (
-    "keel_boot", "keel_install", "flashfs", "romfs", "module_format", "module_check", "ota_apply"
-)
+BOOTLOADER_MODULES = ("keel_boot", "flashfs", "romfs", "module_format", "module_check", "ota_apply")
 # The bootloader's flash port by platform id ("port_sources" in parts.json); the virtual
 # board's (vboard) is part of the VM.
 BOOTLOADER_PORTS = {2: "port_esp32", 3: "port_nrf"}
@@ -121,3 +122,72 @@ def _kind(function, index):
     if function == mf.FUNCTION_SYSTEM_PART:
         return "system part %d" % index
     return "an app" if function == mf.FUNCTION_USER_PART else "a bootloader"
+
+
+# Installing (the device only: the host tools never call these)
+
+
+def refuse(slot, reason, message):
+    slot.valid = False
+    slot.reason = reason
+    version = mf.decode_version(slot.info.version) if slot.info else "?"
+    print("keel: refusing %s %s (%s): %s" % (slot.label, version, reason, message))
+    return False
+
+
+def accept(slot):
+    """Whether the bootloader may install the module in a keel_boot.Slot, its SHA-256
+    checked: the one place every module passes before its code is written."""
+    problem = check(slot.read, slot.info, slot.function, slot.index)
+    return refuse(slot, problem[0], problem[1]) if problem else True
+
+
+def install_code(slot):
+    """Verify the SHA-256, accept() the module and extract its payload into its code
+    directory.
+
+    Extracts to a new directory and swaps it into place with renames, so a power
+    cut leaves the old code, or the new, or a half-written copy that the next boot
+    removes and redoes (stage 0 finishes an interrupted swap of the bootloader's own
+    code, and keeps the previous bootloader until a new one proves itself)."""
+    import binascii
+    import hashlib
+    import flashfs
+    from keel_boot import BOOTLOADER_TRIAL_FILE, _buf
+
+    _, _, sha_ok = mf.check_image(slot.read, slot.size, hashlib.sha256, _buf)
+    slot.sha256_ok = sha_ok
+    if not sha_ok:
+        return refuse(slot, INTEGRITY, "the SHA-256 does not match")
+    if not accept(slot):
+        return False
+    final = slot.code_dir
+    fresh = final + ".new"
+    flashfs.remove_tree(fresh)
+    flashfs.makedirs(fresh)
+    try:
+        romfs.extract(slot.read, slot.info.header_size, slot.info.payload_size, fresh, _buf)
+    except (ValueError, OSError) as e:
+        flashfs.remove_tree(fresh)
+        return refuse(slot, INTEGRITY, "cannot extract it (%s)" % e)
+    flashfs.write_atomic(fresh + "/.sha256", binascii.hexlify(slot.digest).decode())
+    # Two renames swap the directories; there is always a whole copy to boot from.
+    old = final + ".old"
+    flashfs.remove_tree(old)
+    keep = slot.function == mf.FUNCTION_BOOTLOADER
+    if keep:
+        prev = final + ".prev"
+        if flashfs.exists(BOOTLOADER_TRIAL_FILE) and flashfs.exists(prev):
+            keep = False  # the running one is on trial: the proven copy stays
+        else:
+            # Stage 0 keeps this (proven) bootloader until the new one proves itself.
+            # The trial file goes first: stage 0 drops one with no previous copy.
+            flashfs.remove_tree(prev)
+            old = prev
+        flashfs.write_atomic(BOOTLOADER_TRIAL_FILE, "0")
+    if flashfs.exists(final):
+        os.rename(final, old)
+    os.rename(fresh, final)
+    if not keep:
+        flashfs.remove_tree(old)
+    return True
