@@ -86,9 +86,9 @@ def check(read, info, function, index, mpy=-1):
     if info.function != function or info.index != index:
         return (INTEGRITY, "a %s %d module, not one for this slot" % (
             mf.function_name(info.function), info.index))
-    names = required(function, index, info.platform)
     if function not in (mf.FUNCTION_BOOTLOADER, mf.FUNCTION_SYSTEM_PART, mf.FUNCTION_USER_PART):
         return None  # no ROMFS payload to look into
+    names = required(function, index, info.platform)
     if mpy == -1:
         mpy = vm_mpy()
     found = []

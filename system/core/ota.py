@@ -370,7 +370,7 @@ class Receiver:
         refused = _refusal(self._read, info, doc)
         if refused:
             print("keel: ota: %s" % refused[1])
-            return self._failed(refused[0], detail=refused[1])
+            return self._failed(refused[0], detail=refused[1][:200])  # (a path can be long)
         missing = dependency_check(info, self.slots)
         if missing:
             return self._failed("dependency", missing=missing)
