@@ -33,7 +33,9 @@ MPY = "mpy"  # bytecode this VM does not load
 # The bootloader's are the ones stage 0, the system and the host's USB tools import from
 # /keel/m/bl (a subset of its sources in system/parts.json, checked by the host tests);
 # a system part's or the app's are the one the bootloader (or the system) imports first.
-BOOTLOADER_MODULES = ("keel_boot", "flashfs", "romfs", "module_format", "module_check", "ota_apply")
+BOOTLOADER_MODULES = (
+    "keel_boot", "flashfs", "romfs", "module_format", "module_check", "ota_apply",
+)
 # The bootloader's flash port by platform id ("port_sources" in parts.json); the virtual
 # board's (vboard) is part of the VM.
 BOOTLOADER_PORTS = {2: "port_esp32", 3: "port_nrf"}

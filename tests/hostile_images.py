@@ -99,7 +99,10 @@ def mpy_with_head(data: bytes, head: bytes) -> bytes:
 # `images` maps "bootloader", "system1", "system2", "app" to valid images (bytes).
 
 def _swap(payload_from, header_from, **header):
-    return lambda im: seal(mf.parse_header(im[header_from]), payload_of(im[payload_from]), **header)
+    def make(im):
+        return seal(mf.parse_header(im[header_from]), payload_of(im[payload_from]), **header)
+
+    return make
 
 
 def _edit(base, change, **header):

@@ -418,7 +418,8 @@ def _refusal(read, info, doc):
     del sys.modules["module_check"]
     if problem is None and info.function == mf.FUNCTION_BOOTLOADER:
         if flashfs.read_text(keel_boot.BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
-            problem = ("rejected", "this bootloader did not start the system when it was installed")
+            problem = ("rejected", "this bootloader did not start the system when it was "
+                       "installed")
     return problem
 
 

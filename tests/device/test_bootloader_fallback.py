@@ -110,7 +110,8 @@ def test_a_failing_new_bootloader_is_replaced_by_the_previous_one(template, tmp_
         assert console.count("vdev: the VM died (exit status 7)") == 3
     else:  # at once, with the reason
         assert "(boot 2 of 3)" not in console
-        assert ("RuntimeError: broken at import" if kind == "import" else "ValueError: no") in going_back[0]
+        said = "RuntimeError: broken at import" if kind == "import" else "ValueError: no"
+        assert said in going_back[0]
     assert digest(data)[:16] in going_back[0]
 
     # The previous bootloader runs the system; the slot's image is marked rejected.
@@ -181,7 +182,8 @@ def _sweep(tmp_path, template, name, until, check, sample=None):
     counted: faults.json holds for one boot), then cut the power there, clean and torn
     (at every one, or at `sample` of them, chosen at random but the same every run), each
     from a fresh copy, and check() what the boots after the cut left. Returns the failures."""
-    console, n, _ = _boot(copy_of(template, tmp_path / f"{name}-count"), {"count_only": True}, until)
+    counting = copy_of(template, tmp_path / f"{name}-count")
+    console, n, _ = _boot(counting, {"count_only": True}, until)
     assert any(u in console for u in until), console
     points = [(k, torn) for k in range(1, n + 1) for torn in (False, True)]
     if sample is not None and sample < len(points):

@@ -183,7 +183,8 @@ def test_a_staged_update_is_refused_before_it_is_copied(template, tmp_path, labe
 
 
 @pytest.mark.skipif(not MOSQUITTO.is_file(), reason="needs Mosquitto")
-def test_the_ota_receiver_refuses_hostile_images(device, broker, cloud, pki, template):  # noqa: F811
+def test_the_ota_receiver_refuses_hostile_images(device, broker, cloud, pki,  # noqa: F811
+                                                 template):
     from test_ota import Updater
 
     images = template[1]

@@ -89,7 +89,8 @@ def test_real_builds_pass(originals):
     (b"M\x06\x0b\x1f", VM_MPY, None),  # native x64 code, v6.3: this VM's own
     (b"M\x06\x0a\x1f", VM_MPY, "native code for another CPU (arch 2.2)"),  # another sub-version
     (b"M\x06\x27\x1f", VM_MPY, "native code for another CPU (arch 9.3)"),  # xtensa
-    (b"M\x06\x27\x1f", 0x306, "native code for another CPU (arch 9.3)"),  # a VM with no native code
+    # a VM with no native code at all
+    (b"M\x06\x27\x1f", 0x306, "native code for another CPU (arch 9.3)"),
     (b"M\x06\x27\x1f", None, None),  # the host cannot tell: the board decides
 ])
 def test_mpy_headers(head, vm, expect):

@@ -296,7 +296,8 @@ def test_entries_up_to_the_limit(extra, refused):
     # main.mpy + count files: MAX_ENTRIES in all, then more
     data = hostile.wide_romfs(romfs.MAX_ENTRIES - 1 + extra)
     if refused:
-        with pytest.raises(romfs.RomfsLimitError, match="more than %d entries" % romfs.MAX_ENTRIES):
+        limit = "more than %d entries" % romfs.MAX_ENTRIES
+        with pytest.raises(romfs.RomfsLimitError, match=limit):
             walk_all(data)
     else:
         assert len(walk_all(data)) == romfs.MAX_ENTRIES
@@ -339,7 +340,8 @@ def test_extract_stops_at_the_limits_too(tmp_path):
 
 
 def _flashfs():
-    spec = importlib.util.spec_from_file_location("keel_flashfs", REPO / "bootloader" / "flashfs.py")
+    source = REPO / "bootloader" / "flashfs.py"
+    spec = importlib.util.spec_from_file_location("keel_flashfs", source)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
