@@ -192,6 +192,9 @@ def vm_info():
 
 def halt(slots, reset_reason, reason, missing):
     """No usable system: record why and wait for new firmware (like DFU mode)."""
+    import hashlib
+    import trust
+
     gc.collect()
     flashfs.write_json(
         STATUS_FILE,
@@ -205,6 +208,7 @@ def halt(slots, reset_reason, reason, missing):
             "app": "not-run",
             "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
             "stage": "bootloader",
+            "trust": trust.summary(hashlib.sha256),
         },
     )
     print("keel: no usable system (%s); waiting for firmware" % reason)

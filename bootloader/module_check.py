@@ -137,11 +137,60 @@ def refuse(slot, reason, message):
     return False
 
 
+# Why a board that trusts keys refuses a module's signature (docs/signing.md), said.
+_SIGNATURE_TEXT = {
+    "unsigned": "not signed, and this board takes only signed modules",
+    "untrusted": "not signed by a key this board trusts",
+    "signature": "its signature does not verify",
+}
+
+
+def signature_problem(read, info, keys=-1):
+    """Device: (reason, message) when this board's trusted keys (trust.py; -1: read
+    them) refuse the module's signature, else None. The verifier is loaded only for a
+    board that trusts keys, and dropped again."""
+    import hashlib
+    import trust
+
+    if keys == -1:
+        keys = trust.board_keys()
+    why = trust.check(mf, read, info, bytearray(mf.SIGNATURE_SIZE), hashlib.sha256, keys)
+    for name in ("trust", "ed25519"):
+        sys.modules.pop(name, None)
+    if why is None:
+        return None
+    text = _SIGNATURE_TEXT.get(why, why)
+    if keys is None:
+        text = "this board's trust file cannot be read, so it takes nothing"
+    return (why, text)
+
+
 def accept(slot):
     """Whether the bootloader may install the module in a keel_boot.Slot, its SHA-256
-    checked: the one place every module passes before its code is written."""
-    problem = check(slot.read, slot.info, slot.function, slot.index)
+    checked: the one place every module passes before its code is written. Its
+    signature first (the board's keys), then its payload."""
+    problem = signature_problem(slot.read, slot.info)
+    if problem is None:
+        problem = check(slot.read, slot.info, slot.function, slot.index)
     return refuse(slot, problem[0], problem[1]) if problem else True
+
+
+def _keep_trust(slot, fresh):
+    """A new bootloader brings its keys (trust.json in its payload: they must read), or
+    keeps the board's: the keys live in the bootloader's code directory."""
+    import flashfs
+    import trust
+
+    try:
+        if flashfs.exists(fresh + "/" + trust.BUNDLED):
+            if trust.parse_keys(flashfs.read_json(fresh + "/" + trust.BUNDLED)) is None:
+                return refuse(slot, CONTENT, "its trust.json is not a list of keys")
+            print("keel: the new bootloader brings the keys this board trusts from now on")
+        elif flashfs.exists(trust.TRUST_FILE):
+            flashfs.write_atomic(fresh + "/" + trust.BUNDLED, flashfs.read_text(trust.TRUST_FILE))
+        return True
+    finally:
+        sys.modules.pop("trust", None)
 
 
 def install_code(slot):
@@ -172,6 +221,9 @@ def install_code(slot):
     except (ValueError, OSError) as e:
         flashfs.remove_tree(fresh)
         return refuse(slot, INTEGRITY, "cannot extract it (%s)" % e)
+    if slot.function == mf.FUNCTION_BOOTLOADER and not _keep_trust(slot, fresh):
+        flashfs.remove_tree(fresh)
+        return False
     flashfs.write_atomic(fresh + "/.sha256", binascii.hexlify(slot.digest).decode())
     # Two renames swap the directories; there is always a whole copy to boot from.
     old = final + ".old"

@@ -24,6 +24,7 @@ INSTALLED_FILE = OTA_DIR + "/installed.json"  # read by the system, reported to 
 TRIAL_FILE = OTA_DIR + "/trial.json"  # a new system part proving itself
 ROLLBACK_FILE = OTA_DIR + "/rollback"  # the system asks for a rollback: the reason
 ROLLED_BACK_FILE = OTA_DIR + "/rolled_back.json"  # what the last rollback did, and why
+REFUSED_FILE = OTA_DIR + "/refused.json"  # the last update refused (also system/core/ota.py)
 MAX_TRIAL_BOOTS = 3  # boots a new system part gets to reach the cloud
 DEFAULT_TRIAL_S = 300
 _OTA_STATE = ("/transfer.json", "/bitmap", "/pending.json", "/apply.json", "/scratch")
@@ -84,7 +85,9 @@ def _refusal(board, label, staging, size):
         return "platform", "built for %s" % mf.platform_name(info.platform)
     import module_check
 
-    problem = module_check.check(staged.read, info, staged.function, staged.index)
+    problem = module_check.signature_problem(staged.read, info)
+    if problem is None:
+        problem = module_check.check(staged.read, info, staged.function, staged.index)
     del sys.modules["module_check"]
     return problem
 
@@ -213,6 +216,10 @@ def apply_update(port, board):
         if refused:
             print("keel: refusing the update for %s (%s): %s; keeping the installed firmware"
                   % (label, refused[0], refused[1]))
+            entry = ([p for p in board["flash"]["partitions"] if p["label"] == label] or [{}])[0]
+            flashfs.write_json(REFUSED_FILE, {
+                "function": entry.get("module") or "?", "index": entry.get("index", 0),
+                "sha256": sha, "reason": refused[0], "via": "install"})
             _drop_update()
             return None
         old = _module_in(dest) if _system_slot(board, label) else None
@@ -249,6 +256,7 @@ def apply_update(port, board):
             flashfs.write_atomic(ROLLBACK_FILE, "install-verify")
     flashfs.write_json(INSTALLED_FILE, {"slot": label, "version": version, "sha256": sha})
     flashfs.remove_tree(ROLLED_BACK_FILE)
+    flashfs.remove_tree(REFUSED_FILE)
     _drop_update()
     return label
 

@@ -80,10 +80,10 @@ def summary(sha256):
     return {"mode": "enforced" if keys else "development", "keys": fingerprints(keys, sha256)}
 
 
-def check(mf, read, info, buf, sha256, keys=None):
+def check(mf, read, info, buf, sha256, keys=-1):
     """Device: why this board refuses the module in read (info: its header), or None.
-    buf holds at least mf.SIGNATURE_SIZE bytes. keys: the board's, read when not given."""
-    if keys is None:
+    buf holds at least mf.SIGNATURE_SIZE bytes. keys: the board's (-1: read them)."""
+    if keys == -1:
         keys = board_keys()
     if keys == []:
         return None  # development mode: no signature to check, no verifier to load

@@ -295,8 +295,9 @@ class Session:
             "functions": names[0],
             "variables": names[1],
         }
-        if st.get("rollback"):
-            doc["rollback"] = st["rollback"]
+        for key in ("rollback", "trust", "refused"):
+            if st.get(key):
+                doc[key] = st[key]
         self._described_app = doc["app"]
         self._client.publish((self.base, b"describe"), json.dumps(doc), force=True)
 

@@ -38,6 +38,20 @@ class Status:
         flashfs.write_json(keel_boot.STATUS_FILE, self.doc)
 
 
+def _trust(status):
+    """What the board trusts (docs/signing.md), and the last update it refused."""
+    import hashlib
+    import trust  # the bootloader's: small, and dropped again
+
+    status.doc["trust"] = trust.summary(hashlib.sha256)
+    del sys.modules["trust"]
+    if status.doc["trust"]["mode"] == "development":
+        print("keel: development mode: this board takes unsigned modules")
+    refused = flashfs.read_json("/keel/ota/refused.json")
+    if isinstance(refused, dict):
+        status.doc["refused"] = refused
+
+
 def _updates(status):
     """What the bootloader did with the last system update: a part on trial, or
     one it rolled back (kept in the status until the next update goes in)."""
@@ -177,6 +191,7 @@ def start(board, slots, reset_reason):
     SLOTS[:] = slots
     RESET_REASON[0] = reset_reason
     status = Status(slots, reset_reason)
+    _trust(status)
     _updates(status)
     decision = app_loader.evaluate(slots, reset_reason)
     version = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]

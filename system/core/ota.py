@@ -24,6 +24,7 @@ BITMAP_FILE = OTA_DIR + "/bitmap"
 PENDING_FILE = OTA_DIR + "/pending.json"
 TRIAL_FILE = OTA_DIR + "/trial.json"  # a system part proving itself (bootloader/ota_apply.py)
 INSTALLED_FILE = OTA_DIR + "/installed.json"
+REFUSED_FILE = OTA_DIR + "/refused.json"  # the last update refused (also ota_apply.py)
 STAGING = "staging"
 # How far ahead of `next` the cloud may send: what the receiver takes (its bitmap's
 # byte). The cloud keeps less than that in flight (3 KB: what a dropped connection
@@ -44,10 +45,12 @@ _PENDING = const(3)  # verified: reset soon
 
 
 class Receiver:
-    def __init__(self, publish, platform, slots, rx=None, part=None):
+    def __init__(self, publish, platform, slots, rx=None, part=None, on_refused=None):
         """publish(text) sends ota/status; slots: the bootloader's Slot objects;
-        rx: the buffer messages arrive in (chunks in it are written without a copy)."""
+        rx: the buffer messages arrive in (chunks in it are written without a copy);
+        on_refused(record): a module was refused (the status and describe say so)."""
         self.publish = publish
+        self.on_refused = on_refused
         self.platform = platform
         self.slots = slots
         self.part = part if part is not None else keel_boot._port().Partition.find(STAGING)
@@ -144,6 +147,7 @@ class Receiver:
         if not _MIN_CHUNK <= chunk_size <= _MAX_CHUNK:
             self._status("refused", reason="chunk_size")
             return
+        signature = offer.get("signature")
         doc = {
             "sha256": sha,
             "function": function,
@@ -155,6 +159,8 @@ class Receiver:
             "slot": slot.label,
             "trial_s": int(offer.get("trial_s", 0)),
         }
+        if isinstance(signature, dict):
+            doc["signature"] = {k: str(signature.get(k)).lower() for k in ("key", "digest", "sig")}
         if self.offer is not None and self.offer["sha256"] == sha:
             if self.state == _PENDING:
                 self._status("pending")
@@ -167,6 +173,13 @@ class Receiver:
         if flashfs.exists(TRIAL_FILE):
             # The staging partition holds the backup of a system part on trial.
             self._status("refused", reason="trial")
+            return
+        why = signature_refusal(signature)
+        if why:  # before a single chunk is taken (docs/signing.md)
+            print("keel: ota: refusing %s %s: %s" % (slot.label, offer.get("version"), why))
+            self._refused({"function": mf.function_name(function), "index": index,
+                           "version": offer.get("version"), "sha256": sha, "reason": why})
+            self._status("refused", reason=why)
             return
         if self._resume(doc):
             return
@@ -368,8 +381,13 @@ class Receiver:
         if info.platform != self.platform:
             return self._failed("platform")
         refused = _refusal(self._read, info, doc)
+        if refused is None and not _signed_as_offered(self._read, info, doc, buf):
+            refused = ("signature", "the image's signature is not the one offered")
         if refused:
             print("keel: ota: %s" % refused[1])
+            self._refused({"function": mf.function_name(info.function), "index": info.index,
+                           "version": mf.decode_version(info.version), "sha256": doc["sha256"],
+                           "reason": refused[0]})
             return self._failed(refused[0], detail=refused[1][:200])  # (a path can be long)
         missing = dependency_check(info, self.slots)
         if missing:
@@ -383,6 +401,15 @@ class Receiver:
         events.emit(events.UPDATE_DONE, {"ok": True, "sha256": doc["sha256"]})
         self.state = _PENDING
         self.reset_at = time.ticks_add(time.ticks_ms(), _RESET_DELAY_MS)
+
+    def _refused(self, record):
+        version = record.get("version")
+        record["version"] = str(version)[:32] if version is not None else None
+        record["via"] = "ota"
+        flashfs.makedirs(OTA_DIR)
+        flashfs.write_json(REFUSED_FILE, record)
+        if self.on_refused is not None:
+            self.on_refused(record)
 
     def _failed(self, reason, **keys):
         print("keel: ota: update failed (%s)" % reason)
@@ -423,6 +450,53 @@ def _refusal(read, info, doc):
     return problem
 
 
+def signature_refusal(signature):
+    """Why this board refuses an offer whose `signature` field is this (None for an
+    unsigned module), or None: a board that trusts keys checks the signature over the
+    offered digest before it takes any chunk (docs/signing.md). The verifier is loaded
+    only on such a board, and dropped again."""
+    import sys
+    import hashlib
+    import trust  # from the bootloader's code
+
+    keys = trust.board_keys()
+    why = None
+    if keys is None:
+        why = trust.UNTRUSTED
+    elif keys:
+        block = digest = None
+        if isinstance(signature, dict):
+            try:
+                block = (binascii.unhexlify(signature["key"]), binascii.unhexlify(signature["sig"]))
+                digest = binascii.unhexlify(signature["digest"])
+            except (KeyError, TypeError, ValueError):
+                block = None
+        if block is None or len(block[0]) != 32 or len(digest) != 32:
+            why = trust.UNSIGNED
+        else:
+            import ed25519
+
+            why = trust.refusal(block, digest, keys, ed25519.verify, hashlib.sha256)
+    for name in ("trust", "ed25519"):
+        sys.modules.pop(name, None)
+    return why
+
+
+def _signed_as_offered(read, info, doc, buf):
+    """The received image carries the signature block and digest its offer did (the ones
+    checked then), or, offered unsigned to a board that took it, no requirement."""
+    offered = doc.get("signature")
+    if offered is None:
+        return True
+    block = mf.signature_block(read, info, buf)
+    if block is None:
+        return False
+    if binascii.hexlify(block[0]).decode() != offered["key"] or \
+            binascii.hexlify(block[1]).decode() != offered["sig"]:
+        return False
+    return binascii.hexlify(mf.stored_sha256(read, info, buf)).decode() == offered["digest"]
+
+
 def dependency_check(info, slots):
     """What the new module would leave unmet: its own dependencies, and (the "full"
     check) those of every other installed module that were met before and would not
@@ -460,7 +534,14 @@ def receiver(session):
         import runtime
 
         platform = mf.platform_id(hal.board()["platform"])
-        r = Receiver(session.ota_status, platform, keel_system.SLOTS, session._rx)
+
+        def refused(record):  # said in the status file and the describe at once
+            session.status["refused"] = record
+            flashfs.write_json(keel_boot.STATUS_FILE, session.status)
+            session.changed()
+
+        r = Receiver(session.ota_status, platform, keel_system.SLOTS, session._rx,
+                     on_refused=refused)
         _receiver[0] = r
         runtime.add_service(r.service)
     return r

@@ -266,6 +266,17 @@ def cmd_vdev_status(args) -> int:
     for m in doc["modules"]:
         state = "valid" if m["valid"] else f"INVALID ({m.get('invalid_reason')})"
         print(f"module          {m['function']} {m['index']} {m['version'] or '-'}  {state}")
+    trust = doc.get("trust")
+    if trust:
+        keys = ", ".join(k[:16] for k in trust.get("keys") or []) or "none readable"
+        print("trust           " + ("development mode: takes unsigned modules"
+                                    if trust["mode"] == "development"
+                                    else f"takes only modules signed by {keys}")
+              + (f" ({trust['error']})" if trust.get("error") else ""))
+    refused = doc.get("refused")
+    if refused:
+        print(f"refused         {refused.get('function')} {refused.get('index')} "
+              f"{refused.get('version') or ''} ({refused.get('via')}): {refused.get('reason')}")
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 from keel import module_format as mf
 from keel.errors import KeelError
 from keel.images import Image, load_valid_image, module_label
+from keel.vdev import check_signatures
 from keel.progress import Progress
 
 CHUNK = 2048  # bytes per exec; divides the 4 KB flash block, so no write crosses one
@@ -42,7 +43,14 @@ def _probe():
             'valid': False, 'slot': s.label, 'invalid_reason': 'empty'}
         d['capacity'] = s.size
         slots.append(d)
-    print(json.dumps({'board': board['name'], 'platform': board['platform'], 'slots': slots}))
+    try:
+        trust = json.load(open('/keel/m/bl/trust.json'))
+    except OSError:
+        trust = {'keys': []}
+    except ValueError:
+        trust = None
+    print(json.dumps({'board': board['name'], 'platform': board['platform'], 'slots': slots,
+                      'trust': trust}))
 
 def _write(label, at, data):
     p = _PORT.Partition.find(label)
@@ -255,11 +263,21 @@ def ordered(images: list[Image]) -> list[Image]:
     return sorted(images, key=lambda i: (_FUNCTION_ORDER.get(i.info.function, 9), i.info.index))
 
 
+def board_keys(board: dict) -> list[bytes] | None:
+    """The keys the board trusts (its probe's `trust`): [] in development mode, None when
+    its trust file cannot be read (it then takes nothing)."""
+    from keel import trust
+
+    doc = board.get("trust", {"keys": []})  # a board whose probe predates signing
+    return trust.parse_keys(doc) if doc is not None else None
+
+
 def flash_images(link: BoardLink, images: list[Image], say=print) -> None:
     """Check every image against the board, then write, verify and reset."""
     board = link.probe()
     images = ordered(images)
     slots = [slot_for(board, image) for image in images]
+    check_signatures(images, board_keys(board))
     say(f"{link.port}: {board['board']} ({board['platform']})")
     for warning in after_flash_warnings(board, images):
         say(f"warning: {warning}")

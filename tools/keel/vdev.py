@@ -190,6 +190,7 @@ def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
         raise KeelError(f"{device.path}: the device is running; stop it before flashing")
     images = [load_valid_image(p) for p in files]
     check_images_for_board(board, images)
+    check_signatures(images, trusted_keys(device.path))
     flash_data = device.read_flash()
     for image in images:
         _place(flash_data, board, image)
@@ -272,6 +273,21 @@ def write_files(path: Path | str, files: dict[str, bytes]) -> None:
             f.write(data)
     device.store_fs(flash_data, board, fs)
     device.write_flash(flash_data)
+
+
+def trusted_keys(path: Path | str) -> list[bytes] | None:
+    """The keys the device's board trusts, as its bootloader reads them ([]: development
+    mode; None: a trust file it cannot read, so it takes nothing)."""
+    from keel import trust
+
+    try:
+        data = read_file(path, trust.TRUST_FILE)
+    except (LittleFSError, OSError):
+        return []
+    try:
+        return trust.parse_keys(json.loads(data))
+    except ValueError:
+        return None
 
 
 def read_file(path: Path | str, name: str) -> bytes:
