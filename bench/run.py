@@ -44,8 +44,9 @@ FIGURES = [
     ("ota", "bench.fig_ota"),              # 4: OTA goodput over shaped links vs a plain HTTP GET
     ("heal", "bench.fig_heal"),            # 5: healing time vs transfers at link rate + boots
     ("fleet", "bench.fig_fleet"),          # 6: fleet scale
+    ("sign", "bench.fig_sign"),            # 7: checking a signed module on the device
 ]
-NUMBERS = {"boot": 1, "heap": 2, "ota_alloc": 3, "ota": 4, "heal": 5, "fleet": 6}  # (before they load)
+NUMBERS = {"boot": 1, "heap": 2, "ota_alloc": 3, "ota": 4, "heal": 5, "fleet": 6, "sign": 7}  # (before they load)
 
 RESULTS_JSON = ROOT / "bench" / "results.json"
 RESULTS_MD = ROOT / "bench" / "results.md"
