@@ -2,32 +2,16 @@
 require-signed`, and `keel release app` refusing an app, or the system parts it needs
 from the catalog, that are not signed by one of the fleet's keys (docs/signing.md)."""
 
-import socket
-
 import pytest
 
 from keel import build, signing
-from keel.cli import main
 from keel_cloud.config import CloudDir
 from keel_cloud.fleets import Fleets
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def keel(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(capsys, *args) -> str:
-    code, out, err = keel(capsys, *args)
-    assert code == 1 and err.startswith("keel: error: ") and err.count("\n") == 1, (code, out, err)
-    return err
+try:
+    from test_fleets import free_port, keel, refused
+except ImportError:  # run from another directory
+    from tests.cloud.test_fleets import free_port, keel, refused
 
 
 @pytest.fixture(scope="module")
