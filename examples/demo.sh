@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the walking-skeleton story on the virtual board.
 # An app built for system 1.1.0 lands on a device running 1.0.0: safe mode.
-# The device gets system 1.1.0: the app runs.
+# The device gets system 1.1.0: the app runs. A board that trusts a signing key takes
+# only signed modules. Keel Cloud heals a device over the air.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-/tmp/keel-demo}
@@ -29,6 +30,18 @@ step "Update the system to 1.1.0 (as a USB bootloader would) and boot again"
 show keel vdev flash "$DEMO_DIR/device" "$DEMO_DIR"/s110/*.bin
 show keel vdev run "$DEMO_DIR/device" --seconds 3
 show keel vdev status "$DEMO_DIR/device"
+
+step "Signed modules: a board that trusts a key takes only what that key signed"
+show keel keys generate "$DEMO_DIR/release-key"
+show keel build system --platform virtual --version 1.1.0 -o "$DEMO_DIR/signed" --sign "$DEMO_DIR/release-key"
+show keel vdev create "$DEMO_DIR/locked" --system "$DEMO_DIR/signed" --trust "$DEMO_DIR/release-key.pub"
+echo "# the unsigned app is refused before anything is written:"
+show keel vdev flash "$DEMO_DIR/locked" "$DEMO_DIR/app.bin" || true
+show keel sign "$DEMO_DIR/app.bin" --key "$DEMO_DIR/release-key" -o "$DEMO_DIR/app-signed.bin"
+show keel inspect "$DEMO_DIR/app-signed.bin" --trust "$DEMO_DIR/release-key.pub"
+show keel vdev flash "$DEMO_DIR/locked" "$DEMO_DIR/app-signed.bin"
+show keel vdev run "$DEMO_DIR/locked" --seconds 3
+show keel vdev status "$DEMO_DIR/locked"
 
 step "The sensor example: drive and watch the running board from the host"
 show keel build app examples/sensor --platform virtual --target 1.1.0 -o "$DEMO_DIR/sensor.bin"
