@@ -250,7 +250,8 @@ def test_rollout_to_a_fake_device_and_its_rollback_shown(running, systems, tmp_p
         wait_until(lambda: running.registry.device("fake1")["online"], what="fake1 online")
         assert keel(capsys, "fleet", "create", "sensors", "--platform", "virtual", *c)[0] == 0
         code, out, _ = keel(capsys, "fleet", "list", "--json", *c)
-        assert json.loads(out) == [{"name": "sensors", "platform": "virtual", "members": 0, "release": None}]
+        assert json.loads(out) == [{"name": "sensors", "platform": "virtual", "members": 0, "release": None,
+                                    "signed_by": []}]
         assert keel(capsys, "fleet", "add", "sensors", "fake1", *c)[0] == 0
         image = app(tmp_path, "fleetapp", "1.1.0")
         code, out, err = keel(capsys, "release", "app", image, "--fleet", "sensors", *c)
