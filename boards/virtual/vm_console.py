@@ -57,10 +57,11 @@ class _Machine:
         pass
 
 
-def _banner():
+def _banner(board):
     version = sys.version.split("; ", 1)[-1]
-    return "%s; Keel virtual board with %s\r\nType \"help()\" for more information.\r\n" % (
+    return "%s; %s with %s\r\nType \"help()\" for more information.\r\n" % (
         version,
+        board,
         sys.implementation._machine,
     )
 
@@ -121,8 +122,9 @@ def _indent(text):
 
 
 class _Repl:
-    def __init__(self, ctl, g, print_exception):
+    def __init__(self, ctl, g, print_exception, board):
         self._print_exception = print_exception
+        self._board = board
         self._ctl = ctl
         self._g = g
         self._stdin = sys.stdin.buffer
@@ -163,7 +165,9 @@ class _Repl:
             finally:
                 self._ctl.write(b"0")
         except SystemExit:
-            if sys.modules["vboard"].exiting:
+            # A reset of the virtual board unwinds the stack (vboard.exiting set); a
+            # twin's stops the VM at once and never gets here.
+            if getattr(sys.modules.get("vboard"), "exiting", False):
                 raise
             reboot = True
         except BaseException as e:  # noqa: BLE001 - reported on the console
@@ -303,7 +307,7 @@ class _Repl:
             _write(b"\r\n=== " if c == 13 else bytes((c,)))
 
     def friendly(self):
-        _write(_banner())
+        _write(_banner(self._board))
         while True:
             key, line = self.readline(b">>> ")
             if key == _CTRL_A:
@@ -311,7 +315,7 @@ class _Repl:
                 return "raw"
             if key == _CTRL_B:
                 _write(b"\r\n")
-                _write(_banner())
+                _write(_banner(self._board))
                 continue
             if key == _CTRL_C:
                 _write(b"\r\n")
@@ -343,12 +347,15 @@ class _Repl:
                 return _SOFT
 
 
-def repl(mode, ctl, g, print_exception):
+def repl(mode, ctl, g, print_exception, board):
     """Runs the REPL from mode ("friendly" or "raw") until a soft reboot; returns the
     mode the REPL is in then, which the next boot keeps. print_exception(e) prints
-    a traceback as a port does (without the frames of the VM's start-up code)."""
-    sys.modules["machine"] = _Machine
-    r = _Repl(ctl, g, print_exception)
+    a traceback as a port does (without the frames of the VM's start-up code); board
+    names the board in the banner. The virtual board gets the small `machine` above;
+    a twin has its port's."""
+    if "vboard" in sys.modules:
+        sys.modules["machine"] = _Machine
+    r = _Repl(ctl, g, print_exception, board)
     while True:
         try:
             nxt = r.raw() if mode == "raw" else r.friendly()

@@ -1,18 +1,17 @@
-# Fault injection for the virtual board's flash (docs/virtual-board.md, "Fault
+# Fault injection for the flash of a board on the VM (docs/virtual-board.md, "Fault
 # injection"). vm_startup.py imports this only when the device directory holds
 # faults.json, so a normal boot carries none of it on the heap.
-# It counts every flash operation, on any
-# partition: each writeblocks call and each block erase (ioctl 6, and the erases of a
-# writeblocks without an offset); at operation cut_at_write it cuts the power.
+# It counts every flash operation, on any partition: each write (a writeblocks call)
+# and each erase of a block (ioctl 6, and the erases of a writeblocks without an
+# offset); at operation cut_at_write it cuts the power.
 import json
 import os
-import sys
-
-_POWER_CUT_EXIT = 102  # tells the host runner the board lost power (tools/keel/vdev.py)
 
 
-def install(device_dir, Partition, _ERASED):
-    """Wrap Partition's flash operations as faults.json in device_dir asks."""
+def install(device_dir, flash, power_gone):
+    """Wrap flash's operations (a vm_flash.Flash) as faults.json in device_dir asks.
+    power_gone() ends the boot as the power going does, and does not return: the
+    virtual board raises SystemExit(102) with the flash frozen, a twin stops at once."""
     path = device_dir + "/faults.json"
     with open(path) as f:
         doc = json.load(f)
@@ -29,16 +28,12 @@ def install(device_dir, Partition, _ERASED):
         out.write("%10d %s\n" % (state[0], what))
         out.flush()
 
-    def power_gone():
-        # Unwinds the stack with the flash frozen: whatever runs on the way out (finally
-        # blocks, file closes) reaches nothing, and every later flash access raises
-        # again, so the VM exits with status 102 (it always did in the tests).
-        sys.modules["vboard"].exiting = True  # not an app crash (keel_boot.resetting)
-        raise SystemExit(102)  # the exit status of a power cut (vdev.POWER_CUT_EXIT)
+    read, write, erase = flash.read, flash.write, flash.erase
 
-    def before(part, at, data):
-        # Before each flash operation: a write of data at byte `at` of part, or an
-        # erase of the block there (data None).
+    def before(addr, data):
+        # Before each flash operation: a write of data at addr, or an erase of the
+        # block there (data None). Unwinding code that still reaches the flash after
+        # the cut (finally blocks, closes) finds it frozen: every access ends again.
         if state[1]:
             power_gone()
         state[0] += 1
@@ -49,39 +44,30 @@ def install(device_dir, Partition, _ERASED):
         state[1] = True
         report(("torn-" if torn else "cut-") + ("erase" if data is None else "write"))
         if torn:  # half done: the first half of the buffer, or of the block
-            f = Partition._flash
-            f.seek(part.offset + at)
             if data is None:
-                for _ in range(part.BLOCK_SIZE // len(_ERASED) // 2):
-                    f.write(_ERASED)
+                size, flash.erase_size = flash.erase_size, flash.erase_size // 2
+                try:
+                    erase(addr)
+                finally:
+                    flash.erase_size = size
             else:
-                f.write(memoryview(data)[: len(data) // 2])
-            f.flush()
+                write(addr, memoryview(data)[: len(data) // 2])
         power_gone()
 
-    read, write, ioctl = Partition.readblocks, Partition.writeblocks, Partition.ioctl
-
-    def readblocks(self, block, buf, offset=0):
+    def read_frozen(addr, buf):
         if state[1]:
             power_gone()
-        read(self, block, buf, offset)
+        read(addr, buf)
 
-    def writeblocks(self, block, buf, offset=None):
-        start = block * self.BLOCK_SIZE + (offset or 0)
-        if start + len(buf) > self.size:
-            raise OSError(22)
-        if offset is None:
-            for i in range(len(buf) // self.BLOCK_SIZE):
-                self.ioctl(6, block + i)  # (counted there)
-        before(self, start, buf)
-        write(self, block, buf, start - block * self.BLOCK_SIZE)  # in place: erased above
+    def write_counted(addr, buf):
+        before(addr, buf)
+        write(addr, buf)
 
-    def erase_counted(self, op, arg):
-        if op == 6 and 0 <= arg < self.size // self.BLOCK_SIZE:
-            before(self, arg * self.BLOCK_SIZE, None)
-        return ioctl(self, op, arg)
+    def erase_counted(addr):
+        before(addr, None)
+        erase(addr)
 
-    Partition.readblocks = readblocks
-    Partition.writeblocks = writeblocks
-    Partition.ioctl = erase_counted
+    flash.read = read_frozen
+    flash.write = write_counted
+    flash.erase = erase_counted
     report("-" * 10)

@@ -1,9 +1,11 @@
-# The virtual board's "firmware" start-up, run by the MicroPython unix port.
-# It plays the part of a real port's main.c and frozen _boot.py: it maps the
-# file-backed flash into partitions (the `vboard` module, shaped like
-# esp32.Partition), mounts the LittleFS partition at / and runs /boot.py, then
-# /main.py, as a board does.
-#   micropython -X heapsize=192K vm_startup.py DEVICE_DIR RESET_CAUSE [MODE CTL_FD]
+# The "firmware" start-up of every board on the VM, run by the MicroPython unix port:
+# the virtual board, and the twins that play real boards (boards/twins/). It plays the
+# part of a port's main.c: it reads the device directory (board.json, flash.bin, the
+# host link files, the id, the jumpers), builds the board's port modules, mounts the
+# filesystem and runs /boot.py, then /main.py, as a board does.
+#   micropython -X heapsize=N vm_startup.py DEVICE_DIR RESET_CAUSE [MODE CTL_FD]
+# The virtual board's port module is `vboard` (below, shaped like esp32.Partition); a
+# twin's are the stand-ins of its MicroPython port (boards/twins/vm_twin.py).
 # With MODE (friendly or raw: keel vdev run --pty) the board has a console: main.py
 # runs only in friendly mode, then the REPL (vm_console.py) takes the console until a
 # soft reboot; CTL_FD is a pipe that tells the runner when Ctrl-C is a keyboard
@@ -15,14 +17,108 @@ import vfs
 import json
 
 _RESET_EXIT = 100  # exit status that asks the host runner for a reset
+_DEEP_SLEEP_EXIT = 101  # ... and for a deep sleep (the length is in the I/O log)
+_POWER_CUT_EXIT = 102  # ... and after a power cut by fault injection
 _SOFT_REBOOT_EXIT = {"friendly": 103, "raw": 104}  # ... for a soft reboot, by REPL mode
 _HERE = sys.argv[0].rsplit("/", 1)[0] if "/" in sys.argv[0] else "."
+# The firmware's other modules, compiled (tools/keel/vmfirmware.py); else boards/'s sources.
+_FIRMWARE = os.getenv("KEEL_VM_FIRMWARE")
 
 
-_ERASED = b"\xff" * 256
+# ---------------------------------------------------------------- every board on the VM
+
+# The board's flash chip, backed by DEVICE_DIR/flash.bin: what every board on the VM
+# (the virtual board's vboard.Partition, a twin's esp32.Partition) reads, programs and
+# erases through, at addresses in the chip. Fault injection (vm_faults.py) wraps its
+# three methods. On the virtual board a write stores the new bytes as they are (its
+# documented shortcut); a twin's is NOR flash, as the chips are (vm_twin.py).
+ERASED = b"\xff" * 256  # a small preallocated run: erasing allocates nothing
+
+
+class Flash:
+    def __init__(self, path, size, erase_size=4096):
+        self.file = open(path, "r+b")
+        self.size = size
+        self.erase_size = erase_size
+
+    def read(self, addr, buf):
+        f = self.file
+        f.seek(addr)
+        f.readinto(buf)
+
+    def write(self, addr, buf):
+        f = self.file
+        f.seek(addr)
+        f.write(buf)
+        f.flush()  # in the file at once: a killed VM leaves what it wrote
+
+    def erase(self, addr):
+        """Erase the erase block (sector) at addr to 0xFF."""
+        f = self.file
+        f.seek(addr)
+        for _ in range(self.erase_size // len(ERASED)):
+            f.write(ERASED)
+        f.flush()
+
+
+class _Board:
+    pass
+
+
+def _read_device(device_dir, cause, ctl):
+    """What every board on the VM has, from its device directory: the board
+    definition, the flash chip, the host link files, its id and the run's jumpers."""
+    hw = _Board()
+    with open(device_dir + "/board.json") as f:
+        hw.board = json.load(f)
+    hw.device_dir = device_dir
+    hw.cause = cause  # what the runner says started this boot
+    hw.ctl = ctl
+    names = os.listdir(device_dir)
+    flash = hw.board["flash"]
+    hw.flash = Flash(device_dir + "/flash.bin", flash["size"], flash["block_size"])
+    hw.faults = "faults.json" in names
+    hw.io_out, hw.io_in = _io_files(device_dir)
+    try:
+        with open(device_dir + "/uid") as f:
+            hw.uid = f.read().strip()
+    except OSError:
+        hw.uid = None
+    hw.wires = None  # simulated jumpers: pairs of pin names (keel vdev run --wires)
+    if "wires.json" in names:
+        with open(device_dir + "/wires.json") as f:
+            hw.wires = json.load(f)["wires"]
+    return hw
+
+
+def _io_files(device_dir):
+    # The board's pins and peripherals, as the host sees them: the VM appends state
+    # changes to io.log (new each boot) and reads commands appended to io.in.
+    out = open(device_dir + "/io.log", "w")
+    open(device_dir + "/io.in", "ab").close()
+    cmds = open(device_dir + "/io.in", "rb")
+    cmds.seek(0, 2)  # commands from before this boot are not for it
+    return out, cmds
+
+
+def load(names, where="virtual"):
+    """Import the firmware's own modules from boards/<where> (compiled, or as source),
+    through a mount of that host folder that lasts as long as the imports."""
+    vfs.mount(vfs.VfsPosix((_FIRMWARE or _BOARDS) + "/" + where), "/.vm")
+    sys.path.insert(0, "/.vm")
+    try:
+        return [__import__(name) for name in names]
+    finally:
+        sys.path.pop(0)
+        vfs.umount("/.vm")
+
+
+# ---------------------------------------------------------------- the virtual board
 
 
 class Partition:
+    """A flash partition of the virtual board, shaped like esp32.Partition."""
+
     _table = {}
     _flash = None
     BLOCK_SIZE = 4096
@@ -43,9 +139,7 @@ class Partition:
         start = block * self.BLOCK_SIZE + offset
         if start + len(buf) > self.size:
             raise OSError(22)
-        f = self._flash
-        f.seek(self.offset + start)
-        f.readinto(buf)
+        self._flash.read(self.offset + start, buf)
 
     def writeblocks(self, block, buf, offset=None):
         # As esp32.Partition: without an offset, whole blocks are erased and written;
@@ -55,11 +149,8 @@ class Partition:
             raise OSError(22)
         if offset is None:
             for i in range(len(buf) // self.BLOCK_SIZE):
-                self.ioctl(6, block + i)
-        f = self._flash
-        f.seek(self.offset + start)
-        f.write(buf)
-        f.flush()
+                self._flash.erase(self.offset + start + i * self.BLOCK_SIZE)
+        self._flash.write(self.offset + start, buf)
 
     def ioctl(self, op, arg):
         if op == 4:  # block count
@@ -69,23 +160,18 @@ class Partition:
         if op == 6:  # erase one block
             if not 0 <= arg < self.size // self.BLOCK_SIZE:
                 return -22
-            f = self._flash
-            f.seek(self.offset + arg * self.BLOCK_SIZE)
-            for _ in range(self.BLOCK_SIZE // len(_ERASED)):
-                f.write(_ERASED)  # a small preallocated run: erasing allocates nothing
-            f.flush()
+            self._flash.erase(self.offset + arg * self.BLOCK_SIZE)
             return 0
         return None
 
 
-class _Board:
-    pass
+_hw = None
 
 
-_DEEP_SLEEP_EXIT = 101  # ... and for a deep sleep (the length is in the I/O log)
-
-
-def _exit(code):
+def _exit(code=_POWER_CUT_EXIT):
+    # A reset, a deep sleep or (by default) a power cut of fault injection, whose flash
+    # is frozen (vm_faults.py): the stack unwinds to the runner, which starts the board
+    # again; not an app crash (vboard.exiting is set).
     sys.modules["vboard"].exiting = True
     if _ctl is not None:
         _ctl.write(b"R")  # resetting: a Ctrl-C from now on is for the next boot
@@ -100,46 +186,49 @@ def deep_sleep():
     _exit(_DEEP_SLEEP_EXIT)
 
 
-def _io_files(device_dir):
-    # The board's pins and peripherals, as the host sees them: the VM appends state
-    # changes to io.log (new each boot) and reads commands appended to io.in.
-    out = open(device_dir + "/io.log", "w")
-    open(device_dir + "/io.in", "ab").close()
-    cmds = open(device_dir + "/io.in", "rb")
-    cmds.seek(0, 2)  # commands from before this boot are not for it
-    return out, cmds
+_sims = {}
 
 
-def _start(device_dir, cause):
-    with open(device_dir + "/board.json") as f:
-        board = json.load(f)
-    names = os.listdir(device_dir)
-    if "faults.json" in names:
-        import vm_faults  # (beside this file; fault-injection runs only)
+def sim(name, board):
+    """The simulated hardware's module `name` (boards/virtual/sim_*.py), loaded when the
+    HAL first asks for it (off the heap of a board that does not use it). board() gives
+    the board definition the HAL has (one copy in RAM)."""
+    found = _sims.get(name)
+    if found is None:
+        if not _sims:
+            found = _sims["sim_link"] = load(("sim_link",))[0]
+            found.setup(_hw.io_out, _hw.io_in)
+        if name != "sim_link" and "sim_board" not in _sims:
+            found = _sims["sim_board"] = load(("sim_board",))[0]
+            found.setup(board, _hw.wires)
+        found = _sims[name] = _sims.get(name) or load((name,))[0]
+    return found
 
-        vm_faults.install(device_dir, Partition, _ERASED)
-    Partition._flash = open(device_dir + "/flash.bin", "r+b")
+
+def _start_virtual(hw):
+    board = hw.board
+    Partition._flash = hw.flash
     Partition.BLOCK_SIZE = board["flash"]["block_size"]
     for p in board["flash"]["partitions"]:
         Partition._table[p["label"]] = Partition(p["label"], p["offset"], p["size"])
+    hw.board = None  # the HAL reads its own copy (/keel/board.json): one in RAM
 
     vboard = _Board()
     vboard.Partition = Partition
     vboard.reset = reset
     vboard.deep_sleep = deep_sleep
-    vboard.reset_cause = lambda: cause
-    vboard.io_out, vboard.io_in = _io_files(device_dir)
-    try:
-        with open(device_dir + "/uid") as f:
-            vboard.uid = f.read().strip()
-    except OSError:
-        vboard.uid = "000000000000000000000000"
-    vboard.device_dir = device_dir
-    vboard.wires = None  # simulated jumpers: pairs of pin names (keel vdev run --wires)
-    if "wires.json" in names:
-        with open(device_dir + "/wires.json") as f:
-            vboard.wires = json.load(f)["wires"]
+    vboard.exiting = False
+    vboard.reset_cause = lambda: hw.cause
+    vboard.io_out, vboard.io_in = hw.io_out, hw.io_in
+    vboard.uid = hw.uid or "000000000000000000000000"
+    vboard.device_dir = hw.device_dir
+    vboard.wires = hw.wires
+    vboard.sim = sim
     sys.modules["vboard"] = vboard
+    if hw.faults:
+        import vm_faults  # (beside this file; fault-injection runs only)
+
+        vm_faults.install(hw.device_dir, hw.flash, _exit)
 
     fs = Partition.find("fs")
     try:
@@ -156,6 +245,9 @@ def _start(device_dir, cause):
     sys.path.append("/lib")
 
 
+# ---------------------------------------------------------------- boot.py and main.py
+
+
 def _print_exception(e):
     # As a port prints it: without the frames of this start-up code and the REPL's.
     try:
@@ -164,7 +256,8 @@ def _print_exception(e):
         buf = io.StringIO()
         sys.print_exception(e, buf)
         for line in buf.getvalue().split("\n"):
-            if line and not ('"' + _HERE) in line and not line.startswith('  File "/.vm/'):
+            if line and not ('"' + _HERE) in line and not line.startswith('  File "/.vm/') \
+                    and not line.startswith('  File "/_twin/'):
                 print(line)
     except MemoryError:
         sys.print_exception(e)
@@ -191,7 +284,9 @@ def _script(path, g, ctl):
         finally:
             ctl.write(b"0")
     except SystemExit:
-        if sys.modules["vboard"].exiting:
+        # A reset or deep sleep of the virtual board unwinds the stack (vboard.exiting
+        # set); a twin's never does: it stops the VM at once.
+        if getattr(sys.modules.get("vboard"), "exiting", False):
             raise  # a reset or deep sleep: the VM ends
         return None
     except BaseException as e:  # noqa: BLE001 - printed, as a port prints it, then the REPL
@@ -201,7 +296,7 @@ def _script(path, g, ctl):
     return True
 
 
-def _console(mode, ctl):
+def _console(mode, ctl, banner):
     # A port's main loop: boot.py, main.py in friendly mode, then the REPL until a
     # soft reboot, which the runner makes a new VM in the REPL mode of the moment.
     g = {"__name__": "__main__"}
@@ -209,27 +304,32 @@ def _console(mode, ctl):
     if ok and mode == "friendly":
         ok = _script("/main.py", g, ctl)
     if ok is not None:
-        # The REPL, loaded only now (off a running system's heap), from beside this
-        # file: the host's filesystem, mounted for as long as the import takes.
-        vfs.mount(vfs.VfsPosix(_HERE), "/.vm")
-        sys.path.insert(0, "/.vm")
-        import vm_console
-
-        sys.path.pop(0)
-        vfs.umount("/.vm")
-        mode = vm_console.repl(mode, ctl, g, _print_exception)
+        # The REPL, loaded only now (off a running system's heap), from beside this file.
+        vm_console = load(("vm_console",))[0]
+        mode = vm_console.repl(mode, ctl, g, _print_exception, banner)
     sys.stdout.write("MPY: soft reboot\r\n")
     sys.exit(_SOFT_REBOOT_EXIT[mode])
 
 
 if not _HERE.startswith("/"):
     _HERE = os.getcwd() + "/" + _HERE
+_BOARDS = _HERE.rsplit("/", 1)[0]
 # (opened before / becomes the flash's filesystem)
 _ctl = open("/proc/self/fd/" + sys.argv[4], "wb") if len(sys.argv) > 4 else None
-_start(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "power-on")
-del _start
+_hw = _read_device(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "power-on", _ctl)
+if _hw.board["port"] == "virtual":
+    _start_virtual(_hw)
+    import gc
+
+    gc.collect()
+    _banner = "Keel virtual board"
+else:
+    # A twin: its port's stand-ins and start-up (boards/twins/vm_twin.py).
+    _twin = load(("vm_twin",), "twins")[0]
+    _banner = _twin.start(_hw, load)
+del _read_device, _start_virtual, _io_files
 if _ctl is not None:
-    _console(sys.argv[3], _ctl)
+    _console(sys.argv[3], _ctl, _banner)
 _main_globals = {"__name__": "__main__"}
 try:
     os.stat("/boot.py")

@@ -143,7 +143,8 @@ def test_pwm_reports_every_change(device, make_app):
 I2C_APP = """
 from hal.i2c import I2C
 from hal.ports.virtual import link
-from hal.ports.virtual import i2c as backend
+
+backend = link.sim("sim_i2c")  # the board's TMP102 model, which reads the clock
 
 TMP = 0x48
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from littlefs import LittleFS, LittleFSError
 
 from keel import module_format as mf
-from keel import factory
+from keel import factory, vmfirmware
 from keel.boards import Board, board_dir, board_from_dict, load_board
 from keel.errors import KeelError
 from keel.images import Image, load_valid_image, module_label
@@ -631,7 +631,8 @@ def run(
     monitor = BoardMonitor(device.path / IO_LOG)
     (device.path / IO_IN).write_bytes(b"")
     heap = heap or board.heap
-    startup = board_dir(board.name) / "vm_startup.py"
+    startup = board_dir("virtual") / "vm_startup.py"  # every board's start-up on the VM
+    firmware = vmfirmware.firmware_dir()
     started = time.monotonic()
     deadline = None if seconds is None else started + seconds
     cause = "power-on"
@@ -653,7 +654,7 @@ def run(
             boots += 1
             note(f"boot {boots} ({cause}), heap {heap // 1024}K")
             monitor.restart()
-            proc = _start_vm(startup, device.path, heap, cause, link, repl_mode)
+            proc = _start_vm(startup, device.path, heap, cause, link, repl_mode, firmware)
             (device.path / PID_FILE).write_text(str(proc.pid))
             pump = threading.Thread(target=console.pump, args=(proc.stdout, link), daemon=True)
             pump.start()
@@ -743,10 +744,12 @@ def load_wires(path: Path | str, board: Board) -> list[list[str]]:
     return out
 
 
-def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode: str):
+def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode: str,
+              firmware: Path):
     """One boot: the VM process. With a console pty, its stdin and a control pipe
     (vm_startup.py's CTL_FD) go to the pty's relay."""
     command = [micropython(), "-X", f"heapsize={heap}", str(startup), str(device_dir), cause]
+    env = dict(os.environ, **{vmfirmware.ENV: str(firmware)})
     if link is None:
         return subprocess.Popen(
             command,
@@ -754,6 +757,7 @@ def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=env,
         )
     stdin_r, stdin_w = os.pipe()
     ctl_r, ctl_w = os.pipe()
@@ -766,6 +770,7 @@ def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode
             stdin=stdin_r,
             pass_fds=(ctl_w,),
             start_new_session=True,
+            env=env,
         )
     finally:
         os.close(stdin_r)

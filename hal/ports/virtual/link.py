@@ -1,68 +1,20 @@
-# The virtual board's wire to the host: state changes go out as JSON lines in
-# <device>/io.log, commands come in as JSON lines appended to <device>/io.in.
-# The host side is tools/keel/vio.py (keel vdev io).
-import json
-import time
+# The virtual board's wire to the host (io.log out, io.in in; the host side is
+# tools/keel/vio.py), and the way to the board's simulated hardware: the models of
+# boards/virtual/sim_*.py belong to the board, not to Keel, and its firmware
+# (vm_startup.py) loads each when a backend first asks (sim()). The backends are the
+# thin layer over them that the esp32 backends are over machine. Host commands are
+# read by the system loop.
+import hal
 import vboard
 
-_out = vboard.io_out
-_in = vboard.io_in
-_pos = _in.tell()  # where the VM started: commands sent since then are read
-_partial = b""
-_handlers = {}
-_waiting = []  # commands that came before their handler (the app imports HAL lazily)
-_MAX_WAITING = 16
+
+def sim(name):
+    return vboard.sim(name, hal.board)  # (the board definition, read when needed)
 
 
-def emit(kind, **fields):
-    """Report a state change to the host."""
-    fields["k"] = kind
-    fields["t"] = time.ticks_ms()
-    _out.write(json.dumps(fields))
-    _out.write("\n")
+_link = sim("sim_link")
+emit = _link.emit
+on = _link.on
+_handlers = _link._handlers  # (for tests: the handlers registered per op)
 
-
-def on(op, handler):
-    """handler(command_dict) runs, from the system loop, for each host command op.
-    Commands of that op that arrived before the handler existed run now."""
-    _handlers[op] = handler
-    for cmd in [c for c in _waiting if c.get("op") == op]:
-        _waiting.remove(cmd)
-        _dispatch(cmd)
-
-
-def poll():
-    """Dispatch the commands the host appended since the last poll."""
-    global _pos, _partial
-    end = _in.seek(0, 2)
-    if end == _pos:
-        return
-    _in.seek(_pos)
-    data = _partial + _in.read(end - _pos)
-    _pos = end
-    lines = data.split(b"\n")
-    _partial = lines.pop()
-    for line in lines:
-        try:
-            cmd = json.loads(line)
-        except ValueError:
-            emit("error", message="bad command")
-            continue
-        if cmd.get("op") in _handlers:
-            _dispatch(cmd)
-        elif len(_waiting) < _MAX_WAITING:
-            _waiting.append(cmd)
-        else:
-            emit("error", message="no handler for %s" % cmd.get("op"))
-
-
-def _dispatch(cmd):
-    try:
-        _handlers[cmd["op"]](cmd)
-    except Exception as e:  # a bad command must not stop the board
-        emit("error", message="%s: %r" % (cmd.get("op"), e))
-
-
-import hal  # noqa: E402  (hal is initialised before any backend is imported)
-
-hal.add_service(poll)
+hal.add_service(_link.poll)

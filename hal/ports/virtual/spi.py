@@ -1,14 +1,17 @@
 # Virtual SPI: the board's buses are loopbacks ("simulated": "loopback"), MOSI wired
-# to MISO, so every byte clocked out is the byte clocked in.
+# to MISO, so every byte clocked out is the byte clocked in (the board's sim_serial).
 import hal
+from hal.ports.virtual.link import sim
+
+_serial = sim("sim_serial")
 
 
-def _loopback(bus):
+def _bus(bus):
     for spec in hal.board().get("spi", ()):
         if spec["bus"] == bus:
             if spec.get("simulated") != "loopback":
                 raise ValueError("SPI bus %r has no simulation" % bus)
-            return
+            return spec
     raise ValueError("board %s has no SPI bus %r" % (hal.board()["name"], bus))
 
 
@@ -17,7 +20,8 @@ class SPI:
     LSB = 1
 
     def __init__(self, bus, baudrate=1000000, polarity=0, phase=0, bits=8, firstbit=0):
-        _loopback(bus)
+        spec = _bus(bus)
+        self._wires = _serial.SPIWires(spec["mosi"], spec["miso"])
         self._bus = bus
         self.init(baudrate, polarity, phase, bits, firstbit)
 
@@ -37,17 +41,17 @@ class SPI:
         pass  # what goes out comes back, and nobody reads it
 
     def read(self, nbytes, write=0x00):
-        return bytes(nbytes) if not write else bytes((write & 0xFF,)) * nbytes
+        buf = bytearray(nbytes)
+        self._wires.transfer(write & 0xFF, buf)
+        return bytes(buf)
 
     def readinto(self, buf, write=0x00):
-        write &= 0xFF
-        for i in range(len(buf)):
-            buf[i] = write
+        self._wires.transfer(write & 0xFF, buf)
 
     def write_readinto(self, write_buf, read_buf):
         if len(write_buf) != len(read_buf):
             raise ValueError("buffers must be the same length")
-        read_buf[:] = write_buf
+        self._wires.transfer(write_buf, read_buf)
 
     def __repr__(self):
         return "SPI(%d, baudrate=%d)" % (self._bus, self._baudrate)

@@ -1,81 +1,26 @@
 # Virtual UART: the board's buses are loopbacks ("simulated": "loopback"), TX wired to
-# RX through a receive buffer of _RX_SIZE bytes that drops the oldest bytes when full.
-# What is written is reported to the host (hex, at most _TX_SHOWN bytes per write).
-from micropython import const
-from binascii import hexlify
+# RX through a receive buffer of 256 bytes that drops the oldest bytes when full (the
+# board's sim_serial). What is written is reported to the host (hex, at most 64 bytes).
 import hal
-from hal.ports.virtual import link
+from hal.ports.virtual.link import sim
 
-_RX_SIZE = const(256)
-_TX_SHOWN = const(64)
-
-
-class _Ring:
-    """The receive buffer of one bus, shared by every UART object on it."""
-
-    def __init__(self):
-        self.buf = bytearray(_RX_SIZE)
-        self.head = 0  # index of the oldest byte
-        self.count = 0
-
-    def put(self, data):
-        n = len(data)
-        src = memoryview(data)
-        if n > _RX_SIZE:
-            src = src[n - _RX_SIZE :]
-            n = _RX_SIZE
-        drop = self.count + n - _RX_SIZE
-        if drop > 0:
-            self.head = (self.head + drop) % _RX_SIZE
-            self.count -= drop
-        tail = (self.head + self.count) % _RX_SIZE
-        first = min(n, _RX_SIZE - tail)
-        self.buf[tail : tail + first] = src[:first]
-        if first < n:
-            self.buf[: n - first] = src[first:n]
-        self.count += n
-
-    def take(self, n):
-        out = bytearray(n)
-        head = self.head
-        first = min(n, _RX_SIZE - head)
-        out[:first] = memoryview(self.buf)[head : head + first]
-        if first < n:
-            out[first:] = memoryview(self.buf)[: n - first]
-        self.head = (head + n) % _RX_SIZE
-        self.count -= n
-        return bytes(out)
-
-    def line_length(self):
-        """Bytes up to and including the first newline, or everything held."""
-        buf = self.buf
-        i = self.head
-        for n in range(1, self.count + 1):
-            if buf[i] == 0x0A:
-                return n
-            i = (i + 1) % _RX_SIZE
-        return self.count
+_serial = sim("sim_serial")
 
 
-_rings = {}  # bus -> _Ring
-
-
-def _ring(bus):
-    ring = _rings.get(bus)
-    if ring is not None:
-        return ring
+def _bus(bus):
     for spec in hal.board().get("uart", ()):
         if spec["bus"] == bus:
             if spec.get("simulated") != "loopback":
                 raise ValueError("UART bus %r has no simulation" % bus)
-            ring = _rings[bus] = _Ring()
-            return ring
+            return spec
     raise ValueError("board %s has no UART bus %r" % (hal.board()["name"], bus))
 
 
 class UART:
     def __init__(self, bus, baudrate=115200, bits=8, parity=None, stop=1, timeout=0):
-        self._ring = _ring(bus)
+        spec = _bus(bus)
+        self._wires = _serial.UARTWires(spec["tx"], spec["rx"], bus)
+        self._ring = self._wires.ring
         self._bus = bus
         self.init(baudrate, bits, parity, stop, timeout)
 
@@ -93,11 +38,8 @@ class UART:
     def write(self, buf):
         if isinstance(buf, str):
             buf = buf.encode()
-        n = len(buf)
-        shown = hexlify(memoryview(buf)[:_TX_SHOWN]).decode()
-        link.emit("uart", bus=self._bus, tx=shown, n=n)
-        self._ring.put(buf)
-        return n
+        self._wires.send(buf)
+        return len(buf)
 
     def any(self):
         return self._ring.count
