@@ -147,8 +147,9 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     if device.exists():
         raise KeelError(f"{device.path}: a virtual device is already there")
     board = load_board(board_name)
-    if board.port != "virtual":
-        raise KeelError(f"board {board_name} is not a virtual board")
+    if board.port != "virtual" and not twin_dir(board.port).is_dir():
+        raise KeelError(f"board {board_name} has no twin on the VM yet "
+                        f"(its port {board.port} has no boards/twins/{board.port}/)")
     images = [load_valid_image(p) for p in sorted(Path(system_dir).glob("*.bin"))]
     if not images:
         raise KeelError(f"{system_dir}: no module images (*.bin) found")
@@ -165,6 +166,9 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     check_signatures(images, factory.trusted_keys(files))
 
     flash = bytearray(b"\xff" * board.flash_size)
+    port_flash = PORT_FLASH.get(board.port)
+    if port_flash:
+        port_flash(board, flash)
     for image in images:
         _place(flash, board, image)
     part = board.partition("fs")
@@ -173,9 +177,50 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
 
     device.path.mkdir(parents=True, exist_ok=True)
     (device.path / BOARD_FILE).write_text(json.dumps(board.data, indent=2) + "\n")
-    (device.path / UID_FILE).write_text(secrets.token_hex(12) + "\n")
+    (device.path / UID_FILE).write_text(new_uid(board.port) + "\n")
     device.write_flash(flash)
     return images
+
+
+# ---------------------------------------------------------------- board twins
+# A board whose port is not "virtual" runs on the VM as that board's twin: its port's
+# stand-ins and start-up are boards/twins/<port>/ (docs/virtual-board.md, "Board
+# twins"). Per port, what the host side needs:
+
+# The chip's own unique id, in bytes, as the port's machine.unique_id() reads it: the
+# virtual board's 12 (its own choice), the ESP32's factory base MAC in eFuse (6).
+UID_BYTES = {"virtual": 12, "esp32": 6}
+# The VM's heap beyond the board's, for the twin's own firmware (what its stand-ins
+# and the simulated hardware hold); the twin measures it at start-up and keeps for
+# Keel exactly the board's heap (boards/twins/vm_twin.py).
+TWIN_FIRMWARE_ROOM = 192 * 1024
+
+
+def _esp32_flash(board: Board, flash: bytearray) -> None:
+    # What `keel image esp32` writes besides the modules and the filesystem: the
+    # ESP-IDF partition table at 0x8000, by which esp32.Partition finds every slot. The
+    # app partitions stay erased: on the twin the VM itself is MicroPython.
+    from keel import esp32image
+
+    table = esp32image.partition_table(board)
+    flash[esp32image.TABLE_OFFSET : esp32image.TABLE_OFFSET + len(table)] = table
+
+
+# The flash contents a port's factory image has beyond the slots and the filesystem.
+PORT_FLASH = {"esp32": _esp32_flash}
+
+
+def twin_dir(port: str) -> Path:
+    return source_root() / "boards" / "twins" / port
+
+
+def is_twin(board: Board) -> bool:
+    return board.port != "virtual"
+
+
+def new_uid(port: str) -> str:
+    """A new board's unique id, hex, as long as the port's chips have theirs."""
+    return secrets.token_hex(UID_BYTES.get(port, 12))
 
 
 def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
@@ -567,6 +612,7 @@ class BoardMonitor:
         self.wdt_timeout_ms = None
         self.last_feed = 0.0
         self.sleep_ms = None
+        self.halt_code = None
 
     def poll(self) -> None:
         try:
@@ -589,7 +635,9 @@ class BoardMonitor:
             elif kind == "wdt-feed":
                 self.last_feed = time.monotonic()
             elif kind == "deep-sleep":
-                self.sleep_ms = rec.get("ms", 0)
+                self.sleep_ms = rec.get("ms")  # None: no timer, it sleeps on
+            elif kind == "halt":  # a twin stopped itself at once: why (an exit status)
+                self.halt_code = rec.get("code")
 
     def watchdog_expired(self) -> bool:
         if not self.wdt_timeout_ms:
@@ -631,11 +679,15 @@ def run(
     monitor = BoardMonitor(device.path / IO_LOG)
     (device.path / IO_IN).write_bytes(b"")
     heap = heap or board.heap
+    twin = is_twin(board)
+    # A twin's VM holds its firmware (stand-ins, simulated hardware) beside the board's
+    # heap, and keeps for Keel the board's heap exactly (boards/twins/vm_twin.py).
+    vm_heap = heap + TWIN_FIRMWARE_ROOM if twin else heap
     startup = board_dir("virtual") / "vm_startup.py"  # every board's start-up on the VM
     firmware = vmfirmware.firmware_dir()
     started = time.monotonic()
     deadline = None if seconds is None else started + seconds
-    cause = "power-on"
+    cause = "power-on"  # what the VM is told started the boot
     boots = 0
     proc = None
     link = ConsolePty(pty) if pty is not None else None
@@ -654,7 +706,7 @@ def run(
             boots += 1
             note(f"boot {boots} ({cause}), heap {heap // 1024}K")
             monitor.restart()
-            proc = _start_vm(startup, device.path, heap, cause, link, repl_mode, firmware)
+            proc = _start_vm(startup, device.path, vm_heap, cause, link, repl_mode, firmware)
             (device.path / PID_FILE).write_text(str(proc.pid))
             pump = threading.Thread(target=console.pump, args=(proc.stdout, link), daemon=True)
             pump.start()
@@ -669,7 +721,7 @@ def run(
             if watchdog:
                 pump.join(2)
                 note("watchdog expired: resetting the board")
-                cause = "watchdog"
+                cause = next_cause(twin, "watchdog", cause)
                 repl_mode = "friendly"  # a hard reset: /main.py runs again
                 continue
             if proc.poll() is None:
@@ -682,28 +734,32 @@ def run(
                 link.detach()
             code = proc.returncode
             monitor.poll()
+            if code == -signal.SIGKILL and monitor.halt_code is not None:
+                code = monitor.halt_code  # a twin stopped at once, for this reason
             repl_mode = SOFT_REBOOT_EXITS.get(code, "friendly")  # a reset: friendly again
             if code in SOFT_REBOOT_EXITS:
-                note(f"soft reboot ({repl_mode} REPL)")  # the same reset cause
+                note(f"soft reboot ({repl_mode} REPL)")
+                event = "soft-reboot"
             elif code == RESET_EXIT:
-                cause = "soft-reset"
+                event = "reset"
             elif code == DEEP_SLEEP_EXIT:
-                ms = monitor.sleep_ms or 0
-                note(f"deep sleep for {ms} ms")
-                wake = time.monotonic() + ms / 1000
+                ms = monitor.sleep_ms
+                note(f"deep sleep for {ms} ms" if ms is not None else "deep sleep, no timer")
+                wake = time.monotonic() + (ms if ms is not None else float("inf")) / 1000
                 while time.monotonic() < wake and not stop_now():
                     time.sleep(0.02)
-                cause = "deep-sleep"
+                event = "deep-sleep"
             elif code == POWER_CUT_EXIT:
                 note("power cut (fault injection): powering on again")
-                cause = "power-on"
+                event = "power-on"
             elif code == 0:
                 note("the VM exited")
                 return console
             else:
                 note(f"the VM died (exit status {code}); restarting as after a panic")
-                cause = "panic"
+                event = "panic"
                 time.sleep(0.2)
+            cause = next_cause(twin, event, cause)
             if stop_now():
                 note(f"stopped after {time.monotonic() - started:.1f} s")
                 return console
@@ -718,6 +774,19 @@ def run(
         if link is not None:
             link.close()
         console.close()
+
+
+# The virtual board's reset causes, by what started the boot; a soft reboot keeps the
+# last one. A twin is told the event itself, and its port's machine.reset_cause() says
+# what the port would (boards/twins/<port>/machine.py).
+VIRTUAL_CAUSES = {"power-on": "power-on", "reset": "soft-reset", "deep-sleep": "deep-sleep",
+                  "watchdog": "watchdog", "panic": "panic"}
+
+
+def next_cause(twin: bool, event: str, last: str) -> str:
+    if twin:
+        return event
+    return last if event == "soft-reboot" else VIRTUAL_CAUSES[event]
 
 
 def load_wires(path: Path | str, board: Board) -> list[list[str]]:

@@ -63,7 +63,11 @@ def fold(records: list[dict]) -> dict:
         elif kind == "led":
             led = {"color": rec.get("color"), "pattern": rec.get("pattern")}
             if "rgb" in rec:
-                led = {"color": "app", "pattern": "solid", "rgb": rec["rgb"]}
+                # the app's RGB ("solid"), or a twin's LED as its pixels show it, frame by
+                # frame ("frames": the system animates it; the colour's name is not seen)
+                frames = rec.get("pattern") == "frames"
+                led = {"color": None if frames else "app", "pattern": rec.get("pattern", "solid"),
+                       "rgb": rec["rgb"]}
             state["status_led"] = led
         elif kind == "button":
             state["button"]["presses"] += 1
