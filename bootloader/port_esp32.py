@@ -3,8 +3,8 @@
 # keel_boot._port). Keel's slots are ESP-IDF data partitions found by their label
 # in the partition table `keel image esp32` writes (docs/boards/esp32.md).
 #
-# Untested on hardware: checked on the MicroPython unix VM against stand-in `esp32`
-# and `machine` modules (tests/host/test_boot_ports.py).
+# Untested on hardware: it runs on the ESP32 board twin (boards/twins/esp32/, the
+# port's modules as MicroPython v1.28.0 has them) in the device tests.
 import esp32
 import machine
 
@@ -12,7 +12,7 @@ exiting = False  # a reset here restarts the chip; nothing unwinds the stack
 
 _CAUSES = {
     machine.PWRON_RESET: "power-on",
-    machine.HARD_RESET: "pin-reset",
+    machine.HARD_RESET: "panic",
     machine.WDT_RESET: "watchdog",
     machine.DEEPSLEEP_RESET: "deep-sleep",
     machine.SOFT_RESET: "soft-reset",
@@ -47,7 +47,8 @@ def reset():
 
 def reset_cause():
     # The EN button resets the whole chip and reads as power-on; machine.reset() and
-    # a panic both read as HARD_RESET. The system records its own reason first.
+    # a panic both read as HARD_RESET. Keel records its own reason before it resets
+    # (it takes precedence), so HARD_RESET here is a panic: the app loader counts it.
     return _CAUSES.get(machine.reset_cause(), "unknown")
 
 

@@ -77,7 +77,7 @@ def _read_device(device_dir, cause, ctl):
     names = os.listdir(device_dir)
     flash = hw.board["flash"]
     hw.flash = Flash(device_dir + "/flash.bin", flash["size"], flash["block_size"])
-    hw.faults = "faults.json" in names
+    hw.faults = "faults.json" in names and not _ask  # (armed for a boot, not a question)
     hw.io_out, hw.io_in = _io_files(device_dir)
     try:
         with open(device_dir + "/uid") as f:
@@ -316,6 +316,12 @@ if not _HERE.startswith("/"):
 _BOARDS = _HERE.rsplit("/", 1)[0]
 # (opened before / becomes the flash's filesystem)
 _ctl = open("/proc/self/fd/" + sys.argv[4], "wb") if len(sys.argv) > 4 else None
+# A host tool's question to the board (keel device provision: its id), instead of boot.py
+# and main.py: a script from the host, read before the host's files are out of reach.
+_ask = os.getenv("KEEL_VM_SCRIPT")
+if _ask:
+    with open(_ask) as _f:
+        _ask = _f.read()
 _hw = _read_device(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "power-on", _ctl)
 if _hw.board["port"] == "virtual":
     _start_virtual(_hw)
@@ -328,6 +334,9 @@ else:
     _twin = load(("vm_twin",), "twins")[0]
     _banner = _twin.start(_hw, load)
 del _read_device, _start_virtual, _io_files
+if _ask:
+    exec(_ask, {"__name__": "__main__"})
+    sys.exit(0)
 if _ctl is not None:
     _console(sys.argv[3], _ctl, _banner)
 _main_globals = {"__name__": "__main__"}

@@ -9,14 +9,16 @@ from keel_cloud.config import CloudDir, CloudError, parse_address
 from keel_cloud.registry import Registry, RegistryError
 
 DEVICE_DIR = "/keel/cloud"
-_ID = re.compile(r"^[0-9a-f]{24}$")
+# The board's own id (hal/device_id.py): 12 hex digits on an ESP32 (its MAC), 16 on an
+# nRF52840 (FICR), 24 on the virtual board; at most the protocol's MAX_DEVICE_ID (32).
+_ID = re.compile(r"^[0-9a-f]{12,32}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str | None = None) -> dict[str, bytes]:
     """Issue the device's identity and register it; returns {device path: content}."""
     if not _ID.match(device_id):
-        raise CloudError(f"'{device_id}' is not a device id (24 lowercase hex digits)")
+        raise CloudError(f"'{device_id}' is not a device id (12 to 32 lowercase hex digits)")
     if not _NAME.match(name):
         raise CloudError(f"invalid device name '{name}' (letters, digits, '.', '_', '-'; at most 64)")
     cloud_dir.require()

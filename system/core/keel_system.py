@@ -20,8 +20,12 @@ RESET_REASON = [None]
 class Status:
     """What the device records about its last boot in /keel/status.json."""
 
-    def __init__(self, slots, reset_reason):
+    def __init__(self, board, slots, reset_reason):
+        from hal import device
+
         self.doc = {
+            "board": board["name"],
+            "device_id": device.unique_id(),  # what it connects to the cloud as
             "mode": "normal",
             "safe_mode_reason": None,
             "missing": [],
@@ -190,7 +194,7 @@ def start(board, slots, reset_reason):
     hal.use_board(board)
     SLOTS[:] = slots
     RESET_REASON[0] = reset_reason
-    status = Status(slots, reset_reason)
+    status = Status(board, slots, reset_reason)
     _trust(status)
     _updates(status)
     decision = app_loader.evaluate(slots, reset_reason)

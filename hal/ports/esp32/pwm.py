@@ -1,6 +1,8 @@
-# ESP32 PWM: machine.PWM on the LEDC peripheral. 8 channels share 4 timers, so at
-# most 4 different frequencies run at once; the duty resolution falls as the
-# frequency rises (about 16 bits at 1 kHz, 1 bit at 40 MHz).
+# ESP32 PWM: machine.PWM on the LEDC peripheral, both of its speed groups: 16 channels
+# on 8 timers, so at most 8 different frequencies run at once (the port's
+# lightsleep=True, not used here, keeps to the 8 low-speed channels and 4 timers). The
+# duty resolution falls as the frequency rises (16 bits at 1 kHz, 1 bit at 40 MHz), and
+# duty_u16() reads back what the channel's resolution kept.
 import machine
 import hal
 
