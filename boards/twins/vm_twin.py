@@ -8,13 +8,12 @@
 #   - stops without unwinding: a reset, a deep sleep, a power cut end the VM at once,
 #     as the chip stops, and the runner starts it again (halt());
 #   - the board's hardware events (host commands, a button's release) brought to the
-#     VM as a port's interrupts are: a thread sees them and schedules the service;
+#     VM when the CPU looks at the hardware or sleeps (poll(), TimeProxy);
 #   - the heap: the board's heap for Keel, what the firmware itself holds left out.
 import sys
 import os
 import gc
 import vfs
-import micropython
 
 RESET_EXIT = 100  # the runner's exit statuses (tools/keel/vdev.py)
 DEEP_SLEEP_EXIT = 101
@@ -145,68 +144,95 @@ _real_sys = sys
 
 
 # ---------------------------------------------------------------- hardware events
+# What the host does to the board (io.in: a pin driven, a level, a button pressed) and
+# timed changes (a button let go) reach the VM when the CPU looks at the hardware: when
+# a stand-in reads it (machine.Pin.value(), ADC, I2C, UART) and while the CPU sleeps
+# (time.sleep*, machine.idle(), lightsleep), which is when a port's interrupts would
+# run its scheduled handlers. Interrupt handlers are then scheduled as the port's ISRs
+# schedule them (micropython.schedule). No thread: one file position compared, per look.
 
-_due = [None]  # ticks_ms when a timed hardware change is due (a button's release)
+_due = [None]  # ticks_ms when a timed hardware change is due
 _timers = []  # [(at, fn)]: what is due then
+_servicing = [False]
 
 
 def after(ms, fn):
     """Run fn() from the hardware service about ms milliseconds from now."""
-    import time
-
-    at = time.ticks_add(time.ticks_ms(), ms)
+    at = _time.ticks_add(_time.ticks_ms(), ms)
     _timers.append((at, fn))
-    _due[0] = at if _due[0] is None or time.ticks_diff(at, _due[0]) < 0 else _due[0]
+    if _due[0] is None or _time.ticks_diff(at, _due[0]) < 0:
+        _due[0] = at
 
 
-def _service(_):
-    # Runs in the VM's main thread, scheduled as a port's ISR schedules a soft IRQ.
-    import time
-    import sim_link
+def poll():
+    """Bring the host's commands and what is due to the board, if there are any."""
+    due = _due[0]
+    if _link.pending() or (due is not None and _time.ticks_diff(_time.ticks_ms(), due) >= 0):
+        if not _servicing[0]:
+            _servicing[0] = True
+            try:
+                _service()
+            finally:
+                _servicing[0] = False
 
-    sim_link.poll()
+
+def _service():
+    _link.poll()
     if _timers:
-        now = time.ticks_ms()
-        for entry in [t for t in _timers if time.ticks_diff(now, t[0]) >= 0]:
+        now = _time.ticks_ms()
+        for entry in [t for t in _timers if _time.ticks_diff(now, t[0]) >= 0]:
             _timers.remove(entry)
             entry[1]()
         _due[0] = None
         for at, _fn in _timers:
-            if _due[0] is None or time.ticks_diff(at, _due[0]) < 0:
+            if _due[0] is None or _time.ticks_diff(at, _due[0]) < 0:
                 _due[0] = at
 
 
-def _hardware(cmds, link):
-    # The board's hardware, beside the CPU: every 10 ms it looks for what the host
-    # sent (io.in grew) or a timed change that is due, and schedules the service. It
-    # allocates nothing: one seek on its own file, a comparison, a schedule.
-    import time
-
-    pending = [False]
-
-    def done(_):
-        pending[0] = False
-        _service(None)
-
+def sleep_ms(ms):
+    """The CPU idles for ms: the hardware's events come in meanwhile."""
+    end = _time.ticks_add(_time.ticks_ms(), ms)
     while True:
-        time.sleep_ms(10)
-        due = _due[0]
-        if pending[0]:
-            continue
-        if cmds.seek(0, 2) != link._pos or (due is not None and time.ticks_diff(time.ticks_ms(), due) >= 0):
-            pending[0] = True
-            try:
-                micropython.schedule(done, None)
-            except RuntimeError:  # the queue is full: next tick
-                pending[0] = False
+        poll()
+        left = _time.ticks_diff(end, _time.ticks_ms())
+        if left <= 0:
+            return
+        _time.sleep_ms(left if left < 10 else 10)
+
+
+class TimeProxy:
+    """`time` as the board's code sees it: the VM's own, but a sleep is also when the
+    hardware's events come in (in slices of 10 ms). Its other functions are the
+    real module's, copied, so a ticks_ms() costs no more than it did."""
+
+    def __init__(self, real):
+        for name in dir(real):
+            if not name.startswith("__"):
+                setattr(self, name, getattr(real, name))
+        self.sleep_ms = sleep_ms
+
+    def sleep(self, seconds):
+        sleep_ms(int(seconds * 1000))
+
+    def sleep_us(self, us):
+        if us >= 10000:
+            sleep_ms(us // 1000)
+        else:
+            poll()
+            _time.sleep_us(us)
+
+
+import time as _time  # noqa: E402 - the VM's own (the proxy replaces it in sys.modules)
+
+_link = None
 
 
 def _start_hardware():
-    import _thread
+    global _link
     import sim_link
 
-    cmds = open(hw.device_dir + "/io.in", "rb")  # (its own: the VM's is at another place)
-    _thread.start_new_thread(_hardware, (cmds, sim_link))
+    _link = sim_link
+    sys.modules["time"] = TimeProxy(_time)
 
 
 # ---------------------------------------------------------------- the heap

@@ -1,14 +1,14 @@
 """The bootloader's flash ports for real boards, on the MicroPython unix VM.
 
-bootloader/port_esp32.py and port_nrf.py cannot meet their firmware here, so each runs
-against a small stand-in for the modules it uses (`esp32` or `nrf`, and `machine`),
-with the real firmware's shapes: esp32.Partition.find(type, label=) returns a list and
-info() a 6-tuple; nrf.Flash(start=, len=) is a block device over a flash region;
-both take readblocks/writeblocks with an offset (no erase) and ioctl 4/5/6. Then the
-real bootloader (keel_boot: load_slots, scan) reads the slots of a real flash image
-through the port: the esp32 one that `keel image esp32` writes, and an nRF52840 flash
-with the modules at board.json's offsets. What this cannot show is the firmware
-behaving as its source says: the ports are untested on hardware (docs/boards/*.md).
+bootloader/port_esp32.py runs on the ESP32 board twin: the esp32 port's own modules
+as MicroPython v1.28.0 has them (boards/twins/esp32/: esp32.Partition found through
+the ESP-IDF partition table in the twin's flash, which is the flash `keel image esp32`
+writes), with the bootloader the twin's factory step extracted. port_nrf.py runs
+against a small stand-in for the modules it uses (`nrf` and `machine`): nrf.Flash(
+start=, len=) is a block device over a flash region. Both take readblocks/writeblocks
+with an offset (no erase) and ioctl 4/5/6. Then the real bootloader (keel_boot:
+load_slots, scan) reads the slots through the port. What this cannot show is a
+firmware on hardware behaving as its source says (docs/boards/*.md).
 """
 
 import json
@@ -38,46 +38,6 @@ def reset():
 def deepsleep(ms=0):
     log.append(("deepsleep", ms))
     raise Reset()
-"""
-
-FAKE_ESP32 = r"""
-# esp32.Partition over a flash image file: find(type, label=) -> list, info() ->
-# (type, subtype, addr, size, label, encrypted), 4 KiB blocks, extended read/write.
-TABLE = %(table)r
-with open(%(flash)r, "rb") as f:
-    FLASH = bytearray(f.read())
-erased = []
-class Partition:
-    TYPE_APP = 0
-    TYPE_DATA = 1
-    def __init__(self, label, ptype, offset, size):
-        self.label, self.ptype, self.offset, self.size = label, ptype, offset, size
-    @classmethod
-    def find(cls, type=TYPE_APP, subtype=255, label=None, block_size=4096):
-        return [cls(l, t, o, s) for l, (t, o, s) in TABLE.items()
-                if t == type and (label is None or l == label)]
-    def info(self):
-        return (self.ptype, 0x40, self.offset, self.size, self.label, False)
-    def readblocks(self, n, buf, off=0):
-        at = self.offset + n * 4096 + off
-        assert at + len(buf) <= self.offset + self.size
-        buf[:] = FLASH[at : at + len(buf)]
-    def writeblocks(self, n, buf, off=None):
-        if off is None:
-            for b in range(len(buf) // 4096):
-                self.ioctl(6, n + b)
-        at = self.offset + n * 4096 + (off or 0)
-        assert at + len(buf) <= self.offset + self.size
-        for i in range(len(buf)):
-            FLASH[at + i] &= buf[i]   # NOR flash: programming only clears bits
-    def ioctl(self, op, arg):
-        if op == 4: return self.size // 4096
-        if op == 5: return 4096
-        if op == 6:
-            erased.append((self.label, arg))
-            at = self.offset + arg * 4096
-            FLASH[at : at + 4096] = b"\xff" * 4096
-            return 0
 """
 
 FAKE_NRF = r"""
@@ -135,41 +95,6 @@ for s in slots:
 print(json.dumps({s.label: [s.valid, s.reason, s.size, s.block] for s in slots}))
 """
 
-ESP32_CHECKS = r"""
-p = port.Partition.find("system1")
-assert p.info() == ("system1", %(s1_offset)d, %(s1_size)d), p.info()
-assert port.Partition.find("nope") is None
-assert p.ioctl(5, 0) == 4096 and p.ioctl(4, 0) == %(s1_size)d // 4096
-st = port.Partition.find("staging")
-st.ioctl(6, 1)
-st.writeblocks(1, b"keel", 10)             # in place, no erase
-buf = bytearray(16)
-st.readblocks(1, buf)
-assert buf == b"\xff" * 10 + b"keel" + b"\xff\xff", buf
-st.writeblocks(1, bytes(4096))            # whole block: erased first
-assert ("staging", 1) in esp32.erased
-for raw, name in ((machine.PWRON_RESET, "power-on"), (machine.HARD_RESET, "pin-reset"),
-                  (machine.WDT_RESET, "watchdog"), (machine.DEEPSLEEP_RESET, "deep-sleep"),
-                  (machine.SOFT_RESET, "soft-reset"), (99, "unknown")):
-    machine.cause[0] = raw
-    assert port.reset_cause() == name, (raw, port.reset_cause())
-for call in (port.reset, lambda: port.deep_sleep(5000)):
-    try:
-        call()
-        raise AssertionError("no reset")
-    except machine.Reset:
-        pass
-assert machine.log == ["reset", ("deepsleep", 5000)], machine.log
-# keel_boot.reset records why, then resets through the port
-keel_boot.flashfs.write_atomic = lambda path, data: machine.log.append((path, data))
-try:
-    keel_boot.reset("update")
-except machine.Reset:
-    pass
-assert machine.log[-2:] == [(keel_boot.RESET_REASON_FILE, "update"), "reset"], machine.log
-print("OK")
-"""
-
 NRF_CHECKS = r"""
 port.DEEP_SLEEP_MARKER = %(marker)r
 p = port.Partition.find("system1")
@@ -211,7 +136,6 @@ assert machine.log == ["reset"]
 print("OK")
 """
 
-ESP32_CAUSES = "1, 2, 3, 4, 5"  # machine.*_RESET on the esp32 port
 NRF_CAUSES = "16, 0, 1, 16, 2"  # nrf: PWRON (a System OFF wake), HARD, WDT, -, SOFT
 
 
@@ -234,38 +158,128 @@ def _prelude(tmp_path, fake, portmod, expect, board_file):
                       "expect_port": expect, "board_file": str(board_file)}
 
 
+# On the ESP32 twin, with the bootloader the factory step put on its filesystem.
+ESP32_TWIN_CHECKS = r"""
+import sys, json
+sys.path.insert(0, "/keel/m/bl")
+import esp32
+import machine
+import keel_boot
+import module_format as mf
+port = keel_boot._port()
+assert port.__name__ == "port_esp32", port.__name__
+assert keel_boot._port() is port and port.exiting is False
+with open("/keel/board.json") as f:
+    board = json.load(f)
+slots = keel_boot.load_slots(board)
+for s in slots:
+    keel_boot.scan(s, mf.platform_id(board["platform"]))
+print(json.dumps({s.label: [s.valid, s.reason, s.size, s.block] for s in slots}))
+p = port.Partition.find("system1")
+assert p.info() == ("system1", %(s1_offset)d, %(s1_size)d), p.info()
+assert port.Partition.find("nope") is None
+assert p.ioctl(5, 0) == 4096 and p.ioctl(4, 0) == %(s1_size)d // 4096
+st = port.Partition.find("staging")
+st.ioctl(6, 1)
+st.writeblocks(1, b"keel", 10)             # in place, no erase
+buf = bytearray(16)
+st.readblocks(1, buf)
+assert buf == b"\xff" * 10 + b"keel" + b"\xff\xff", buf
+st.writeblocks(1, b"\x0f" * 4, 10)         # NOR flash: programming only clears bits
+st.readblocks(1, buf)
+assert buf[10:14] == bytes(c & 0x0f for c in b"keel"), buf
+st.writeblocks(1, b"\xf0" * 4096)          # a whole block, no offset: erased first
+st.readblocks(1, buf)
+assert buf == b"\xf0" * 16, buf
+print("cause", port.reset_cause())
+print("OK")
+"""
+
+
 @pytest.fixture(scope="module")
-def esp32_flash(tmp_path_factory) -> Path:
-    """The whole flash `keel image esp32` writes (with a synthetic MicroPython)."""
-    from keel import esp32image
-    from test_esp32_image import full_flash, app_image
+def esp32_twin(tmp_path_factory):
+    from twins import make_twin
 
-    base = tmp_path_factory.mktemp("esp32-flash")
-    (base / "fw.bin").write_bytes(full_flash(app_image()))
-    esp32image.build_image("esp32_generic", base / "fw.bin", base / "out")
-    return base / "out" / "merged.bin"
+    return make_twin(tmp_path_factory.mktemp("esp32-twin"))
 
 
-def test_esp32_port(tmp_path, esp32_flash):
+def test_esp32_port(esp32_twin):
+    from twins import run_on
+
     board = load_board("esp32_generic")
-    table = {}
-    for p in board.data["flash"]["partitions"]:
-        if p.get("idf"):
-            label = p["idf"].get("label", p["label"])
-            table[label] = (0 if p["idf"]["type"] == "app" else 1, p["offset"], p["size"])
     s1 = board.partition("system1")
-    fake = FAKE_ESP32 % {"table": table, "flash": str(esp32_flash)}
-    board_file = REPO / "boards" / "esp32_generic" / "board.json"
-    script = _prelude(tmp_path, "fakeesp32", "esp32", "port_esp32", board_file) + SCAN + \
-        ESP32_CHECKS % {"s1_offset": s1.offset, "s1_size": s1.size}
-    out = run_vm(tmp_path, "esp32", fake, ESP32_CAUSES, script).splitlines()
+    proc = run_on(esp32_twin, ESP32_TWIN_CHECKS % {"s1_offset": s1.offset, "s1_size": s1.size})
+    out = proc.stdout.splitlines()
+    assert out and out[-1] == "OK", proc.stdout + proc.stderr
     slots = json.loads(out[0])
-    assert out[-1] == "OK"
-    # The bootloader reads every slot of the real image through the port.
+    # The bootloader reads every slot through the port, as the ESP-IDF finds them.
     assert slots["bootloader"][:2] == [True, None]
     assert slots["system1"][:2] == [True, None] and slots["system2"][:2] == [True, None]
     assert slots["user"][:2] == [False, "empty"]
     assert slots["system1"][2:] == [s1.size, 4096]
+    assert "cause power-on" in out
+
+
+# What started the boot -> what port_esp32 says, through machine.reset_cause() as the
+# esp32 port answers it: machine.reset() and a panic both read HARD_RESET, which with
+# no reason recorded by Keel is a panic; a soft reboot reads SOFT_RESET.
+ESP32_CAUSES = {"power-on": "power-on", "reset": "panic", "panic": "panic",
+                "watchdog": "watchdog", "deep-sleep": "deep-sleep", "soft-reboot": "soft-reset"}
+
+
+@pytest.mark.parametrize("event", sorted(ESP32_CAUSES))
+def test_esp32_port_reset_causes(esp32_twin, event):
+    from twins import run_on
+
+    code = ("import sys\nsys.path.insert(0, '/keel/m/bl')\nimport port_esp32, machine\n"
+            "print(machine.reset_cause(), port_esp32.reset_cause())\n")
+    proc = run_on(esp32_twin, code, cause=event)
+    raw = {"power-on": 1, "reset": 2, "panic": 2, "watchdog": 3, "deep-sleep": 4,
+           "soft-reboot": 5}[event]
+    assert proc.stdout.split() == [str(raw), ESP32_CAUSES[event]], proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("call, code", [("port_esp32.reset()", 100),
+                                        ("port_esp32.deep_sleep(5000)", 101),
+                                        ("keel_boot.reset('update')", 100)])
+def test_esp32_port_resets_stop_the_chip(esp32_twin, call, code):
+    """A reset or deep sleep stops the twin at once, as the chip stops: nothing after
+    it runs, and the runner is told why; keel_boot.reset records its reason first."""
+    from keel import vdev
+    from twins import io_records, run_on
+
+    proc = run_on(esp32_twin, "import sys\nsys.path.insert(0, '/keel/m/bl')\n"
+                              "import port_esp32, keel_boot\n%s\nprint('still running')\n" % call)
+    assert "still running" not in proc.stdout and proc.returncode == -9, proc.stdout + proc.stderr
+    assert io_records(esp32_twin)[-1] == {"k": "halt", "code": code}
+    if "update" in call:
+        assert vdev.read_file(esp32_twin, "/keel/reset_reason") == b"update"
+
+
+def test_twin_flash_is_the_flash_keel_image_writes(esp32_twin, tmp_path):
+    """The twin's flash holds what `keel image esp32` writes for the same modules: the
+    partition table at 0x8000 and every module in its slot; where the image has the
+    ESP-IDF bootloader and MicroPython, the twin's flash is erased (its VM is them)."""
+    from keel import esp32image, vdev
+    from test_esp32_image import app_image, full_flash
+
+    (tmp_path / "fw.bin").write_bytes(full_flash(app_image()))
+    system = next(esp32_twin.parent.glob("system-esp32-*"))
+    image = esp32image.build_image("esp32_generic", tmp_path / "fw.bin", tmp_path / "out",
+                                   system_dir=system)
+    merged = image.merged.read_bytes()
+    twin = vdev.VirtualDevice(esp32_twin).read_flash()
+    board = load_board("esp32_generic")
+    table = slice(esp32image.TABLE_OFFSET, esp32image.TABLE_OFFSET + esp32image.TABLE_MAX)
+    assert twin[table] == merged[table]
+    for label in ("bootloader", "system1", "system2"):
+        part = board.partition(label)
+        where = slice(part.offset, part.offset + part.size)
+        assert twin[where] == merged[where], label
+    for label in ("idf-bootloader", "ota_0"):
+        part = board.partition(label)
+        assert merged[part.offset] == 0xE9  # an ESP-IDF image in the image,
+        assert twin[part.offset : part.offset + part.size] == b"\xff" * part.size  # none here
 
 
 def test_nrf_port(tmp_path):

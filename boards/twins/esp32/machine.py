@@ -52,11 +52,11 @@ def lightsleep(ms=None):
     # The CPU stops with RAM kept; a timer wakes it. (Without one it would sleep until
     # another wake source: the twin has none, so it returns at once.)
     if ms:
-        time.sleep_ms(ms)
+        vm_twin.sleep_ms(ms)
 
 
 def idle():
-    pass
+    vm_twin.poll()  # (the CPU waits for an interrupt)
 
 
 def unique_id():
@@ -142,6 +142,7 @@ class Pin:
 
     def value(self, v=None):
         if v is None:
+            vm_twin.poll()
             return self.line.level()  # gpio_get_level(): the pad, outputs included
         self._set(1 if v else 0)
 
@@ -243,6 +244,7 @@ class ADC:
 
     def read(self):
         """The raw reading at the block's width."""
+        vm_twin.poll()
         if self._unit == 2 and _wifi_on():
             return 0  # ADC2 is the WiFi driver's: v1.28 ignores the read's error
         name = sim_board.canonical(_name(self._gpio))
@@ -459,6 +461,7 @@ class _I2CBus:
     """The controller's transfers (extmod/machine_i2c.c), on the devices its pins reach."""
 
     def _devices(self):
+        vm_twin.poll()
         return sim_i2c.on_pins(_name(self._sda), _name(self._scl))
 
     def scan(self):
@@ -653,13 +656,16 @@ class UART:
         return len(buf)
 
     def any(self):
+        vm_twin.poll()
         return self._ring.count
 
     def read(self, nbytes=-1):
+        vm_twin.poll()
         count = self._ring.count
+        if not count and self._timeout:
+            vm_twin.sleep_ms(self._timeout)  # waits for the first byte
+            count = self._ring.count
         if not count:
-            if self._timeout:
-                time.sleep_ms(self._timeout)  # nothing can come while the CPU waits
             return None
         return self._ring.take(count if nbytes is None or nbytes < 0 else min(nbytes, count))
 
