@@ -10,8 +10,10 @@ from keel import build, vdev
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Code run on a twin reaches this tree through a mount, as mpremote mount would.
-MOUNT_REPO = "import vfs as _vfs\n_vfs.mount(_vfs.VfsPosix(%r), '/_repo')\n" % str(REPO)
+# Code run on a twin reaches this tree through a mount, as mpremote mount would (with
+# the VM's own vfs: the board's has no VfsPosix).
+MOUNT_REPO = ("import vm_twin\nvm_twin.vfs.mount(vm_twin.vfs.VfsPosix(%r), '/_repo')\n"
+              % str(REPO))
 
 
 def make_twin(base: Path, board: str = "esp32_generic", platform: str = "esp32",

@@ -143,6 +143,17 @@ class SysProxy:
 _real_sys = sys
 
 
+class ModuleView:
+    """One of the VM's own modules with only the names the board's port has (the
+    unix port builds in more: an app on the twin finds what it would find on the
+    board)."""
+
+    def __init__(self, module, names):
+        self.__name__ = module.__name__
+        for name in names:
+            setattr(self, name, getattr(module, name))
+
+
 # ---------------------------------------------------------------- hardware events
 # What the host does to the board (io.in: a pin driven, a level, a button pressed) and
 # timed changes (a button let go) reach the VM when the CPU looks at the hardware: when

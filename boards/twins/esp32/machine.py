@@ -80,6 +80,9 @@ def _name(gpio):
     return _NAMES.get(gpio) or "GPIO%d" % gpio
 
 
+_UNSET = object()
+
+
 def _gpio(pin):
     # machine_pin_find(): a Pin, a GPIO number or a board name; else "invalid pin"
     if isinstance(pin, Pin):
@@ -166,9 +169,13 @@ class Pin:
     def toggle(self):
         self._set(1 - self.line.out)  # from the output latch (mp_hal_pin_read_output)
 
-    def irq(self, handler=None, trigger=IRQ_FALLING | IRQ_RISING, wake=None, **kwargs):
+    def irq(self, handler=_UNSET, trigger=IRQ_FALLING | IRQ_RISING, wake=None, **kwargs):
         if kwargs:  # mp_arg_parse_all: only handler, trigger and wake
             raise TypeError("extra keyword arguments given")
+        if handler is _UNSET:
+            if trigger == Pin.IRQ_FALLING | Pin.IRQ_RISING and wake is None:
+                return self.irq_obj  # no arguments: the IRQ object, nothing configured
+            handler = None
         if trigger in (Pin.WAKE_LOW, Pin.WAKE_HIGH) and wake is not None:
             return self.irq_obj  # a wake source (ext0): no interrupt handler
         if handler is None:

@@ -12,9 +12,11 @@ PLATFORM = "esp32"  # mpconfigport.h MICROPY_PY_SYS_PLATFORM
 
 
 def install():
-    # The port's modules that Keel or its apps import. Not vfs.rom_ioctl: stock
-    # ESP32_GENERIC firmware is built without MICROPY_VFS_ROM.
+    # The port's modules that Keel or its apps import. vfs as esp32_common.cmake builds
+    # it: FAT and LittleFS v2, no VfsRom and no vfs.rom_ioctl (stock ESP32_GENERIC has
+    # no MICROPY_VFS_ROM), no VfsPosix.
     sys.modules["sys"] = vm_twin.SysProxy(PLATFORM)
+    sys.modules["vfs"] = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2"))
     for name in ("machine", "esp32", "network", "neopixel"):
         vm_twin.register(name)
     vm_twin.done_registering()
