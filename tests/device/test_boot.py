@@ -9,7 +9,7 @@ HELLO = "hello from keel"
 
 
 @on_twins
-def test_normal_boot_runs_the_app(device, hello_app, board):
+def test_normal_boot_runs_the_app(device, hello_app, board_name):
     dev = device("1.1.0")
     dev.flash(hello_app("1.1.0"))
     console = dev.run(until=HELLO)
@@ -30,7 +30,7 @@ def test_normal_boot_runs_the_app(device, hello_app, board):
     assert {m["platform"] for m in found.values()} == {dev.board().platform}
     # The board it ran on, and the id it would connect to the cloud as: the uid the
     # board was made with, as its port reads it (hal/device_id.py).
-    assert st["board"] == board
+    assert st["board"] == board_name
     assert st["device_id"] == (dev.path / "uid").read_text().strip()
 
 
