@@ -190,27 +190,28 @@ def vm_info():
     return {"name": sys.implementation.name, "version": version}
 
 
-def halt(slots, reset_reason, reason, missing):
+def halt(slots, reset_reason, reason, missing, layout_error=None):
     """No usable system: record why and wait for new firmware (like DFU mode)."""
     import hashlib
     import trust
 
     gc.collect()
-    flashfs.write_json(
-        STATUS_FILE,
-        {
-            "mode": "safe",
-            "safe_mode_reason": reason,
-            "missing": missing,
-            "reset_reason": reset_reason,
-            "vm": vm_info(),
-            "modules": [s.to_dict() for s in slots if s.reason != "empty"],
-            "app": "not-run",
-            "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
-            "stage": "bootloader",
-            "trust": trust.summary(hashlib.sha256),
-        },
-    )
+    status = {
+        "mode": "safe",
+        "safe_mode_reason": reason,
+        "missing": missing,
+        "reset_reason": reset_reason,
+        "vm": vm_info(),
+        "modules": [s.to_dict() for s in slots if s.reason != "empty"],
+        "app": "not-run",
+        "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
+        "stage": "bootloader",
+        "trust": trust.summary(hashlib.sha256),
+    }
+    if layout_error:
+        status["layout_error"] = layout_error
+        print(layout_error)
+    flashfs.write_json(STATUS_FILE, status)
     print("keel: no usable system (%s); waiting for firmware" % reason)
     bootloader_proved()
     import time
@@ -284,6 +285,10 @@ def main():
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
     reset_reason = take_reset_reason(port)
+    if hasattr(port, "layout_error"):  # nrf: the firmware may leave no room for the slots
+        why = port.layout_error(board)
+        if why:
+            halt([], reset_reason, "layout", [], why)
     clean_leftovers()
     if flashfs.exists(OTA_PENDING_FILE) or flashfs.exists(TRIAL_FILE):
         import ota_apply  # only for an update or a trial: kept off the heap otherwise

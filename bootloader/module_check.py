@@ -193,6 +193,17 @@ def _keep_trust(slot, fresh):
         sys.modules.pop("trust", None)
 
 
+_ENOSPC = const(28)
+
+
+def _extract(slot, fresh, buf):
+    import flashfs
+
+    flashfs.remove_tree(fresh)
+    flashfs.makedirs(fresh)
+    romfs.extract(slot.read, slot.info.header_size, slot.info.payload_size, fresh, buf)
+
+
 def install_code(slot):
     """Verify the SHA-256, accept() the module and extract its payload into its code
     directory.
@@ -214,11 +225,24 @@ def install_code(slot):
         return False
     final = slot.code_dir
     fresh = final + ".new"
-    flashfs.remove_tree(fresh)
-    flashfs.makedirs(fresh)
     try:
-        romfs.extract(slot.read, slot.info.header_size, slot.info.payload_size, fresh, _buf)
-    except (ValueError, OSError) as e:
+        _extract(slot, fresh, _buf)
+    except OSError as e:
+        if e.errno != _ENOSPC or slot.function == mf.FUNCTION_BOOTLOADER:
+            flashfs.remove_tree(fresh)
+            return refuse(slot, INTEGRITY, "cannot extract it (%s)" % e)
+        # No room for the new code beside the old (the nRF52840's filesystem holds one
+        # copy of part 1, not two). The old code is of no use once its slot holds
+        # another module, and the slot keeps this one: it goes first. A power cut from
+        # here leaves no code, and the next boot extracts it from the slot again.
+        print("keel: no room for %s beside its old code; replacing it" % slot.label)
+        flashfs.remove_tree(final)
+        try:
+            _extract(slot, fresh, _buf)
+        except (ValueError, OSError) as e:
+            flashfs.remove_tree(fresh)
+            return refuse(slot, INTEGRITY, "cannot extract it (%s)" % e)
+    except ValueError as e:
         flashfs.remove_tree(fresh)
         return refuse(slot, INTEGRITY, "cannot extract it (%s)" % e)
     if slot.function == mf.FUNCTION_BOOTLOADER and not _keep_trust(slot, fresh):

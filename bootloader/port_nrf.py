@@ -1,62 +1,117 @@
 # The bootloader's flash and reset primitives on the MicroPython nrf port (nRF52840):
 # the same small interface the virtual board's `vboard` module offers (see
 # keel_boot._port). The nrf port has no partition table, so a Keel slot is a raw
-# flash region, an `nrf.Flash(start=, len=)` block device at the offset and size
-# board.json gives (why not files: docs/boards/nrf52840.md). A slot must lie in flash
-# the firmware leaves free (nrf.unused_flash_start/length: between the end of the
-# firmware and its filesystem): writing one must never erase code or the filesystem.
+# flash region, an `nrf.Flash(start=, len=)` block device (why not files:
+# docs/boards/nrf52840.md).
 #
-# Untested on hardware: checked on the MicroPython unix VM against stand-in `nrf` and
-# `machine` modules (tests/host/test_boot_ports.py).
+# The slots live in the "Keel region", the flash directly below the firmware's
+# filesystem, and board.json gives their offsets from its start. On MicroPython 1.28
+# and later the region is the ROMFS segment the firmware reserves there
+# (vfs.rom_ioctl(2, 0), an nrf.Flash); before 1.28 there is none, and the region is
+# the top of the flash the firmware leaves unused (nrf.unused_flash_start/length),
+# which then ends at the filesystem. A firmware that leaves no such room, or a
+# filesystem too small for Keel's code, is refused with the reason (layout_error):
+# writing a slot must never erase code or the filesystem.
 import os
-import json
 import machine
 import nrf
 
 BOARD_FILE = "/keel/board.json"
 DEEP_SLEEP_MARKER = "/keel/deep-sleep"  # as hal/ports/nrf/power.py writes it
+_PAGE = 4096
 exiting = False  # a reset here restarts the chip; nothing unwinds the stack
-_table = {}  # label -> (offset, size), read once from board.json
+_table = {}  # label -> (address, size), worked out once
+_error = []  # why this firmware cannot hold Keel's slots, once known
 _cause = []
 
 
-def _free_region():
+def _romfs_segment():
+    # MicroPython 1.28+: the ROMFS segment between the firmware and its filesystem.
     try:
-        start = nrf.unused_flash_start()
-        return start, start + nrf.unused_flash_length()
-    except AttributeError:  # a firmware without them: trust board.json
-        return None
+        import vfs
+
+        if vfs.rom_ioctl(1) > 0:
+            return vfs.rom_ioctl(2, 0)
+    except (ImportError, AttributeError):  # before 1.23 (no vfs), before 1.28
+        pass
+    return None
+
+
+def _start(flash):
+    # nrf.Flash has no attribute for its address; it prints it (flashbdev.c):
+    # "Flash(start=0x%08x, len=%u)".
+    text = repr(flash)
+    return int(text[text.index("=") + 1 : text.index(",")], 16)
+
+
+def _layout(board):
+    """Fill _table with each slot's address, or _error with why there is no room."""
+    flash = board["flash"]
+    slots = [p for p in flash["partitions"] if p.get("region") == "keel"]
+    need = max(p["offset"] + p["size"] for p in slots)
+    free = nrf.unused_flash_start()
+    free_end = free + nrf.unused_flash_length()
+    seg = _romfs_segment()
+    if seg is not None:
+        start = _start(seg)
+        size = seg.ioctl(4, 0) * _PAGE
+        where = "the ROMFS segment"
+    else:
+        size = flash["keel_region"]
+        start = free_end - size
+        where = "the top of the free flash"
+    if start < free or start % _PAGE:
+        why = "the firmware ends at 0x%x: %s (0x%x-0x%x) overlaps it" % (
+            free, where, start, start + size)
+    elif size < need:
+        why = "%s (0x%x-0x%x) is %dK; Keel's slots need %dK" % (
+            where, start, start + size, size // 1024, need // 1024)
+    else:
+        fs = nrf.Flash().ioctl(4, 0) * _PAGE
+        fs_need = [p["size"] for p in flash["partitions"] if p["label"] == "fs"][0]
+        why = None
+        if fs < fs_need:
+            why = "the filesystem is %dK; Keel's code needs %dK" % (fs // 1024, fs_need // 1024)
+    if why:
+        _error.append("keel: no room for Keel on this firmware: %s (docs/boards/nrf52840.md)"
+                      % why)
+        return
+    for p in slots:
+        _table[p["label"]] = (start + p["offset"], p["size"])
+
+
+def layout_error(board=None):
+    """Why this firmware cannot hold Keel (the bootloader halts with it), or None."""
+    if not _table and not _error:
+        if board is None:
+            import json
+
+            with open(BOARD_FILE) as f:
+                board = json.load(f)
+        _layout(board)
+    return _error[0] if _error else None
 
 
 class Partition:
-    """A Keel slot on nrf.Flash: info() is (label, offset, size); blocks are the 4 KiB
+    """A Keel slot on nrf.Flash: info() is (label, address, size); blocks are the 4 KiB
     flash pages; readblocks/writeblocks take an offset (and then do not erase), ioctl 6
     erases one page, as nrf.Flash does."""
 
-    def __init__(self, label, offset, size):
-        self._info = (label, offset, size)
-        flash = nrf.Flash(start=offset, len=size)
+    def __init__(self, label, address, size):
+        self._info = (label, address, size)
+        flash = nrf.Flash(start=address, len=size)
         self.readblocks = flash.readblocks
         self.writeblocks = flash.writeblocks
         self.ioctl = flash.ioctl
 
     @classmethod
     def find(cls, label):
-        if not _table:
-            with open(BOARD_FILE) as f:
-                for p in json.load(f)["flash"]["partitions"]:
-                    _table[p["label"]] = (p["offset"], p["size"])
+        why = layout_error()
+        if why:
+            raise RuntimeError(why)
         if label not in _table:
             return None
-        offset, size = _table[label]
-        free = _free_region()
-        if free and not (free[0] <= offset and offset + size <= free[1]):
-            raise RuntimeError(
-                "keel: slot %s (0x%x-0x%x) is not in the flash this firmware leaves free "
-                "(0x%x-0x%x); see docs/boards/nrf52840.md"
-                % (label, offset, offset + size, free[0], free[1])
-            )
-        return cls(label, offset, size)
+        return cls(label, *_table[label])
 
     def info(self):
         return self._info

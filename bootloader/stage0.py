@@ -8,6 +8,33 @@
 # deletes both. Each boot of it is counted here; at the fourth, or when /main.py wrote
 # why it failed into the file, the previous one goes back in place and the new one's
 # digest is recorded as rejected (docs/boot-flow.md, "Bootloader updates").
+#
+# Keel's paths are absolute from the filesystem's root. The nrf port mounts its
+# filesystem at /flash and runs this file there (/flash/boot.py, its cwd /flash); it is
+# mounted again at / here, so /keel/... and the port's next script, main.py, are found.
+def _root():
+    import os
+
+    if os.getcwd() != "/flash":
+        return  # esp32, the virtual board: already at /
+    import sys
+    import nrf
+
+    try:
+        import vfs
+    except ImportError:  # MicroPython before 1.23: mount and umount are in os
+        vfs = os
+    bdev = nrf.Flash()
+    vfs.umount("/flash")
+    try:
+        vfs.mount(bdev, "/")
+    except OSError:
+        vfs.mount(bdev, "/flash")  # as the port had it, for the REPL
+        raise
+    os.chdir("/")
+    sys.path[:] = [p for p in sys.path if not p.startswith("/flash")]
+
+
 def _recover():
     import os
 
@@ -88,5 +115,6 @@ def _trial_failed(e):
     port.reset()
 
 
+_root()
 _recover()
-del _recover, _write, _trial_failed
+del _root, _recover, _write, _trial_failed

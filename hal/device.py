@@ -6,8 +6,7 @@
 from hal import PORT, backend
 
 try:
-    # A port whose id is not in the rule yet keeps its own reader (nrf, until its
-    # FICR DEVICEID joins hal/device_id.py's READERS).
+    # A port whose id is not in the rule may keep its own reader (none does now).
     unique_id = backend("device").unique_id
 except ImportError:
     from hal.device_id import device_id

@@ -17,14 +17,16 @@ MOUNT_REPO = ("import vm_twin\nvm_twin.vfs.mount(vm_twin.vfs.VfsPosix(%r), '/_re
 
 
 def make_twin(base: Path, board: str = "esp32_generic", platform: str = "esp32",
-              version: str = "1.0.0", system_dir: Path | None = None) -> Path:
-    """A new device directory for `board`, with a system built for its platform."""
+              version: str = "1.0.0", system_dir: Path | None = None,
+              firmware: str | None = None) -> Path:
+    """A new device directory for `board`, with a system built for its platform (and,
+    for an nRF52840, the firmware build it plays: boards/twins/nrf/firmware.json)."""
     if system_dir is None:
         system_dir = base / f"system-{platform}-{version}"
         if not system_dir.is_dir():
             build.build_system(platform, version, system_dir)
     path = base / f"twin-{len(list(base.glob('twin-*')))}"
-    vdev.create(path, system_dir, board)
+    vdev.create(path, system_dir, board, firmware=firmware)
     return path
 
 

@@ -264,21 +264,23 @@ def _print_exception(e):
 
 
 def _script(path, g, ctl):
-    # As a port's pyexec_file(): True once the script ran to its end (or there is
-    # none), False after an exception (printed), None if it asked for a soft reboot
-    # (SystemExit). Without a console (ctl None) exceptions end the VM, as before.
+    # As a port's pyexec_file_if_exists(): True once the script ran to its end (or
+    # there is none), False after an exception (printed), None if it asked for a soft
+    # reboot (SystemExit). Without a console (ctl None) exceptions end the VM, as
+    # before. path is relative, as ports name boot.py and main.py: from the directory
+    # the start-up left (/; the nrf port's /flash, which its boot.py may change).
     try:
         with open(path) as f:
             code = f.read()
     except OSError:
         return True
-    g["__file__"] = path[1:]
+    g["__file__"] = path
     if ctl is None:
-        exec(compile(code, path[1:], "exec"), g)
+        exec(compile(code, path, "exec"), g)
         return True
     try:
         try:
-            code = compile(code, path[1:], "exec")
+            code = compile(code, path, "exec")
             ctl.write(b"1")  # Ctrl-C interrupts from here on
             exec(code, g)
         finally:
@@ -300,9 +302,9 @@ def _console(mode, ctl, banner):
     # A port's main loop: boot.py, main.py in friendly mode, then the REPL until a
     # soft reboot, which the runner makes a new VM in the REPL mode of the moment.
     g = {"__name__": "__main__"}
-    ok = _script("/boot.py", g, ctl)
+    ok = _script("boot.py", g, ctl)
     if ok and mode == "friendly":
-        ok = _script("/main.py", g, ctl)
+        ok = _script("main.py", g, ctl)
     if ok is not None:
         # The REPL, loaded only now (off a running system's heap), from beside this file.
         vm_console = load(("vm_console",))[0]
@@ -341,9 +343,9 @@ if _ctl is not None:
     _console(sys.argv[3], _ctl, _banner)
 _main_globals = {"__name__": "__main__"}
 try:
-    os.stat("/boot.py")
+    os.stat("boot.py")
 except OSError:
     print("vboard: no /boot.py on the filesystem; nothing to run")
     sys.exit(0)
-_script("/boot.py", _main_globals, None)  # stage 0's recovery work
-_script("/main.py", _main_globals, None)  # starts Keel, which runs from then on
+_script("boot.py", _main_globals, None)  # stage 0's recovery work
+_script("main.py", _main_globals, None)  # starts Keel, which runs from then on

@@ -3,12 +3,13 @@
 bootloader/port_esp32.py runs on the ESP32 board twin: the esp32 port's own modules
 as MicroPython v1.28.0 has them (boards/twins/esp32/: esp32.Partition found through
 the ESP-IDF partition table in the twin's flash, which is the flash `keel image esp32`
-writes), with the bootloader the twin's factory step extracted. port_nrf.py runs
-against a small stand-in for the modules it uses (`nrf` and `machine`): nrf.Flash(
-start=, len=) is a block device over a flash region. Both take readblocks/writeblocks
-with an offset (no erase) and ioctl 4/5/6. Then the real bootloader (keel_boot:
-load_slots, scan) reads the slots through the port. What this cannot show is a
-firmware on hardware behaving as its source says (docs/boards/*.md).
+writes), with the bootloader the twin's factory step extracted. port_nrf.py runs on
+the nRF52840 twin (boards/twins/nrf/: nrf.Flash over the twin's flash, laid out as a
+MicroPython nrf firmware build leaves it, vfs.rom_ioctl, machine), after stage 0 has
+put the filesystem at /. Both take readblocks/writeblocks with an offset (no erase)
+and ioctl 4/5/6. Then the real bootloader (keel_boot: load_slots, scan) reads the
+slots through the port. What this cannot show is a firmware on hardware behaving as
+its source says (docs/boards/*.md).
 """
 
 import json
@@ -22,141 +23,6 @@ from keel.boards import load_board
 from keel.paths import micropython
 
 REPO = Path(__file__).resolve().parents[2]
-
-FAKE_MACHINE = r"""
-PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET = %(causes)s
-LOCKUP_RESET = 3
-log = []
-cause = [PWRON_RESET]
-class Reset(Exception):
-    pass
-def reset_cause():
-    return cause[0]
-def reset():
-    log.append("reset")
-    raise Reset()
-def deepsleep(ms=0):
-    log.append(("deepsleep", ms))
-    raise Reset()
-"""
-
-FAKE_NRF = r"""
-# nrf.Flash(start=, len=) over a flash image file, and the free region the firmware
-# reports (between the end of its code and its filesystem).
-with open(%(flash)r, "rb") as f:
-    FLASH = bytearray(f.read())
-FREE = [%(free_start)d, %(free_len)d]
-def unused_flash_start():
-    return FREE[0]
-def unused_flash_length():
-    return FREE[1]
-class Flash:
-    def __init__(self, start=-1, len=-1):
-        assert start %% 4096 == 0 and len %% 4096 == 0
-        self.start, self.len = start, len
-    def readblocks(self, n, buf, off=0):
-        at = self.start + n * 4096 + off
-        buf[:] = FLASH[at : at + len(buf)]
-    def writeblocks(self, n, buf, off=None):
-        if off is None:
-            self.ioctl(6, n)
-        at = self.start + n * 4096 + (off or 0)
-        for i in range(len(buf)):
-            FLASH[at + i] &= buf[i]
-    def ioctl(self, op, arg):
-        if op == 4: return self.len // 4096
-        if op == 5: return 4096
-        if op == 6:
-            at = self.start + arg * 4096
-            FLASH[at : at + 4096] = b"\xff" * 4096
-            return 0
-"""
-
-PRELUDE = r"""
-import sys, json
-sys.path[:0] = [%(fakes)r, %(bootloader)r, %(lib)r]
-import fakemachine as machine
-sys.modules["machine"] = machine
-import %(fake)s as %(portmod)s
-sys.modules[%(portmod)r] = %(portmod)s
-import keel_boot, module_format as mf
-port = keel_boot._port()
-assert port.__name__ == %(expect_port)r, port.__name__
-assert keel_boot._port() is port and port.exiting is False
-with open(%(board_file)r) as f:
-    board = json.load(f)
-platform = mf.platform_id(board["platform"])
-"""
-
-SCAN = r"""
-slots = keel_boot.load_slots(board)
-for s in slots:
-    keel_boot.scan(s, platform)
-print(json.dumps({s.label: [s.valid, s.reason, s.size, s.block] for s in slots}))
-"""
-
-NRF_CHECKS = r"""
-port.DEEP_SLEEP_MARKER = %(marker)r
-p = port.Partition.find("system1")
-assert p.info() == ("system1", %(s1_offset)d, %(s1_size)d), p.info()
-assert port.Partition.find("nope") is None
-assert p.ioctl(5, 0) == 4096
-st = port.Partition.find("staging")
-st.ioctl(6, 0)
-st.writeblocks(0, b"keel", 4)
-buf = bytearray(8)
-st.readblocks(0, buf)
-assert buf == b"\xff" * 4 + b"keel", buf
-machine.cause[0] = machine.SOFT_RESET
-with open(port.DEEP_SLEEP_MARKER, "w") as f:
-    f.write("5\n")
-assert port.reset_cause() == "deep-sleep"
-port._cause.clear()
-assert port.reset_cause() == "soft-reset"      # the marker was consumed
-for raw, name in ((machine.HARD_RESET, "pin-reset"), (machine.WDT_RESET, "watchdog"),
-                  (machine.LOCKUP_RESET, "panic"), (machine.PWRON_RESET, "deep-sleep")):
-    machine.cause[0] = raw
-    port._cause.clear()
-    assert port.reset_cause() == name, (raw, name)
-# A slot the firmware does not leave free (here: the firmware's code runs past
-# system1's start) is refused, not erased.
-nrf.FREE[0] = %(s1_offset)d + 4096
-try:
-    port.Partition.find("system1")
-    raise AssertionError("a slot over the firmware was handed out")
-except RuntimeError as e:
-    assert "not in the flash this firmware leaves free" in str(e), e
-    print("GUARD", e)
-nrf.FREE[0] = %(free_start)d
-try:
-    port.reset()
-except machine.Reset:
-    pass
-assert machine.log == ["reset"]
-print("OK")
-"""
-
-NRF_CAUSES = "16, 0, 1, 16, 2"  # nrf: PWRON (a System OFF wake), HARD, WDT, -, SOFT
-
-
-def run_vm(tmp_path: Path, fake_name: str, fake_src: str, causes: str, script: str) -> str:
-    fakes = tmp_path / "fakes"
-    fakes.mkdir(exist_ok=True)
-    (fakes / "fakemachine.py").write_text(FAKE_MACHINE % {"causes": causes})
-    (fakes / f"fake{fake_name}.py").write_text(fake_src)
-    (tmp_path / "driver.py").write_text(script)
-    # The stand-ins hold the whole flash in RAM: a big heap, not a board's.
-    proc = subprocess.run([micropython(), "-X", "heapsize=12M", str(tmp_path / "driver.py")],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def _prelude(tmp_path, fake, portmod, expect, board_file):
-    return PRELUDE % {"fakes": str(tmp_path / "fakes"), "bootloader": str(REPO / "bootloader"),
-                      "lib": str(REPO / "lib"), "fake": fake, "portmod": portmod,
-                      "expect_port": expect, "board_file": str(board_file)}
-
 
 # On the ESP32 twin, with the bootloader the factory step put on its filesystem.
 ESP32_TWIN_CHECKS = r"""
@@ -282,36 +148,156 @@ def test_twin_flash_is_the_flash_keel_image_writes(esp32_twin, tmp_path):
         assert twin[part.offset : part.offset + part.size] == b"\xff" * part.size  # none here
 
 
-def test_nrf_port(tmp_path):
-    board = load_board("nrf52840_dk")
-    flash = bytearray(b"\xff" * board.flash_size)
-    for path in build.build_system("nrf52840", None, tmp_path / "system"):
-        from keel.images import load_valid_image
+# On the nRF52840 twin, after stage 0 (/flash/boot.py, as the port runs it) put the
+# filesystem at /.
+NRF_TWIN_CHECKS = r"""
+import os
+exec(open("boot.py").read(), {})
+import sys, json
+assert os.getcwd() == "/" and not [p for p in sys.path if p.startswith("/flash")], sys.path
+sys.path.insert(0, "/keel/m/bl")
+import vfs
+import keel_boot
+import module_format as mf
+port = keel_boot._port()
+assert port.__name__ == "port_nrf", port.__name__
+assert keel_boot._port() is port and port.exiting is False
+with open("/keel/board.json") as f:
+    board = json.load(f)
+assert port.layout_error(board) is None, port.layout_error(board)
+slots = keel_boot.load_slots(board)
+for s in slots:
+    keel_boot.scan(s, mf.platform_id(board["platform"]))
+print(json.dumps({s.label: [s.valid, s.reason, s.size, s.block] for s in slots}))
+print(json.dumps({s.label: s.part.info()[1] for s in slots}))
+print("segment", repr(vfs.rom_ioctl(2, 0)) if hasattr(vfs, "rom_ioctl") else None)
+p = port.Partition.find("system1")
+assert port.Partition.find("nope") is None
+assert p.ioctl(5, 0) == 4096 and p.ioctl(4, 0) == p.info()[2] // 4096
+st = port.Partition.find("staging")
+st.ioctl(6, 1)
+st.writeblocks(1, b"keel", 10)             # in place, no erase
+buf = bytearray(16)
+st.readblocks(1, buf)
+assert buf == b"\xff" * 10 + b"keel" + b"\xff\xff", buf
+st.writeblocks(1, b"\x0f" * 4, 10)         # NOR flash: programming only clears bits
+st.readblocks(1, buf)
+assert buf[10:14] == bytes(c & 0x0f for c in b"keel"), buf
+st.writeblocks(0, b"\xf0" * 4096)          # no offset: one page erased, then written
+st.readblocks(1, buf)
+assert buf[10:14] == bytes(c & 0x0f for c in b"keel"), buf  # the next page untouched
+print("cause", port.reset_cause())
+print("OK")
+"""
 
-        image = load_valid_image(path)
-        slot = board.slot_for(image.info.function, image.info.index)
-        flash[slot.offset : slot.offset + len(image.data)] = image.data
-    (tmp_path / "flash.bin").write_bytes(flash)
-    # The firmware ends below the first slot; its filesystem starts at "fs".
-    free_start = board.partition("bootloader").offset - 0x8000
-    free_len = board.partition("fs").offset - free_start
-    s1 = board.partition("system1")
-    board_file = tmp_path / "board.json"
-    board_file.write_text(json.dumps(board.data))
-    fake = FAKE_NRF % {"flash": str(tmp_path / "flash.bin"), "free_start": free_start,
-                       "free_len": free_len}
-    values = {"s1_offset": s1.offset, "s1_size": s1.size, "free_start": free_start,
-              "marker": str(tmp_path / "deep-sleep")}
-    script = _prelude(tmp_path, "fakenrf", "nrf", "port_nrf", board_file) + \
-        f"port.BOARD_FILE = {str(board_file)!r}\n" + SCAN + NRF_CHECKS % values
-    out = run_vm(tmp_path, "nrf", fake, NRF_CAUSES, script).splitlines()
-    slots = json.loads(out[0])
-    assert out[-1] == "OK"
+
+@pytest.fixture(scope="module")
+def nrf_base(tmp_path_factory):
+    return tmp_path_factory.mktemp("nrf-twins")  # (one system build for every twin)
+
+
+@pytest.fixture(scope="module")
+def nrf_twin(nrf_base):
+    from twins import make_twin
+
+    return make_twin(nrf_base, board="nrf52840_dk", platform="nrf52840")
+
+
+@pytest.mark.parametrize("firmware", ["v1.28-fs448k", "v1.27-fs448k"])
+def test_nrf_port(nrf_base, firmware):
+    """The slots are in the Keel region, the 256 KiB below the filesystem: on 1.28 the
+    ROMFS segment, before 1.28 the top of the flash the firmware's code leaves; at the
+    same addresses for the same filesystem size."""
+    from keel import vdev
+    from twins import make_twin, run_on
+
+    twin = make_twin(nrf_base, board="nrf52840_dk", platform="nrf52840", firmware=firmware)
+    proc = run_on(twin, NRF_TWIN_CHECKS)
+    out = proc.stdout.splitlines()
+    assert out and out[-1] == "OK", proc.stdout + proc.stderr
+    slots, addresses = json.loads(out[0]), json.loads(out[1])
     assert slots["bootloader"][:2] == [True, None]
     assert slots["system1"][:2] == [True, None] and slots["system2"][:2] == [True, None]
     assert slots["user"][:2] == [False, "empty"]
-    guard = next(line for line in out if line.startswith("GUARD"))
-    assert f"slot system1 (0x{s1.offset:x}-0x{s1.offset + s1.size:x})" in guard
+    board = vdev.VirtualDevice(twin).board()  # where the host placed them
+    assert addresses == {label: board.partition(label).offset for label in addresses}
+    assert addresses["bootloader"] == 0x50000 and addresses["user"] == 0x69000
+    if firmware.startswith("v1.28"):
+        assert out[2] == "segment Flash(start=0x00050000, len=262144)"
+    else:
+        assert out[2] == "segment None"  # no vfs.rom_ioctl before 1.28
+    assert "cause pin-reset" in out  # a power-on sets no RESETREAS bit: HARD_RESET
+
+
+# Firmware that leaves Keel no room: the bootloader halts before it writes anything,
+# and says why (the console, and safe mode "layout" in the status).
+NRF_LAYOUT_ERRORS = {
+    "v1.28-fs388k": "the filesystem is 388K; Keel's code needs 448K",
+    "overlap": "the firmware ends at 0x5a000: the top of the free flash (0x50000-0x90000) "
+               "overlaps it",
+}
+
+
+@pytest.mark.parametrize("firmware", sorted(NRF_LAYOUT_ERRORS))
+def test_nrf_port_refuses_a_firmware_without_room(nrf_base, firmware):
+    from keel import vdev
+    from twins import make_twin, run_on
+
+    twin = make_twin(nrf_base, board="nrf52840_dk", platform="nrf52840", firmware=firmware)
+    before = vdev.VirtualDevice(twin).read_flash()
+    proc = run_on(twin, "exec(open('boot.py').read(), {})\nimport sys\n"
+                        "sys.path.insert(0, '/keel/m/bl')\nimport port_nrf\n"
+                        "print(port_nrf.layout_error())\n"
+                        "try:\n    port_nrf.Partition.find('system1')\n"
+                        "except RuntimeError as e:\n    print('refused', e)\n")
+    why = "keel: no room for Keel on this firmware: " + NRF_LAYOUT_ERRORS[firmware]
+    assert proc.stdout.splitlines()[0] == why + " (docs/boards/nrf52840.md)", proc.stdout
+    assert "refused " + why in proc.stdout
+    # and booting: the bootloader halts with it, having written no slot
+    console = vdev.run(twin, seconds=20, out=__import__("io").BytesIO(),
+                       stop_when=lambda c: c.contains("waiting for firmware"))
+    assert why in console.text.decode()
+    status = vdev.status(twin)
+    assert (status["mode"], status["safe_mode_reason"], status["stage"]) == (
+        "safe", "layout", "bootloader")
+    assert status["layout_error"].startswith(why)
+    after = vdev.VirtualDevice(twin).read_flash()
+    fs = vdev.VirtualDevice(twin).board().partition("fs")
+    assert after[: fs.offset] == before[: fs.offset]  # (only the filesystem changed)
+
+
+# What started the boot -> machine.reset_cause() on the nrf port (RESETREAS) -> what
+# port_nrf says. A soft reboot keeps the cause of the boot before (here: watchdog).
+NRF_CAUSES = {"power-on": (0, "pin-reset"), "reset": (2, "soft-reset"),
+              "watchdog": (1, "watchdog"), "panic": (3, "panic"),
+              "deep-sleep": (16, "deep-sleep"), "soft-reboot": (1, "watchdog")}
+
+
+@pytest.mark.parametrize("event", sorted(NRF_CAUSES))
+def test_nrf_port_reset_causes(nrf_twin, event):
+    from twins import run_on
+
+    code = ("exec(open('boot.py').read(), {})\nimport sys\nsys.path.insert(0, '/keel/m/bl')\n"
+            "import port_nrf, machine\nprint(machine.reset_cause(), port_nrf.reset_cause())\n")
+    if event == "soft-reboot":
+        run_on(nrf_twin, code, cause="watchdog")
+    proc = run_on(nrf_twin, code, cause=event)
+    raw, name = NRF_CAUSES[event]
+    assert proc.stdout.split() == [str(raw), name], proc.stdout + proc.stderr
+
+
+def test_nrf_port_emulated_deep_sleep(nrf_twin):
+    """System OFF wakes only on a pin, so a deep sleep is a marker and a reset: the next
+    boot reads "deep-sleep" once (the reset's SOFT_RESET), then "soft-reset" again."""
+    from twins import io_records, run_on
+
+    code = ("exec(open('boot.py').read(), {})\nimport sys\nsys.path.insert(0, '/keel/m/bl')\n"
+            "import port_nrf\nprint(port_nrf.reset_cause())\n%s\nprint('still running')\n")
+    proc = run_on(nrf_twin, code % "port_nrf.deep_sleep(5)")
+    assert "still running" not in proc.stdout and proc.returncode == -9, proc.stdout
+    assert io_records(nrf_twin)[-1] == {"k": "halt", "code": 100}  # machine.reset()
+    assert run_on(nrf_twin, code % "", cause="reset").stdout.split()[0] == "deep-sleep"
+    assert run_on(nrf_twin, code % "", cause="reset").stdout.split()[0] == "soft-reset"
 
 
 def test_each_platform_builds_only_its_port(tmp_path):
@@ -330,8 +316,7 @@ def test_each_platform_builds_only_its_port(tmp_path):
         assert {n for n in names if n.startswith("port_")} == ports, (platform, names)
 
 
-@pytest.mark.parametrize("board_name, platform", [("esp32_generic", "esp32"),
-                                                  ("nrf52840_dk", "nrf52840")])
+@pytest.mark.parametrize("board_name, platform", [("esp32_generic", "esp32")])
 def test_filesystem_holds_the_extracted_system(tmp_path, board_name, platform):
     """The board's LittleFS (4 KiB blocks: almost every .mpy takes a block of its own)
     holds what the bootloader extracts, the bootloader and both system parts, plus a
@@ -359,6 +344,92 @@ def test_filesystem_holds_the_extracted_system(tmp_path, board_name, platform):
     factory.write_files(fs, files)
     spare = fs.block_count - fs.used_block_count
     assert spare >= 16, f"{board_name}: only {spare} blocks left for the app and state"
+
+
+# On the VM's own LittleFS (MicroPython's VfsLfs2 with its defaults, as the nrf port
+# formats its filesystem; littlefs-python with its defaults packs small files more
+# tightly than the board does): the files, then as many one-block files as still fit.
+NRF_FS_FILL = r"""
+import json, os, vfs
+class Ram:
+    def __init__(self, blocks):
+        self.blocks, self.data = blocks, bytearray(b"\xff" * (blocks * 4096))
+    def readblocks(self, n, buf, off=0):
+        at = n * 4096 + off
+        buf[:] = self.data[at : at + len(buf)]
+    def writeblocks(self, n, buf, off=0):
+        at = n * 4096 + off
+        self.data[at : at + len(buf)] = buf
+    def ioctl(self, op, arg):
+        if op == 4: return self.blocks
+        if op == 5: return 4096
+        if op == 6:
+            self.data[arg * 4096 : (arg + 1) * 4096] = b"\xff" * 4096
+        return 0
+with open(%(files)r) as f:
+    files = json.load(f)
+dev = Ram(%(blocks)d)
+vfs.VfsLfs2.mkfs(dev)
+vfs.mount(vfs.VfsLfs2(dev), "/t")
+for path in sorted(files):
+    at = "/t"
+    for part in path.split("/")[1:-1]:
+        at += "/" + part
+        try:
+            os.mkdir(at)
+        except OSError:
+            pass
+    with open("/t" + path, "wb") as f:
+        f.write(bytes.fromhex(files[path]))
+os.mkdir("/t/spare")
+n = 0
+try:
+    while True:
+        with open("/t/spare/%%d" %% n, "wb") as f:
+            f.write(b"x" * 600)
+        n += 1
+except OSError:
+    print("spare", n)
+"""
+
+
+@pytest.mark.parametrize("fs_kib, enough", [(448, True), (388, False)])
+def test_nrf_filesystem_holds_keel(tmp_path, fs_kib, enough):
+    """The nRF52840's filesystem holds stage 0, the board, the bootloader twice (a new
+    one is extracted beside the running one), parts 1 and 2 once (with no room for a
+    second copy, part 1's old code goes before the new is extracted: module_check),
+    with 16 blocks to spare for the app and the device's state: 448K does (the size
+    board.json asks for), 388K does not."""
+    from keel import factory, romfs
+    from keel import module_format as mf
+    from keel.images import load_valid_image
+
+    board = load_board("nrf52840_dk")
+    assert board.partition("fs").size == 448 * 1024
+    files = {}
+    for path in build.build_system("nrf52840", None, tmp_path / "system"):
+        image = load_valid_image(path)
+        info = image.info
+        if info.function == mf.FUNCTION_BOOTLOADER:
+            files.update(factory.device_files(board.data, image))
+            dirs = ["/keel/m/bl.new"]
+        else:
+            dirs = [f"/keel/m/s{info.index}"]
+        for name, offset, length in romfs.walk(mf.bytes_reader(image.data), info.header_size,
+                                               info.payload_size):
+            if offset >= 0:
+                start = info.header_size + offset
+                for d in dirs:
+                    files[f"{d}/{name}"] = image.data[start : start + length]
+    (tmp_path / "files.json").write_text(json.dumps({k: bytes(v).hex() for k, v in files.items()}))
+    script = tmp_path / "fill.py"
+    script.write_text(NRF_FS_FILL % {"files": str(tmp_path / "files.json"),
+                                     "blocks": fs_kib * 1024 // 4096})
+    proc = subprocess.run([micropython(), "-X", "heapsize=8M", str(script)],
+                          capture_output=True, text=True, timeout=60)
+    spare = int(proc.stdout.split()[-1]) if "spare" in proc.stdout else -1
+    assert spare >= 0, proc.stdout + proc.stderr
+    assert (spare >= 16) == enough, f"{fs_kib}K: {spare} blocks to spare"
 
 
 def test_image_nrf52840_files(keel_cli, tmp_path):

@@ -19,6 +19,10 @@ class Partition:
     size: int
     function: int | None = None
     index: int = 0
+    # Where offset is counted from: None for the flash's start; on boards whose
+    # firmware decides where Keel's flash is (nRF52840), "keel" (the Keel region) or
+    # "fs" (the firmware's filesystem), placed by board_from_dict's regions.
+    region: str | None = None
 
 
 @dataclass
@@ -66,11 +70,20 @@ def load_board(name: str) -> Board:
     return board_from_dict(json.loads(path.read_text()))
 
 
-def board_from_dict(data: dict) -> Board:
+def board_from_dict(data: dict, regions: dict | None = None) -> Board:
+    """regions: where a firmware put the board's regions, {name: (address, size)}: a
+    partition in one then has its address (a region's whole size for "fs", which is
+    the firmware's filesystem); without them its offset stays relative."""
     partitions = []
     for p in data["flash"]["partitions"]:
         function = mf.function_id(p["module"]) if p.get("module") else None
-        partitions.append(Partition(p["label"], p["offset"], p["size"], function, p.get("index", 0)))
+        offset, size, region = p["offset"], p["size"], p.get("region")
+        if regions and region in regions:
+            start, length = regions[region]
+            offset += start
+            size = length if region == "fs" else size
+        partitions.append(Partition(p["label"], offset, size, function, p.get("index", 0),
+                                    region))
     return Board(
         name=data["name"],
         platform=data["platform"],

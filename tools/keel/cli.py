@@ -215,7 +215,7 @@ def _add_esp32_flashing(commands) -> None:
 
 def cmd_vdev_create(args) -> int:
     trusted = _trusted(args.trust)
-    written = vdev.create(args.dir, args.system, args.board, trusted)
+    written = vdev.create(args.dir, args.system, args.board, trusted, args.firmware)
     mode = (f"trusts {len(trusted)} key(s): " + ", ".join(_fingerprint(k)[:16] for k in trusted)
             if trusted else "development mode: takes unsigned modules")
     print(f"created virtual device {args.dir} (board {args.board}; {mode})")
@@ -408,6 +408,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="append", default=[], metavar="KEYFILE.pub",
                    help="the board installs only modules signed by this key (repeatable); "
                    "without it, it is in development mode")
+    p.add_argument("--firmware", metavar="BUILD",
+                   help="nRF52840 twins: the MicroPython build it plays "
+                   "(boards/twins/nrf/firmware.json; default: the one Keel documents)")
     p.set_defaults(func=cmd_vdev_create)
     p = vdevs.add_parser("flash", help="write modules into a virtual device's flash")
     p.add_argument("dir", metavar="DIR")

@@ -21,7 +21,7 @@ from pathlib import Path
 from littlefs import LittleFS, LittleFSError
 
 from keel import module_format as mf
-from keel import factory, vmfirmware
+from keel import factory, twin_nrf, vmfirmware
 from keel.boards import Board, board_dir, board_from_dict, load_board
 from keel.errors import KeelError
 from keel.images import Image, load_valid_image, module_label
@@ -56,7 +56,11 @@ class VirtualDevice:
     def board(self) -> Board:
         if not self.exists():
             raise KeelError(f"{self.path}: not a virtual device (make one with 'keel vdev create')")
-        return board_from_dict(json.loads((self.path / BOARD_FILE).read_text()))
+        data = json.loads((self.path / BOARD_FILE).read_text())
+        build = self.path / twin_nrf.FIRMWARE_FILE  # a twin whose firmware places Keel's flash
+        if build.is_file():
+            return board_from_dict(data, twin_nrf.regions(data, json.loads(build.read_text())))
+        return board_from_dict(data)
 
     def read_flash(self) -> bytearray:
         return bytearray(self.flash_path.read_bytes())
@@ -139,10 +143,12 @@ def check_images_for_board(board: Board, images: list[Image]) -> None:
 # Stage 0 at the filesystem root (board path -> source): /boot.py after every reset,
 # /main.py, which starts Keel, only in friendly-REPL mode (docs/boot-flow.md).
 def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual",
-           trusted: list[bytes] | None = None) -> list[Image]:
+           trusted: list[bytes] | None = None, firmware: str | None = None) -> list[Image]:
     """Make a virtual device with the bootloader and system parts from system_dir.
     trusted: the raw public keys the board trusts (keel vdev create --trust); none
-    leaves it in development mode, unless its bootloader module brings keys."""
+    leaves it in development mode, unless its bootloader module brings keys.
+    firmware: the MicroPython build an nRF52840 twin plays (boards/twins/nrf/
+    firmware.json; none: the one Keel documents)."""
     device = VirtualDevice(path)
     if device.exists():
         raise KeelError(f"{device.path}: a virtual device is already there")
@@ -169,6 +175,13 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     port_flash = PORT_FLASH.get(board.port)
     if port_flash:
         port_flash(board, flash)
+    build = None
+    if board.port == "nrf":  # the firmware build decides where the slots and the fs are
+        build = twin_nrf.choose(firmware)
+        twin_nrf.write_firmware(build, flash)
+        board = board_from_dict(board.data, twin_nrf.regions(board.data, build))
+    elif firmware:
+        raise KeelError(f"board {board_name}: its twin plays one firmware (no --firmware)")
     for image in images:
         _place(flash, board, image)
     part = board.partition("fs")
@@ -178,6 +191,8 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     device.path.mkdir(parents=True, exist_ok=True)
     (device.path / BOARD_FILE).write_text(json.dumps(board.data, indent=2) + "\n")
     (device.path / UID_FILE).write_text(new_uid(board.port) + "\n")
+    if build:
+        (device.path / twin_nrf.FIRMWARE_FILE).write_text(json.dumps(build, indent=2) + "\n")
     device.write_flash(flash)
     return images
 
@@ -187,9 +202,10 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
 # stand-ins and start-up are boards/twins/<port>/ (docs/virtual-board.md, "Board
 # twins"). Per port, what the host side needs:
 
-# The chip's own unique id, in bytes, as the port's machine.unique_id() reads it: the
-# virtual board's 12 (its own choice), the ESP32's factory base MAC in eFuse (6).
-UID_BYTES = {"virtual": 12, "esp32": 6}
+# The chip's own unique id, in bytes, as the port reads it: the virtual board's 12 (its
+# own choice), the ESP32's factory base MAC in eFuse (6, machine.unique_id()), the
+# nRF52840's FICR DEVICEID (8, read with machine.mem32: the port's unique_id() is b'').
+UID_BYTES = {"virtual": 12, "esp32": 6, "nrf": 8}  # nrf: FICR DEVICEID, 64 bits
 # The VM's heap beyond the board's, for the twin's own firmware (what its stand-ins
 # and the simulated hardware hold); the twin measures it at start-up and keeps for
 # Keel exactly the board's heap (boards/twins/vm_twin.py).

@@ -1,18 +1,21 @@
 # nRF GPIO: machine.Pin by board pin name (ids are 0..47: P0.n is n, P1.n is 32 + n).
 #
-# Port facts this works around:
-# - An output's input buffer is disconnected, so machine.Pin.value() reads 0 there:
-#   the level last written is kept here and returned instead.
+# Port facts (MicroPython nrf port, ports/nrf/modules/machine/pin.c, mphalport.h):
+# - machine.Pin.value() of an output reads the level it drives (the OUT register).
 # - machine.Pin has no toggle().
-# - Pin.irq() handlers run inside the GPIOTE interrupt. The handler given here only
-#   queues the user's handler with micropython.schedule (once per pending edge, no
-#   allocation), so user code never runs in the ISR; it is then called through
-#   hal.schedule, as every port's pin handlers are. On firmware built without
-#   micropython.schedule, the system loop collects pending edges instead
+# - Pin.irq(handler, trigger) takes no `hard` argument and returns None. Its handler
+#   runs inside the GPIOTE interrupt, so the handler given here only queues the app's
+#   handler with micropython.schedule (once per pending edge, no allocation); it is
+#   then called through hal.schedule, as every port's pin handlers are. On firmware
+#   built without micropython.schedule, the system loop collects pending edges
 #   (hal.add_service).
-# - Pin.irq() reconfigures the pin as an input with the pull-up on, whatever pull
-#   was asked for; there are 8 GPIOTE channels, so 8 pins with handlers at most;
-#   irq(None) stops the handler being called, the channel stays taken.
+# - From 1.24 irq() leaves the pin's direction and pull as they were (1.20-1.23 made it
+#   an input with the pull-up on), irq(None) frees the pin's GPIOTE channel, and arming
+#   a pin that holds one keeps its old trigger: the channel is freed before re-arming.
+#   Before 1.24 irq(None) would leave None as the handler the interrupt calls, so the
+#   backend's own handler stays armed there and simply stops passing edges on.
+# - 8 GPIOTE channels: 8 pins with handlers at most.
+import sys
 import machine
 import hal
 
@@ -23,6 +26,7 @@ except ImportError:  # firmware built without the scheduler: the system loop pol
 
 _MP = machine.Pin
 _BOTH_EDGES = _MP.IRQ_RISING | _MP.IRQ_FALLING
+_FREES = sys.implementation.version >= (1, 24)  # irq(None) frees the channel
 _polled = []  # pins with handlers, when there is no scheduler
 
 
@@ -43,8 +47,8 @@ class Pin:
     def __init__(self, name, mode=-1, pull=None, value=None):
         self._name = name
         self._pin = _MP(hal.pin_id(name))
-        self._out = -1  # level driven while an output, -1 while an input
         self._handler = None
+        self._armed = False  # the port's irq() has our _isr on this pin
         self._pending = False
         self._deliver_ref = self._deliver  # bound once: the ISR must not allocate
         if mode != -1:
@@ -52,38 +56,35 @@ class Pin:
 
     def init(self, mode, pull=None, value=None):
         if mode == _MP.OUT:
-            level = 1 if value else 0
-            self._pin.init(mode, pull, value=level)
-            self._out = level
+            self._pin.init(mode, pull, value=1 if value else 0)
         else:
             self._pin.init(mode, pull)
-            self._out = -1
 
     def value(self, v=None):
         if v is None:
-            return self._out if self._out >= 0 else self._pin.value()
-        level = 1 if v else 0
-        self._pin.value(level)
-        if self._out >= 0:
-            self._out = level
+            return self._pin.value()
+        self._pin.value(1 if v else 0)
 
     def on(self):
-        self.value(1)
+        self._pin.value(1)
 
     def off(self):
-        self.value(0)
+        self._pin.value(0)
 
     def toggle(self):
-        self.value(1 - self.value())
+        self._pin.value(1 - self._pin.value())
 
     def irq(self, handler=None, trigger=_BOTH_EDGES):
         self._handler = handler
+        if self._armed and _FREES:
+            self._pin.irq(None)
+            self._armed = False
         if handler is not None:
-            self._out = -1  # the port made it an input
             if schedule is None and self not in _polled:
                 _polled.append(self)
                 hal.add_service(_poll)
-            self._pin.irq(handler=self._isr, trigger=trigger)
+            self._pin.irq(self._isr, trigger)
+            self._armed = True
 
     def _isr(self, _pin):
         if self._handler is not None and not self._pending:

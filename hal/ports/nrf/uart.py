@@ -1,7 +1,13 @@
 # nRF52840 UART. The nrf port has one UART, UART(0), on pins fixed when the firmware
 # is built (PCA10056: TX P0.06, RX P0.08, with RTS/CTS flow control on P0.05/P0.07);
 # the board's entry records them, they cannot be moved from here. 8N1 only, and a
-# 64-byte receive buffer. Where that UART also carries the REPL, reads race with it.
+# 64-byte receive buffer (ports/nrf/modules/machine/uart.c).
+#
+# On the nRF52840 DK the firmware attaches UART(0) to its REPL at every boot
+# (os.dupterm, MICROPY_HW_ENABLE_UART_REPL): while attached, every byte it receives
+# goes to the REPL, none to read(). Opening the bus detaches it, so the app gets what
+# arrives; the REPL on the USB port stays, the UART one is back at the next reset.
+import os
 import machine
 from hal.ports.nrf import buses
 
@@ -16,9 +22,12 @@ class UART:
         self._uart = machine.UART(
             spec.get("id", 0), baudrate=baudrate, timeout=max(1, timeout), timeout_char=1
         )
+        repl = os.dupterm(None)
+        if repl is not None and repl is not self._uart:
+            os.dupterm(repl)  # another stream, not this UART: leave it attached
 
     def deinit(self):
-        pass  # the port keeps its only UART running (it may be the REPL)
+        self._uart.deinit()
 
     def write(self, buf):
         return self._uart.write(buf)
