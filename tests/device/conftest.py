@@ -21,7 +21,8 @@ from keel import build, vdev, vio
 ROOT = Path(__file__).resolve().parents[2]
 
 # The boards devices are made for, and the platform their modules are built for.
-PLATFORMS = {"virtual": "virtual", "esp32_generic": "esp32"}
+PLATFORMS = {"virtual": "virtual", "esp32_generic": "esp32", "nrf52840_dk": "nrf52840",
+             "particle_xenon": "nrf52840"}
 # A test that matters on hardware runs on the ESP32 twin too.
 on_twins = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic"], indirect=True)
 

@@ -495,7 +495,8 @@ sim_pins.drive(sim_pins.line(hal.board()["button"]["pin"]), 0)  # the host holds
 show("button_held", button.pressed())
 show("animate", status_led.ANIMATE)
 status_led.set_rgb(255, 0, 255)
-show("led_pins", [q.value() for q in __import__("hal.ports.nrf.status_led").ports.nrf.status_led._pins])
+from hal.ports.nrf import status_led as port_led
+show("led_pins", [q.value() for q in port_led._pins])
 from hal.watchdog import Watchdog
 Watchdog(timeout_ms=2000).feed()
 show("cause", power.reset_cause())
