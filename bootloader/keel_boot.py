@@ -320,12 +320,12 @@ def main():
     # Module code only: a stray /main.py at the filesystem root must not shadow the app.
     sys.path[:] = [core[0].code_dir, BOOTLOADER_DIR, ".frozen", "/lib"]
     bootloader_proved()
+    for name in ("module_check", "romfs"):  # what installing loaded: freed before the
+        sys.modules.pop(name, None)  # system comes in, when the heap is fullest
     gc.collect()
     try:
         import keel_system
 
-        for name in ("module_check", "romfs"):  # what installing loaded
-            sys.modules.pop(name, None)
         gc.collect()
         keel_system.start(board, slots, reset_reason)
     except Exception as e:  # noqa: BLE001 - the system itself failed (apps' errors end in it)

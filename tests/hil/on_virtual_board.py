@@ -1,19 +1,23 @@
-"""The hardware-in-the-loop suite on the virtual board, as `make test` runs it.
+"""The hardware-in-the-loop suite on the virtual board and the board twins, as
+`make test` runs it.
 
-    .venv/bin/python tests/hil/on_virtual_board.py [PYTEST ARGS...]
+    .venv/bin/python tests/hil/on_virtual_board.py [--board BOARD]... [PYTEST ARGS...]
 
-Makes a virtual device from this tree (system and the hello app), runs it with its
-console on a pty and the jumpers of boards/virtual/hil.json simulated
+For each board (by default every one in BOARDS: the virtual board and the ESP32 twin)
+it makes a device from this tree (system and the hello app, built for the board's
+platform), runs it with its console on a pty and the jumpers of
+boards/<board>/hil.json simulated
 
-    keel vdev run DIR --pty DIR/tty --wires boards/virtual/hil.json
+    keel vdev run DIR --pty DIR/tty --wires boards/<board>/hil.json
 
 then runs the suite on that pty exactly as on a board
 
-    python -m pytest tests/hil --port DIR/tty --board virtual
+    python -m pytest tests/hil --port DIR/tty --board <board>
 
-and checks that it passed with nothing skipped but what cannot run on this board (the
-esp32 flashing test) or what boards/virtual/hil.json says is skipped, and that the
-device was left as found: the same modules, the app running. Exit status 0 if so.
+and checks that it passed with nothing skipped but what cannot run on the VM (the
+ESP32 flashing test, which writes a chip with esptool: it skips with its reason) or
+what the board's hil.json says is skipped, and that the device was left as found: the
+same modules, the app running. Exit status 0 if so, for every board.
 On a failure (or with KEEL_HIL_KEEP=1) the work directory is kept and named: the
 device, its console.log, the runner's output and the suite's report (hil.xml).
 See docs/hil.md.
@@ -32,10 +36,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-BOARD = "virtual"
-HIL_JSON = REPO / "boards" / BOARD / "hil.json"
-# Tests that cannot run on this board at all (not a peripheral: nothing to wire).
-NOT_FOR_THIS_BOARD = {"test_hil_esp32_flash"}  # (by module name)
+# The boards the suite runs on in make test: the virtual board and the twins.
+BOARDS = ("virtual", "esp32_generic")
+# Tests that cannot run on the VM at all (not a peripheral: nothing to wire): writing
+# a chip with esptool needs the chip.
+NOT_ON_THE_VM = {"test_hil_esp32_flash"}  # (by module name)
 
 
 def keel(*args, **kw):
@@ -76,9 +81,9 @@ def wait_for(path: Path, text: str, timeout: float, runner) -> None:
     raise SystemExit(f"on_virtual_board: {text!r} never printed:\n{log[-3000:]}")
 
 
-def check_report(xml_path: Path) -> list[str]:
+def check_report(xml_path: Path, hil_json: Path) -> list[str]:
     """Problems in the suite's JUnit report: failures, and skips not allowed."""
-    allowed = set((json.loads(HIL_JSON.read_text()).get("skip") or {}).values())
+    allowed = set((json.loads(hil_json.read_text()).get("skip") or {}).values())
     problems, ran = [], 0
     for case in ET.parse(xml_path).getroot().iter("testcase"):
         ran += 1
@@ -88,7 +93,7 @@ def check_report(xml_path: Path) -> list[str]:
                 problems.append(f"{name}: {tag}")
         skipped = case.find("skipped")
         module = (case.get("classname") or "").rsplit(".", 1)[-1]
-        if skipped is not None and module not in NOT_FOR_THIS_BOARD:
+        if skipped is not None and module not in NOT_ON_THE_VM:
             reason = skipped.get("message", "")
             if not any(a in reason for a in allowed):
                 problems.append(f"{name}: skipped ({reason})")
@@ -97,29 +102,31 @@ def check_report(xml_path: Path) -> list[str]:
     return problems
 
 
-def main(pytest_args: list[str]) -> int:
-    work = Path(tempfile.mkdtemp(prefix="keel-hil-virtual-"))
+def run_board(board: str, pytest_args: list[str]) -> int:
+    hil_json = REPO / "boards" / board / "hil.json"
+    platform = json.loads((REPO / "boards" / board / "board.json").read_text())["platform"]
+    work = Path(tempfile.mkdtemp(prefix=f"keel-hil-{board}-"))
     device, tty = work / "dev", work / "dev" / "tty"
-    keel("build", "system", "--platform", BOARD, "-o", work / "system")
-    keel("build", "app", REPO / "examples" / "hello", "--platform", BOARD, "-o", work / "hello.bin")
-    keel("vdev", "create", device, "--system", work / "system")
+    keel("build", "system", "--platform", platform, "-o", work / "system")
+    keel("build", "app", REPO / "examples" / "hello", "--platform", platform, "-o", work / "hello.bin")
+    keel("vdev", "create", device, "--board", board, "--system", work / "system")
     keel("vdev", "flash", device, work / "hello.bin")
 
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     runner_out = open(work / "runner.out", "wb")
     # (SIGINT as Ctrl-C even when this script was started with it ignored, as a
     # background job of a shell is)
-    runner = subprocess.Popen(["keel", "vdev", "run", device, "--pty", tty, "--wires", HIL_JSON],
+    runner = subprocess.Popen(["keel", "vdev", "run", device, "--pty", tty, "--wires", hil_json],
                               stdout=runner_out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(device / "console.log", "hello from keel", 60, runner)
         _, before = modules(device)
-        print(f"on_virtual_board: {device} runs on {tty}; pytest tests/hil --port {tty} --board {BOARD}",
+        print(f"on_virtual_board: {device} runs on {tty}; pytest tests/hil --port {tty} --board {board}",
               flush=True)
         report = work / "hil.xml"
         suite = subprocess.run(
-            [sys.executable, "-m", "pytest", "tests/hil", "--port", str(tty), "--board", BOARD,
+            [sys.executable, "-m", "pytest", "tests/hil", "--port", str(tty), "--board", board,
              "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}", *pytest_args],
             cwd=REPO, env=env)
     finally:
@@ -135,7 +142,7 @@ def main(pytest_args: list[str]) -> int:
 
     problems = [] if suite.returncode == 0 else [f"pytest exited with status {suite.returncode}"]
     if report.is_file():
-        problems += check_report(report)
+        problems += check_report(report, hil_json)
     else:
         problems.append("pytest wrote no report")
     if not pytest_args:  # (a selection of tests need not leave a whole session's state)
@@ -149,14 +156,26 @@ def main(pytest_args: list[str]) -> int:
         if "hello from keel" not in last_boot:
             problems.append("the app did not run again at the device's last boot")
     for p in problems:
-        print(f"on_virtual_board: {p}")
+        print(f"on_virtual_board: {board}: {p}")
     if problems or os.environ.get("KEEL_HIL_KEEP"):
-        print(f"on_virtual_board: {'FAILED' if problems else 'passed'}: the device, its console.log "
-              f"and the suite's report hil.xml are in {work}")
+        print(f"on_virtual_board: {board}: {'FAILED' if problems else 'passed'}: the device, its "
+              f"console.log and the suite's report hil.xml are in {work}")
         return 1 if problems else 0
     shutil.rmtree(work, ignore_errors=True)
-    print("on_virtual_board: passed")
+    print(f"on_virtual_board: {board}: passed")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    boards, pytest_args = [], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--board" and argv:
+            boards.append(argv.pop(0))
+        else:
+            pytest_args.append(arg)
+    failed = [b for b in boards or BOARDS if run_board(b, pytest_args)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
