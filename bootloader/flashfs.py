@@ -74,14 +74,19 @@ def read_text(path, default=None):
 
 
 def read_json(path, default=None):
-    text = read_text(path)
-    if text is None:
-        return default
+    # Parsed from the file, and written to it as it is made: no copy of the whole
+    # document's text on the heap (a status is 1.5 KB, a board 2 KB: on a board with
+    # about 110 KB of heap, the difference between a boot that records it and one that
+    # runs out).
     try:
-        return json.loads(text)
-    except ValueError:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
         return default
 
 
 def write_json(path, doc):
-    write_atomic(path, json.dumps(doc))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.rename(tmp, path)

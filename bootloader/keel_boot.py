@@ -279,6 +279,14 @@ def bootloader_proved():
         print("keel: the new bootloader proved itself")
 
 
+def _start_system(board, slots, reset_reason):
+    # (its own frame: once it has failed, nothing of the system stays referenced here)
+    import keel_system
+
+    gc.collect()
+    keel_system.start(board, slots, reset_reason)
+
+
 def main():
     port = _port()
     attempts = note_boot()
@@ -323,13 +331,14 @@ def main():
     for name in ("module_check", "romfs"):  # what installing loaded: freed before the
         sys.modules.pop(name, None)  # system comes in, when the heap is fullest
     gc.collect()
+    loaded = list(sys.modules)
     try:
-        import keel_system
-
-        gc.collect()
-        keel_system.start(board, slots, reset_reason)
+        _start_system(board, slots, reset_reason)
     except Exception as e:  # noqa: BLE001 - the system itself failed (apps' errors end in it)
         why = "%s: %s" % (type(e).__name__, e)
+        for name in [n for n in sys.modules if n not in loaded]:
+            del sys.modules[name]  # the system's heap back, for recording why
+        gc.collect()
         note_boot(attempts, why)
         give_up_trial(why)
         raise

@@ -4,7 +4,8 @@ previous part waits there during the trial; a part that does not reach the cloud
 time, keeps resetting, or fails to start is swapped back, and the device says so.
 
 The updates are staged the way system/core/ota.py leaves a verified one (the image in
-the staging partition, /keel/ota/pending.json), on the real MicroPython VM."""
+the staging partition, /keel/ota/pending.json), on the real MicroPython VM; a part
+that boots, and one that fails to start, on the ESP32 twin too (@on_twins)."""
 
 import hashlib
 import json
@@ -17,38 +18,55 @@ from keel import build, vdev
 from keel import module_format as mf
 from keel.paths import source_root
 
+from conftest import on_twins
+
 ROOT = source_root()
 HELLO = "hello from keel"
 
 
 @pytest.fixture(scope="module")
-def next_system(tmp_path_factory):
-    """System 1.1.1: its part 1 runs with the 1.1.0 part 2 (which needs part 1 >= 1.1.0)."""
-    out = tmp_path_factory.mktemp("system-1.1.1")
-    build.build_system("virtual", "1.1.1", out)
-    return out
+def _systems(tmp_path_factory):
+    """System builds made for these tests, by (version, platform, broken)."""
+    return tmp_path_factory, {}
 
 
-@pytest.fixture(scope="module")
-def broken_system(tmp_path_factory, next_system):
-    """System 1.1.2 whose part 1 fails as it starts (a bug that only shows on the device)."""
+def _build(systems, version, platform, broken=False):
     import shutil
 
-    tree = tmp_path_factory.mktemp("broken-tree")
-    for name in ("bootloader", "app_loader", "system", "hal", "lib", "boards"):
-        shutil.copytree(ROOT / name, tree / name, symlinks=True)
-    core = tree / "system" / "core" / "keel_system.py"
-    core.write_text(core.read_text().replace(
-        "def start(board, slots, reset_reason):\n",
-        "def start(board, slots, reset_reason):\n    raise RuntimeError('boom in 1.1.2')\n"))
-    out = tmp_path_factory.mktemp("system-1.1.2")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KEEL_ROOT", str(tree))
-    try:
-        build.build_system("virtual", "1.1.2", out)
-    finally:
-        mp.undo()
-    return out
+    factory, cache = systems
+    key = (version, platform, broken)
+    if key not in cache:
+        out = factory.mktemp(f"system-{version}-{platform}")
+        if not broken:
+            build.build_system(platform, version, out)
+        else:  # its part 1 fails as it starts (a bug that only shows on the device)
+            tree = factory.mktemp("broken-tree")
+            for name in ("bootloader", "app_loader", "system", "hal", "lib", "boards"):
+                shutil.copytree(ROOT / name, tree / name, symlinks=True)
+            core = tree / "system" / "core" / "keel_system.py"
+            core.write_text(core.read_text().replace(
+                "def start(board, slots, reset_reason):\n",
+                "def start(board, slots, reset_reason):\n    raise RuntimeError('boom in 1.1.2')\n"))
+            mp = pytest.MonkeyPatch()
+            mp.setenv("KEEL_ROOT", str(tree))
+            try:
+                build.build_system(platform, version, out)
+            finally:
+                mp.undo()
+        cache[key] = out
+    return cache[key]
+
+
+@pytest.fixture
+def next_system(_systems, platform):
+    """System 1.1.1: its part 1 runs with the 1.1.0 part 2 (which needs part 1 >= 1.1.0)."""
+    return _build(_systems, "1.1.1", platform)
+
+
+@pytest.fixture
+def broken_system(_systems, platform):
+    """System 1.1.2 whose part 1 fails as it starts."""
+    return _build(_systems, "1.1.2", platform, broken=True)
 
 
 def part(system_dir, index):
@@ -121,6 +139,7 @@ def test_a_part_that_never_reaches_the_cloud_goes_back(device, hello_app, next_s
             vdev.read_file(dev.path, f"/keel/ota/{name}")
 
 
+@on_twins
 def test_a_part_that_fails_to_start_goes_back_at_once(device, hello_app, broken_system):
     dev = old_device(device, hello_app)
     stage(dev, part(broken_system, 1))
@@ -168,6 +187,7 @@ def test_app_crashes_do_not_count_against_the_part(device, make_app, next_system
     assert status["trial"] == {"slot": "system1", "version": "1.1.1", "previous": "1.1.0"}
 
 
+@on_twins
 def test_an_unprovisioned_device_keeps_a_part_that_boots(device, hello_app, next_system):
     dev = old_device(device, hello_app)
     stage(dev, part(next_system, 1))

@@ -3,7 +3,8 @@
 
     .venv/bin/python tests/hil/on_virtual_board.py [--board BOARD]... [PYTEST ARGS...]
 
-For each board (by default every one in BOARDS: the virtual board and the ESP32 twin)
+For each board (by default every one in BOARDS: the virtual board, the ESP32 twin and
+the nRF52840 DK's)
 it makes a device from this tree (system and the hello app, built for the board's
 platform), runs it with its console on a pty and the jumpers of
 boards/<board>/hil.json simulated
@@ -37,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The boards the suite runs on in make test: the virtual board and the twins.
-BOARDS = ("virtual", "esp32_generic")
+BOARDS = ("virtual", "esp32_generic", "nrf52840_dk")
 # Tests that cannot run on the VM at all (not a peripheral: nothing to wire): writing
 # a chip with esptool needs the chip.
 NOT_ON_THE_VM = {"test_hil_esp32_flash"}  # (by module name)

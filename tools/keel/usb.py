@@ -9,7 +9,9 @@ never a half module that looks whole. Each slot's SHA-256 is then checked on the
 board, and the board is reset to run what was flashed."""
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
 
 from keel import module_format as mf
@@ -18,6 +20,7 @@ from keel.images import Image, load_valid_image, module_label
 from keel.vdev import check_signatures
 from keel.progress import Progress
 
+_REPL_ATTEMPTS = 3
 CHUNK = 2048  # bytes per exec; divides the 4 KB flash block, so no write crosses one
 
 # Board side: run through the raw REPL once per connection. Uses the bootloader's own
@@ -120,11 +123,18 @@ class BoardLink:
             self.transport = SerialTransport(self.port, baudrate=115200)
         except TransportError as e:
             raise KeelError(f"{self.port}: cannot open the port ({e})") from None
-        try:
-            self.transport.enter_raw_repl(soft_reset=True)
-        except TransportError as e:
-            self.transport.close()
-            raise KeelError(f"{self.port}: the board does not answer at its REPL ({e})") from None
+        for attempt in range(_REPL_ATTEMPTS):
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # (mpremote prints what it read)
+                    self.transport.enter_raw_repl(soft_reset=True)
+                break
+            except TransportError as e:
+                # A board caught mid-reboot reads the Ctrl-C before its REPL runs, and
+                # the code it then starts (Keel) runs on: interrupt it again.
+                if attempt + 1 == _REPL_ATTEMPTS:
+                    self.transport.close()
+                    raise KeelError(f"{self.port}: the board does not answer at its REPL "
+                                    f"({e}; tried {_REPL_ATTEMPTS} times)") from None
         if self._exec(_HAS_KEEL).strip() != "1":
             self.close()
             raise KeelError(f"{self.port}: Keel is not installed on this board (no bootloader in "

@@ -605,6 +605,8 @@ class ConsolePty:
                 os.read(self.wake_r, 4096)
             if not client or events.get(self.master, 0) & select.POLLHUP:
                 self._check_client()
+                if not self.client:
+                    self._drain_client()
             ev = events.get(self.master, 0)
             if ev & select.POLLIN:
                 try:
@@ -627,6 +629,19 @@ class ConsolePty:
             if vm is not None and events.get(vm[1], 0):
                 with self.lock:
                     self._flush_into_vm()
+
+    def _drain_client(self) -> None:
+        # What a client wrote just before it closed the port: the kernel may report the
+        # hang-up before it has moved those bytes to the master (keel flash ending with
+        # a Ctrl-D that restarts Keel). A UART would still deliver them: so do we.
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # nothing there (EAGAIN), or no slave open (EIO)
+                return
+            if not data:
+                return
+            self._from_client(data)
 
     def _check_client(self) -> None:
         p = select.poll()
