@@ -325,7 +325,8 @@ if _ask:
     with open(_ask) as _f:
         _ask = _f.read()
 _hw = _read_device(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "power-on", _ctl)
-if _hw.board["port"] == "virtual":
+_on_twin = _hw.board["port"] != "virtual"
+if not _on_twin:
     _start_virtual(_hw)
     import gc
 
@@ -347,5 +348,24 @@ try:
 except OSError:
     print("vboard: no /boot.py on the filesystem; nothing to run")
     sys.exit(0)
-_script("boot.py", _main_globals, None)  # stage 0's recovery work
-_script("main.py", _main_globals, None)  # starts Keel, which runs from then on
+if not _on_twin:
+    _script("boot.py", _main_globals, None)  # stage 0's recovery work
+    _script("main.py", _main_globals, None)  # starts Keel, which runs from then on
+else:
+    # A twin as its port's main loop (ports/esp32/main.c mp_task, ports/nrf/main.c
+    # main at v1.28.0): an exception in boot.py or main.py is printed, main.py runs
+    # only after a boot.py that ended well, then the REPL, where with nobody on the
+    # console the board waits (a watchdog already armed still fires).
+    try:
+        _script("boot.py", _main_globals, None)
+    except Exception as e:  # noqa: BLE001 - printed, as the port does
+        _print_exception(e)
+    else:
+        try:
+            _script("main.py", _main_globals, None)
+        except Exception as e:  # noqa: BLE001
+            _print_exception(e)
+    import time
+
+    while True:
+        time.sleep(3600)

@@ -98,9 +98,18 @@ def safe_mode(status, decision):
 def _start_cloud(status):
     # Only provisioned devices load the session's code (docs/protocol.md).
     if flashfs.exists("/keel/cloud/cloud.json"):
-        import cloud_session
+        try:
+            import cloud_session
 
-        cloud_session.start(status.doc)
+            cloud_session.start(status.doc)
+        except MemoryError:
+            # The session (TLS, its buffers) does not fit beside the system and the app:
+            # the app runs offline and the status says why, rather than Keel stopping.
+            sys.modules.pop("cloud_session", None)
+            gc.collect()
+            print("keel: cloud: not enough memory for the session (%d bytes free); "
+                  "staying offline" % gc.mem_free())
+            status.set(cloud="no-memory")
 
 
 def reset(reason):

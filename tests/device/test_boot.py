@@ -3,6 +3,10 @@ and (@on_twins) the ESP32 twin, with the esp32 port's bootloader and HAL."""
 
 import json
 
+import pytest
+
+from keel import vdev
+
 from conftest import on_twins
 
 HELLO = "hello from keel"
@@ -200,8 +204,6 @@ def test_system_with_no_app(device):
 
 def test_status_is_json_from_the_device_itself(device, hello_app):
     """The host reads what the VM wrote into the LittleFS partition of the flash."""
-    from keel import vdev
-
     dev = device("1.1.0")
     dev.flash(hello_app())
     dev.run(until=HELLO)
@@ -266,8 +268,6 @@ def test_app_calling_sys_exit_is_a_crash_not_the_end_of_the_system(device, make_
 def test_main_py_at_the_filesystem_root_does_not_shadow_the_app(device, make_app):
     """/main.py, which starts Keel, is run by the port as a script; imported as the
     app's `main` module it would print the impostor line."""
-    from keel import vdev
-
     dev = device("1.1.0")
     dev.flash(make_app("real", {"main.py": "print('the real app')\n"}))
     flash = vdev.VirtualDevice(dev.path)
@@ -303,3 +303,16 @@ def test_user_slot_with_a_damaged_header_is_integrity_not_empty(device, hello_ap
     assert "SAFE MODE (integrity)" in console
     app = [m for m in dev.status()["modules"] if m["function"] == "user-part"][0]
     assert (app["valid"], app["version"], app["invalid_reason"]) == (False, None, "integrity")
+
+
+@pytest.mark.parametrize("board_name", ["esp32_generic", "nrf52840_dk"], indirect=True)
+def test_an_exception_out_of_main_py_leaves_a_twin_at_its_repl(device, hello_app):
+    """As the ports' main loops (ports/esp32/main.c, ports/nrf/main.c at v1.28.0): the
+    traceback is printed and the REPL runs, no reset; with nobody on the console the
+    board waits, where the virtual board's VM would end."""
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    vdev.write_files(dev.path, {"/main.py": b"raise OSError(5)\n"})
+    console = dev.run(seconds=4)
+    assert "OSError: [Errno 5] EIO" in console
+    assert console.count("vdev: boot") == 1 and "the VM died" not in console, console

@@ -14,6 +14,8 @@ from test_cloud_session import (  # noqa: F401 (fixtures)
 from keel import build, vdev
 from keel import module_format as mf
 
+from conftest import on_twins
+
 pytestmark = pytest.mark.skipif(not MOSQUITTO.is_file(), reason="needs Mosquitto")
 
 CHUNK = 1024
@@ -55,6 +57,30 @@ def images(tmp_path_factory):
     part2 = {"keel.mpy": b"M\x06\x00\x1f" + b"\0" * 100}  # what a part 2 holds (module_check)
     out["sys-deps"] = mf.build_image(info, build.make_romfs(part2), hashlib.sha256)
     return out
+
+
+@pytest.fixture(scope="module")
+def _board_apps(tmp_path_factory):
+    return tmp_path_factory.mktemp("ota-board-apps"), {}
+
+
+@pytest.fixture
+def board_images(_board_apps, platform):
+    """The old and new apps for the board's platform: {name: bytes} (the new one, 2.0.0,
+    spans chunks and fits the smallest user slot, the nRF's 32 KB)."""
+    base, cache = _board_apps
+    if platform not in cache:
+        out = {}
+        for name, marker, blob, version in (("old", "OLD-APP-RUNNING", 0, "1.0.0"),
+                                            ("new", "NEW-APP-RUNNING", 20000, "2.0.0")):
+            src = base / f"src-{name}-{platform}"
+            src.mkdir()
+            for filename, text in app_source(marker, blob).items():
+                (src / filename).write_text(text)
+            out[name] = build.build_app(src, platform, "1.1.0", base / f"{name}-{platform}.bin",
+                                        app_version=version).read_bytes()
+        cache[platform] = out
+    return cache[platform]
 
 
 class Updater:
@@ -200,6 +226,42 @@ def test_update_over_the_air(device, broker, cloud, pki, images, systems):  # no
                 vdev.read_file(dev.path, f"/keel/ota/{name}")
 
 
+# (Not on the ESP32 twin yet: at its real heap, 110 KB, Keel's cloud session does not
+# start (MemoryError); issue 14 brings Keel's heap down. Its staged installs are below.)
+@pytest.mark.parametrize("board_name", ["nrf52840_dk"], indirect=True)
+def test_an_app_update_over_the_air_on_a_twin(device, broker, cloud, pki,  # noqa: F811
+                                              board_images, platform, board_name):
+    """The same transfer on a board twin (docs/virtual-board.md, "Board twins"): the
+    receiver writes the staging slot in the nRF's Keel region, and the port's
+    bootloader installs it."""
+    dev = device("1.1.0")
+    app = dev.path.parent / "old.bin"
+    app.write_bytes(board_images["old"])
+    dev.flash(app)
+    new = board_images["new"]
+    uid = provision(dev, pki, broker.port)
+    broker.start()
+    service = cloud(broker)
+    up = Updater(service, uid)
+    with dev.start(seconds=90) as running:
+        running.wait_for("OLD-APP-RUNNING", timeout=30)
+        service.describes(uid, timeout=30)
+        time.sleep(0.3)  # (the subscriptions)
+        assert up.offer(new, platform="virtual") == {"state": "refused", "reason": "platform"}
+        ack = up.offer(new, platform=platform)
+        assert ack["state"] == "receiving" and ack["next"] == 0, ack
+        assert up.send(ack)["state"] == "verifying"
+        assert up.next_status(timeout=20) == {"state": "pending"}
+        running.wait_for("NEW-APP-RUNNING", timeout=40)
+        assert up.next_status(timeout=30) == {"state": "installed", "version": "2.0.0"}
+        assert "keel: installing the update into user" in running.console()
+    status = vdev.status(dev.path)
+    assert (status["board"], status["reset_reason"], status["app"]) == (board_name, "update",
+                                                                        "running")
+    user = [m for m in status["modules"] if m["function"] == "user-part"][0]
+    assert user["version"] == "2.0.0" and user["valid"]
+
+
 def _stage(dev, image: bytes, copied: int, damage_slot: bool):
     """What ota.py and a bootloader cut off mid-copy leave in flash."""
     flash_path = dev.path / vdev.FLASH_FILE
@@ -217,13 +279,14 @@ def _stage(dev, image: bytes, copied: int, damage_slot: bool):
     vdev.write_files(dev.path, {k: v.encode() for k, v in files.items()})
 
 
-def test_power_cut_during_the_bootloaders_copy(device, images):
+@on_twins
+def test_power_cut_during_the_bootloaders_copy(device, board_images):
     dev = device("1.1.0")
     app = dev.path.parent / "old.bin"
-    app.write_bytes(images["old"])
+    app.write_bytes(board_images["old"])
     dev.flash(app)
     assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
-    image = images["new"]
+    image = board_images["new"]
     _stage(dev, image, copied=(len(image) // 2) & ~4095, damage_slot=True)
     console = dev.run(until="NEW-APP-RUNNING")
     assert "resuming the update at byte" in console and "NEW-APP-RUNNING" in console
@@ -234,12 +297,16 @@ def test_power_cut_during_the_bootloaders_copy(device, images):
         vdev.read_file(dev.path, "/keel/ota/pending.json")
 
 
-def test_damaged_staged_image_keeps_the_old_firmware(device, images):
+@on_twins
+def test_damaged_staged_image_keeps_the_old_firmware(device, board_images):
     dev = device("1.1.0")
     app = dev.path.parent / "old.bin"
-    app.write_bytes(images["old"])
+    app.write_bytes(board_images["old"])
     dev.flash(app)
-    image = bytearray(images["new"])
+    # Booted once, as a device that received an update has (on the ESP32 twin a first
+    # boot's installs and this check together leave the system too little heap: issue 14)
+    assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    image = bytearray(board_images["new"])
     _stage(dev, bytes(image), copied=0, damage_slot=False)
     flash_path = dev.path / vdev.FLASH_FILE
     data = bytearray(flash_path.read_bytes())

@@ -4,7 +4,7 @@ v1.28.0 built with FS_SIZE=448K leaves (the slots in the ROMFS segment, the file
 the port mounts at /flash), with the nrf port's bootloader, stage 0 and HAL; an app for
 a newer system enters safe mode and `keel flash --usb` over the console pty heals it, a
 power cut during that install leaves a bootable board, a virtual module is refused;
-provisioning names the FICR id the status reports; a VM that dies while the app starts
+provisioning is in test_provisioning.py, for every board; a VM that dies while the app starts
 (a lockup on the chip) counts towards the crash loop; the Xenon's MODE button, which its
 firmware's pins do not list, works. The ports' own checks are tests/host/
 test_boot_ports.py and test_hal_contract.py."""
@@ -191,51 +191,3 @@ def test_the_xenon_runs_keel_and_its_mode_button(device, make_app):
     status = dev.status()
     assert (status["board"], status["mode"], status["app"]) == ("particle_xenon", "normal",
                                                                  "running")
-
-
-# ---------------------------------------------------------------- provisioning
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def cloud(tmp_path):
-    """keel cloud serve on a fresh directory, as the CLI's user starts it."""
-    data = tmp_path / "cloud"
-    env = dict(os.environ, KEEL_CLOUD=str(data),
-               PATH=f"{Path(__import__('sys').executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen(["keel", "cloud", "serve", "--data", str(data), "--mqtt",
-                             f"127.0.0.1:{_free_port()}", "--http", f"127.0.0.1:{_free_port()}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    assert "Keel Cloud:" in line, line + proc.stdout.read()
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
-    yield env
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(15)
-
-
-@DK
-def test_provisioning_names_the_id_the_board_reports(device, hello_app, cloud):
-    """keel device provision asks the twin for its id by the one rule (hal/device_id.py:
-    FICR DEVICEID through machine.mem32, as the port has no unique_id): the registry's
-    id is the one the board records in its status, and every chip has its own."""
-    first, second = device("1.1.0"), device("1.1.0")
-    ids = []
-    for dev, name in ((first, "n1"), (second, "n2")):
-        dev.flash(hello_app())
-        out = subprocess.run(["keel", "device", "provision", dev.path, "--name", name],
-                             env=cloud, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert HELLO in dev.run(until=HELLO)
-        show = subprocess.run(["keel", "device", "show", name, "--json"], env=cloud,
-                              capture_output=True, text=True, timeout=60)
-        assert show.returncode == 0, show.stdout + show.stderr
-        ids.append(json.loads(show.stdout)["id"])
-        assert ids[-1] == dev.status()["device_id"] == (dev.path / "uid").read_text().strip()
-        assert len(ids[-1]) == 16
-    assert ids[0] != ids[1]

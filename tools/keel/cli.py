@@ -273,6 +273,8 @@ def cmd_vdev_status(args) -> int:
                                     if trust["mode"] == "development"
                                     else f"takes only modules signed by {keys}")
               + (f" ({trust['error']})" if trust.get("error") else ""))
+    if doc.get("cloud") == "no-memory":
+        print("cloud           offline: the session did not fit in the heap")
     refused = doc.get("refused")
     if refused:
         print(f"refused         {refused.get('function')} {refused.get('index')} "
