@@ -157,12 +157,15 @@ def install_code(slot):
 
 
 def ensure_installed(slot):
+    """Install the slot's code if it is not; True when it did."""
     if slot.valid and not slot.sha256_ok:
         print("keel: installing %s %s" % (slot.label, mf.decode_version(slot.info.version)))
         install_code(slot)
+        return True
     if not slot.valid and slot.function == mf.FUNCTION_USER_PART:
         # Never run app code that no longer matches a valid module (nor one refused).
         flashfs.remove_tree(slot.code_dir)
+    return False
 
 
 def take_reset_reason(port):
@@ -221,6 +224,7 @@ def halt(slots, reset_reason, reason, missing, layout_error=None):
 
 
 OTA_PENDING_FILE = "/keel/ota/pending.json"  # written by system/core/ota.py
+INSTALLED = [False]  # this boot installed code (the system's app start reads it)
 TRIAL_FILE = "/keel/ota/trial.json"  # a new system part on trial (ota_apply.py)
 ROLLBACK_FILE = "/keel/ota/rollback"
 
@@ -298,11 +302,13 @@ def main():
         if why:
             halt([], reset_reason, "layout", [], why)
     clean_leftovers()
+    installed = INSTALLED[0] = False  # did this boot install (its work leaves the heap used)
     if flashfs.exists(OTA_PENDING_FILE) or flashfs.exists(TRIAL_FILE):
         import ota_apply  # only for an update or a trial: kept off the heap otherwise
 
         if ota_apply.apply_update(port, board):
             reset_reason = "update"
+            installed = INSTALLED[0] = True
         if flashfs.exists(TRIAL_FILE):
             reset_reason = ota_apply.check_trial(port, reset_reason) or reset_reason
         del sys.modules["ota_apply"]
@@ -317,8 +323,8 @@ def main():
         elif slot.reason == "rejected":
             print("keel: the bootloader in its slot did not start the system when it was "
                   "installed; keeping the one before it")
-        else:
-            ensure_installed(slot)
+        elif ensure_installed(slot):
+            installed = INSTALLED[0] = True
     core = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
     if not core or not core[0].valid:
         give_up_trial("system part 1 is not valid (%s)" % (core[0].reason if core else "none"))
@@ -334,6 +340,17 @@ def main():
     loaded = list(sys.modules)
     try:
         _start_system(board, slots, reset_reason)
+    except MemoryError:
+        if not installed:
+            raise
+        # What installing left in the heap (interned names, fragments) leaves the system
+        # too little on a small board (an ESP32's 110 KB): start it on a fresh heap; the
+        # next boot has nothing to install.
+        for name in [n for n in sys.modules if n not in loaded]:
+            del sys.modules[name]
+        gc.collect()
+        print("keel: not enough memory to start the system after installing; resetting")
+        reset("update")
     except Exception as e:  # noqa: BLE001 - the system itself failed (apps' errors end in it)
         why = "%s: %s" % (type(e).__name__, e)
         for name in [n for n in sys.modules if n not in loaded]:

@@ -177,8 +177,10 @@ def _run_app(status, app_slot):
         mem["heap_free_at_app_start"] = heap_free
         status.set(app="running", mem=mem)
 
+    starting = True
     try:
         app = app_loader.start_app(app_slot, started)
+        starting = False
         runtime.add_service(_stable_watch(app_slot))
         main = getattr(app, "main", None)
         result = main() if main else None
@@ -196,6 +198,12 @@ def _run_app(status, app_slot):
     except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
         if keel_boot.resetting():
             raise
+        if starting and isinstance(e, MemoryError) and keel_boot.INSTALLED[0]:
+            # Installing left this boot's heap short (a small board): not the app's
+            # fault, and not counted; it starts on a fresh heap.
+            e = None
+            print("keel: not enough memory to start the app after installing; resetting")
+            reset("update")
         _app_crashed(status, app_slot, e)
 
 
