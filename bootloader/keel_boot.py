@@ -157,15 +157,15 @@ def install_code(slot):
 
 
 def ensure_installed(slot):
-    """Install the slot's code if it is not; True when it did."""
-    if slot.valid and not slot.sha256_ok:
+    """Install the slot's code if it is not; True when it tried."""
+    tried = slot.valid and not slot.sha256_ok
+    if tried:
         print("keel: installing %s %s" % (slot.label, mf.decode_version(slot.info.version)))
-        install_code(slot)
-        return True
+        install_code(slot)  # (a refusal makes the slot invalid)
     if not slot.valid and slot.function == mf.FUNCTION_USER_PART:
         # Never run app code that no longer matches a valid module (nor one refused).
         flashfs.remove_tree(slot.code_dir)
-    return False
+    return tried
 
 
 def take_reset_reason(port):
