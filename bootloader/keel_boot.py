@@ -292,6 +292,32 @@ def _start_system(board, slots, reset_reason):
 
 
 def main():
+    attempts, board, slots, reset_reason, installed = _boot()
+    _drop_boot_code()
+    _run(attempts, board, slots, reset_reason, installed)
+
+
+# What only the boot needs: once it is done, these functions' code is freed (the
+# system keeps this module for its paths, Slot, reset() and what an update needs).
+_BOOT_ONLY = ("_boot", "load_slots", "scan", "install_code", "ensure_installed",
+              "take_reset_reason", "halt", "clean_leftovers", "bootloader_proved",
+              "_drop_boot_code")
+# The module format's host side (making images, parsing version text): never on a board.
+_HOST_ONLY = ("build_image", "pack_header", "bytes_reader", "encode_version", "_number",
+              "is_prerelease")
+
+
+def _drop_boot_code():
+    g = globals()
+    for name in _BOOT_ONLY:
+        g.pop(name, None)
+    for name in _HOST_ONLY:
+        if hasattr(mf, name):
+            delattr(mf, name)
+    gc.collect()
+
+
+def _boot():
     port = _port()
     attempts = note_boot()
     board = flashfs.read_json(BOARD_FILE)
@@ -336,6 +362,10 @@ def main():
     bootloader_proved()
     for name in ("module_check", "romfs"):  # what installing loaded: freed before the
         sys.modules.pop(name, None)  # system comes in, when the heap is fullest
+    return attempts, board, slots, reset_reason, installed
+
+
+def _run(attempts, board, slots, reset_reason, installed):
     gc.collect()
     loaded = list(sys.modules)
     try:

@@ -77,6 +77,7 @@ def start(hw_, load):
     sims = load(_SIMS)
     sims[0].setup(lambda: hw.board, hw.wires)
     sims[1].setup(hw.io_out, hw.io_in)
+    sims[7].setup(hw.device_dir, sims[1])  # the access points on the air
     hw.flash.write = _NorFlash(hw.flash).write
     _port = _load_port(hw.board["port"])
     _port.install()

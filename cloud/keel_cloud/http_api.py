@@ -88,6 +88,9 @@ def device_detail(device: dict, heal: dict | None = None, rollbacks: list | None
         # and the last module it refused ({function, index, version, sha256, reason, via}).
         trust=describe.get("trust"),
         refused=describe.get("refused"),
+        # The device's network link ({kind, state, ssid, rssi, ip, connects, error}: the
+        # system's connection manager on a WiFi board; kind null: a board without one)
+        network=describe.get("network"),
         rollbacks=rollbacks or [],
     )
     return out

@@ -36,6 +36,8 @@ MAX_TRUSTED_KEYS = 8  # the public keys a board says it trusts (fingerprints)
 TRUST_MODES = ("development", "enforced")
 MAX_COUNT = 2**31 - 1  # sizes, heap, chunk numbers
 MAX_WINDOW = 1024  # OTA chunks a device may say it holds ahead of `next`
+NETWORK_KINDS = ("wifi", "host", None)
+NETWORK_STATES = ("none", "listening", "joining", "up", "waiting")
 OTA_STATES = ("receiving", "refused", "verifying", "failed", "pending", "installed")
 STATUSES = {b"online": True, b"offline": False}
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
@@ -262,6 +264,23 @@ def check_describe(describe) -> dict:
             if not isinstance(key, str) or not _HEX.match(key) or len(key) != 64:
                 raise Invalid(f"{at}.keys[{i}]: not a fingerprint (64 hex digits)")
         _text(trust, "error", at)
+    network = describe.get("network")
+    if network is not None:
+        at = f"{where}.network"
+        _object(network, at)
+        if network.get("kind") not in NETWORK_KINDS:
+            raise Invalid(f"{at}.kind: not one of wifi, host or null")
+        if network.get("state") not in NETWORK_STATES:
+            raise Invalid(f"{at}.state: not one of {', '.join(NETWORK_STATES)}")
+        _integer(network, "connects", at, 0, MAX_COUNT)
+        _integer(network, "rssi", at, -128, 127)
+        _text(network, "ssid", at, limit=32)
+        _text(network, "ip", at, limit=45)
+        error = network.get("error")
+        if isinstance(error, int) and not isinstance(error, bool):
+            _integer(network, "error", at, 0, 65535)  # (a raw reason the port passes on)
+        else:
+            _text(network, "error", at)
     refused = describe.get("refused")
     if refused is not None:
         at = f"{where}.refused"

@@ -147,6 +147,11 @@ class Session:
         now = time.ticks_ms()
         try:
             state = self._state
+            link = sys.modules.get("connection")  # a WiFi board's link (connection.py)
+            if link is not None and not link.up():
+                if state != _WAITING:
+                    self._link_lost(now)
+                return
             if state == _WAITING:
                 if time.ticks_diff(now, self._retry_at) >= 0:
                     self._open(now)
@@ -261,6 +266,18 @@ class Session:
                 led.set_state("connecting")
             events.emit(events.CLOUD_DISCONNECTED)
 
+    def _link_lost(self, now):
+        # The network went: the connection is dead whatever its socket says. Again at
+        # once when the link is back (the connection manager shows the LED meanwhile).
+        was_up = self._state == _UP
+        self._close()
+        self._state = _WAITING
+        self._retry_at = now
+        self.last_error = "network down"
+        print("keel: cloud %s (network down)" % ("lost" if was_up else "not connected"))
+        if was_up:
+            events.emit(events.CLOUD_DISCONNECTED)
+
     def _close(self):
         if self._client is not None:
             self._carried = self._client.unacked()  # app events sent again next time
@@ -295,7 +312,7 @@ class Session:
             "functions": names[0],
             "variables": names[1],
         }
-        for key in ("rollback", "trust", "refused"):
+        for key in ("rollback", "trust", "refused", "network"):
             if st.get(key):
                 doc[key] = st[key]
         self._described_app = doc["app"]

@@ -91,17 +91,40 @@ def safe_mode(status, decision):
         print("keel: safe mode was requested; the next reset runs the app again")
     else:
         print("keel: the app is not run; flash a fixed app or the system parts it needs")
+    _start_network(status)
     _start_cloud(status)  # a device in safe mode still reports why, and can be fixed
     runtime.run_forever()
+
+
+def _start_network(status):
+    # The link first (a WiFi board joins its network: connection.py); a board without
+    # a network stays offline; the virtual board uses the host's.
+    from hal import network
+
+    if network.KIND == "wifi":
+        import connection
+
+        connection.start(status)
+    elif network.KIND is None:
+        status.set(network={"kind": None, "state": "none"})
 
 
 def _start_cloud(status):
     # Only provisioned devices load the session's code (docs/protocol.md).
     if flashfs.exists("/keel/cloud/cloud.json"):
+        from hal import network
+
+        if network.KIND is None:
+            print("keel: cloud: this board has no network; staying offline (updates over USB)")
+            status.set(cloud="no-network")
+            return
         try:
             import cloud_session
 
             cloud_session.start(status.doc)
+            link = sys.modules.get("connection")
+            if link is not None:
+                link.current().cloud = True
         except MemoryError:
             # The session (TLS, its buffers) does not fit beside the system and the app:
             # the app runs offline and the status says why, rather than Keel stopping.
@@ -227,6 +250,7 @@ def start(board, slots, reset_reason):
             sys.path.insert(0, s.code_dir)
     led.set_state("offline")
     status.set(app=decision.app)
+    _start_network(status)
     _start_cloud(status)
     app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
     if decision.app == "none":

@@ -7,11 +7,14 @@ from hal import status_led
 # state -> (colour, pattern)
 STATES = {
     "offline": ("white", "breathing"),  # running, no cloud configured
-    "connecting": ("green", "blinking"),
+    "joining": ("green", "blinking"),  # joining the network (WiFi)
+    "network-up": ("green", "breathing"),  # on the network, no cloud session
+    "connecting": ("cyan", "blinking"),  # connecting to the cloud
     "connected": ("cyan", "breathing"),
     "safe-mode": ("magenta", "breathing"),
     "updating": ("magenta", "blinking"),
-    "listening": ("yellow", "blinking"),
+    "listening": ("blue", "blinking"),  # no network credentials: waiting for them
+    "network-error": ("red", "blinking"),  # a network error the user must fix (password)
     "error": ("red", "blinking"),
 }
 COLORS = {

@@ -31,6 +31,8 @@ DESCRIBE = {
     "rollback": {"function": "system-part", "index": 2, "version": "1.1.0", "sha256": "cd" * 32,
                  "restored": "1.0.0", "reason": "no-cloud"},
     "signed_by": "a newer device's key, kept as sent",
+    "network": {"kind": "wifi", "state": "up", "connects": 2, "error": None, "ssid": "home",
+                "rssi": -61, "ip": "192.168.10.20"},
 }
 
 
@@ -97,6 +99,12 @@ def test_describe_limits():
     ({"rollback": {"function": "system-part", "index": 2, "version": "1.1.0", "sha256": "ab"}},
      "rollback.sha256"),
     ({"vm": {"name": 3}}, "vm.name"),
+    ({"network": ["wifi"]}, "network: a list"),
+    ({"network": {"kind": "lte", "state": "up"}}, "network.kind"),
+    ({"network": {"kind": "wifi", "state": "flying"}}, "network.state"),
+    ({"network": {"kind": "wifi", "state": "up", "rssi": 900}}, "network.rssi"),
+    ({"network": {"kind": "wifi", "state": "up", "ssid": "s" * 33}}, "network.ssid"),
+    ({"network": {"kind": "wifi", "state": "up", "error": ["x"]}}, "network.error"),
     ({"mode": ""}, "mode"),
 ])
 def test_describe_fields(change, where):

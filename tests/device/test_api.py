@@ -181,7 +181,7 @@ def test_unknown_system_event_is_refused(device, make_app):
         "        print('REFUSED', e)\n"
     )
     _, out = run_app(device, make_app, "events", source, "REFUSED")
-    assert "EVENTS 6" in out
+    assert "EVENTS 8" in out  # (cloud, update, reset, button and network events)
     assert "no-such-event" in out
 
 

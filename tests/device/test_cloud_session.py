@@ -233,7 +233,7 @@ def led_states(running):
     ]
 
 
-CONNECTING = ("green", "blinking")
+CONNECTING = ("cyan", "blinking")
 CONNECTED = ("cyan", "breathing")
 
 

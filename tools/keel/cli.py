@@ -273,8 +273,20 @@ def cmd_vdev_status(args) -> int:
                                     if trust["mode"] == "development"
                                     else f"takes only modules signed by {keys}")
               + (f" ({trust['error']})" if trust.get("error") else ""))
+    net = doc.get("network")
+    if isinstance(net, dict):
+        if net.get("kind") is None:
+            print("network         none on this board: offline (updates over USB)")
+        else:
+            where = f" {net['ssid']}" if net.get("ssid") else ""
+            extra = f", {net['ip']}, {net.get('rssi')} dBm" if net.get("ip") else ""
+            error = f" (last error: {net['error']})" if net.get("error") else ""
+            print(f"network         {net.get('kind')} {net.get('state')}{where}{extra}, "
+                  f"{net.get('connects', 0)} joins{error}")
     if doc.get("cloud") == "no-memory":
         print("cloud           offline: the session did not fit in the heap")
+    elif doc.get("cloud") == "no-network":
+        print("cloud           offline: this board has no network")
     refused = doc.get("refused")
     if refused:
         print(f"refused         {refused.get('function')} {refused.get('index')} "
@@ -282,10 +294,39 @@ def cmd_vdev_status(args) -> int:
     return 0
 
 
+def cmd_vdev_wifi(args) -> int:
+    from keel import wifi
+
+    device = vdev.VirtualDevice(args.dir)  # (checks it is a device directory)
+    if args.ap:
+        wifi.put_ap(device.path, args.ap, args.password, args.rssi)
+    if args.remove:
+        wifi.remove_ap(device.path, args.remove)
+    aps = wifi.read_air(device.path)
+    if not aps:
+        print("no access point on the air")
+    for line in wifi.describe_air(aps):
+        print(line)
+    if (args.ap or args.remove) and device.running_pid() is not None:
+        print("(the board hears the change at its next boot; --ap-down/--ap-up act at once)")
+    return 0
+
+
 def cmd_vdev_io(args) -> int:
     device = vdev.VirtualDevice(args.dir)
     board = device.board().data
     running = device.running_pid() is not None
+    if args.ap_down or args.ap_up:
+        from keel import wifi
+
+        for ssid, up in [(s, False) for s in args.ap_down] + [(s, True) for s in args.ap_up]:
+            command = wifi.switch_ap(device.path, ssid, up)
+            if running:
+                vio.send(device.path, command)
+            print(f"{ssid}: {'on' if up else 'off'} the air")
+        if not (args.set or args.analog or args.press or args.sensor or args.event
+                or args.call or args.get):
+            return 0
     drive = vio.commands(board, args.set, args.analog, args.press, args.sensor, args.event)
     asks = [("call", *vio._split(c, "--call NAME[=ARG]")) for c in args.call]
     asks += [("get", name, None) for name in args.get]
@@ -449,7 +490,18 @@ def make_parser() -> argparse.ArgumentParser:
                    help="read a cloud variable on the device")
     p.add_argument("--event", action="append", default=[], metavar="NAME[=DATA]",
                    help="deliver a cloud event to the device's subscriptions")
+    p.add_argument("--ap-down", action="append", default=[], metavar="SSID",
+                   help="take an access point off the air (keel vdev wifi)")
+    p.add_argument("--ap-up", action="append", default=[], metavar="SSID",
+                   help="put an access point back on the air")
     p.set_defaults(func=cmd_vdev_io)
+    p = vdevs.add_parser("wifi", help="the WiFi access points around a virtual ESP32")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--ap", metavar="SSID", help="put an access point on the air (or change it)")
+    p.add_argument("--password", default="", help="its WPA2 password (none: an open network)")
+    p.add_argument("--rssi", type=int, default=-55, metavar="DBM", help="its signal (default -55)")
+    p.add_argument("--remove", metavar="SSID", help="take an access point away")
+    p.set_defaults(func=cmd_vdev_wifi)
 
     from keel import cloudcli
 

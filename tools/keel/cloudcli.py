@@ -95,6 +95,40 @@ def cmd_device_provision(args) -> int:
     return 0
 
 
+def cmd_device_wifi(args) -> int:
+    """Store (or list, or clear) a board's WiFi networks through its raw REPL; the
+    board restarts Keel, which joins (docs/connecting.md)."""
+    from keel import usb, wifi
+
+    if sum(bool(x) for x in (args.ssid, args.list, args.clear)) != 1:
+        raise KeelError("keel device wifi: give one of --ssid SSID, --list, --clear")
+    password = args.password
+    if args.ssid:
+        wifi.check_ssid(args.ssid)
+        if password is None:
+            import getpass
+
+            password = getpass.getpass(f"password for {args.ssid} (empty: an open network): ")
+        wifi.check_password(password)
+    link = usb.BoardLink(args.port)
+    try:
+        if args.list:
+            for ssid in wifi.board_networks(link):
+                print(ssid)
+            return 0
+        if args.clear:
+            wifi.clear_networks(link)
+            print(f"{link.port}: no WiFi network stored; Keel restarts in listening mode")
+        else:
+            stored = wifi.store_network(link, args.ssid, password)
+            print(f"{link.port}: stored {args.ssid} ({len(stored)} of {wifi.MAX_NETWORKS} "
+                  "networks); Keel restarts and joins it")
+    finally:
+        link.restart()
+        link.close()
+    return 0
+
+
 def check_can_join(args, fleet_name: str, device_id: str, platform: str) -> None:
     """Before anything is provisioned: the fleet exists, is for the device's platform,
     and the device is in no other fleet."""
@@ -168,6 +202,16 @@ def cmd_device_show(args) -> int:
         state = "valid" if m.get("valid") else f"INVALID ({m.get('invalid_reason')})"
         print(f"  module        {m['function']} {m['index']} {m.get('version')}  {state}")
     print(f"  trust         {trust_line(device.get('trust'))}")
+    net = device.get("network")
+    if net:
+        if net.get("kind") is None:
+            print("  network       none on this board (updates over USB)")
+        else:
+            where = f" {net['ssid']}" if net.get("ssid") else ""
+            extra = f", {net['ip']}, {net.get('rssi')} dBm" if net.get("ip") else ""
+            error = f"; last error {net['error']}" if net.get("error") else ""
+            print(f"  network       {net['kind']} {net['state']}{where}{extra}, "
+                  f"{net.get('connects', 0)} joins since boot{error}")
     refused = device.get("refused")
     if refused:
         print(f"  refused       {refused.get('function')} {refused.get('index')} "
@@ -535,6 +579,14 @@ def add_commands(commands) -> None:
     p.add_argument("--fleet", metavar="NAME", help="put the device in this fleet")
     cloud_option(p)
     p.set_defaults(func=cmd_device_provision)
+    p = devices.add_parser("wifi", help="a board's WiFi networks, over its USB console")
+    p.add_argument("--port", required=True, help="the board's serial port (or a twin's pty)")
+    p.add_argument("--ssid", help="store this network (the newest of at most 5)")
+    p.add_argument("--password", help="its password (asked for when not given; "
+                   "--password '' for an open network)")
+    p.add_argument("--list", action="store_true", help="the networks stored (no passwords)")
+    p.add_argument("--clear", action="store_true", help="forget every network")
+    p.set_defaults(func=cmd_device_wifi)
     p = devices.add_parser("show", help="one device: state, versions, modules")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true")

@@ -1,8 +1,15 @@
 # network, as MicroPython v1.28.0's esp32 port has it (ports/esp32/network_wlan.c,
 # network_common.c, modnetwork.h, modnetwork_globals.h): the WLAN interfaces and their
-# status codes, over the board's radio surroundings (boards/virtual/sim_radio.py),
-# which have no access point yet: a station finds none. Sockets are the host's.
+# status codes, over the board's radio surroundings (boards/virtual/sim_radio.py: the
+# access points keel vdev wifi puts on the air). A join takes sim_radio.JOIN_MS; on a
+# disconnect (the AP gone: beacon timeout; no AP; a wrong password) the driver tries
+# again for as long as the connect stands (network_wlan.c, the STA_DISCONNECTED
+# handler: conf_wifi_sta_reconnects 0, for ever). Sockets are the host's, gated by the
+# station's state (boards/twins/esp32/socket.py).
+import time
+
 import sim_radio
+import vm_twin
 
 STA_IF = 0
 AP_IF = 1
@@ -41,7 +48,8 @@ class WLAN:
             found._requested = False  # wifi_sta_connect_requested
             found._connected = False  # wifi_sta_connected: associated, with an IP
             found._reason = 0  # wifi_sta_disconn_reason
-            found._attempt = None  # (ssid, key, bssid) of a connect() the radio has not answered
+            found._target = None  # (ssid, key, bssid) of the last connect()
+            found._attempt = None  # ticks_ms of the join under way, if one is
         return found
 
     def __init__(self, interface=IF_STA):
@@ -51,6 +59,10 @@ class WLAN:
         if is_active is not None:
             self._active = bool(is_active)
             WLAN._started = any(w._active for w in WLAN._ifaces.values())
+            if not self._active and self._if == WLAN.IF_STA:  # esp_wifi_stop()
+                self._attempt = None
+                if self._connected:
+                    self._drop(_ASSOC_LEAVE)
         return self._active
 
     def connect(self, ssid=None, key=None, *, bssid=None):
@@ -60,28 +72,45 @@ class WLAN:
             raise OSError("Wifi Not Started")
         if bssid is not None and len(bssid) != 6:
             raise ValueError
+        if self._connected:
+            self._drop(_ASSOC_LEAVE)
         self._requested = True
-        self._attempt = (ssid, key, bssid)
+        self._target = (ssid, key, bssid)
+        self._attempt = time.ticks_ms()
 
     def disconnect(self):
+        # esp_wifi_disconnect(): connected or still trying, the driver reports a
+        # disconnection with reason ASSOC_LEAVE [IDF], so status() reads STAT_IDLE
+        # until a later connect() has an outcome.
         self._requested = False
+        if self._connected or self._attempt is not None:
+            self._drop(_ASSOC_LEAVE)
         self._attempt = None
-        if self._connected:
-            self._reason = _ASSOC_LEAVE
+
+    def _drop(self, reason):
         self._connected = False
+        self._reason = reason
+        sim_radio.leave()
 
     def _events(self):
-        # The driver's events, which the port's handler records as they come: here
-        # the radio answers a connect() the first time anything asks after it.
-        if self._attempt is not None:
-            ssid, key, bssid = self._attempt
-            self._attempt = None
+        # The driver's events, which the port's handlers record as they come: here
+        # they are worked out when anything asks (the CPU looks at the radio).
+        vm_twin.poll()  # the host's commands: an access point down or up
+        now = time.ticks_ms()
+        if self._connected and not sim_radio.still_there():
+            self._drop(sim_radio.BEACON_TIMEOUT)
+            if self._requested:
+                self._attempt = now  # the handler's esp_wifi_connect()
+        if self._attempt is not None and time.ticks_diff(now, self._attempt) >= sim_radio.JOIN_MS:
+            ssid, key, bssid = self._target
             reason = sim_radio.join(ssid, key, bssid)
             if reason is None:
+                self._attempt = None
                 self._connected = True
                 self._reason = 0
             else:
                 self._reason = reason
+                self._attempt = now if self._requested else None  # and again
 
     def isconnected(self):
         self._events()
@@ -90,6 +119,7 @@ class WLAN:
     def status(self, param=None):
         if param is not None:
             if param == "rssi" and self._if == WLAN.IF_STA:
+                self._events()
                 if not self._connected:  # esp_wifi_sta_get_ap_info()
                     raise OSError("Wifi Not Connected")
                 return sim_radio.rssi()
@@ -121,6 +151,7 @@ class WLAN:
     def ifconfig(self, config=None):
         if config is not None:
             return None
+        self._events()
         if self._connected:
             return sim_radio.ip_config()  # (ip, netmask, gateway, dns) the AP gave
         return ("0.0.0.0", "0.0.0.0", "0.0.0.0", "0.0.0.0")
@@ -133,6 +164,9 @@ class WLAN:
             if self._if == WLAN.IF_AP:  # the soft-AP's the base MAC + 1 (ESP-IDF)
                 mac[5] = (mac[5] + 1) & 0xFF
             return bytes(mac)
+        if args in (("ssid",), ("essid",)) and self._if == WLAN.IF_STA:
+            # network_wlan_config: the station's configured SSID (cfg.sta.ssid)
+            return self._target[0] if self._target and self._target[0] else ""
         if args:
             raise ValueError("unknown config param")
         return None

@@ -81,6 +81,20 @@ def install():
     sys.modules["os"] = _Module(os, dupterm=machine.os_dupterm)
     sys.modules["micropython"] = _Module(micropython, schedule=machine._schedule)
     sys.modules["vfs"] = _Module(vfs, rom_ioctl=_rom_ioctl) if _firmware["vfs_rom"] else vfs
+    # No network: ports/nrf has no socket or network module, and leaves MICROPY_PY_SSL
+    # at py/mpconfig.h's 0 (so no ssl, no tls). On the board
+    # `import socket` fails; on the twin, the VM's own are built in and cannot be taken
+    # out of the import, so the name imports and its first use raises the ImportError.
+    for name in ("socket", "ssl", "tls", "network"):
+        sys.modules[name] = _Absent(name)
+
+
+class _Absent:
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        raise ImportError("no module named '%s'" % self._name)
 
 
 def _rom_ioctl(op, *args):

@@ -1,0 +1,179 @@
+# The system's network link (docs/connecting.md), as Device OS makes it the system's
+# job: on a WiFi board it joins one of the access points stored in /keel/wifi.json (up
+# to 5), the strongest in range first, waits with backoff when none works, and joins
+# again when the link drops; with none stored it is in listening mode. The cloud session
+# opens only while the link is up (cloud_session.py asks up()). The virtual board uses
+# the host's network (always up); a board without one (nRF52840) stays offline.
+import time
+from micropython import const
+import events
+import flashfs
+import led
+from hal import network
+
+CREDENTIALS_FILE = "/keel/wifi.json"
+MAX_NETWORKS = const(5)
+JOIN_TIMEOUT_MS = const(15000)  # one access point's chance (a join takes a few seconds)
+BACKOFF_MIN_MS = const(2000)
+BACKOFF_MAX_MS = const(60000)
+_CHECK_MS = const(200)
+
+# What the link is doing (the status record's network.state)
+NONE, LISTENING, JOINING, UP, WAITING = "none", "listening", "joining", "up", "waiting"
+
+_current = [None]
+
+
+def credentials():
+    """The stored networks, [{"ssid", "password"}], newest last."""
+    doc = flashfs.read_json(CREDENTIALS_FILE)
+    nets = doc.get("networks") if isinstance(doc, dict) else None
+    if not isinstance(nets, list):
+        return []
+    return [n for n in nets if isinstance(n, dict) and isinstance(n.get("ssid"), str)][-MAX_NETWORKS:]
+
+
+def up():
+    """Can the cloud session open a socket now."""
+    c = _current[0]
+    return c is None or c.state == UP
+
+
+def current():
+    return _current[0]
+
+
+class Connection:
+    def __init__(self, status):
+        self.status = status  # keel_system.Status
+        self.normal = status.doc.get("mode") == "normal"  # safe mode keeps its LED
+        self.cloud = False  # a cloud session waits for the link (the LED says which)
+        self.connects = 0
+        self.error = None
+        self.ssid = None
+        self._queue = []  # the networks to try in this round, strongest first
+        self._at = 0
+        self._next_check = 0
+        self._backoff = BACKOFF_MIN_MS
+        if network.KIND is None:
+            self.state = NONE
+        elif network.KIND == "host":
+            self.state = UP
+        else:
+            self.state = WAITING  # the first round at once
+        self._record()
+
+    def service(self):
+        state = self.state
+        if state == NONE or network.KIND == "host":
+            return
+        now = time.ticks_ms()
+        if time.ticks_diff(now, self._next_check) < 0:
+            return
+        self._next_check = time.ticks_add(now, _CHECK_MS)
+        if state == UP:
+            link, _ = network.state()
+            if link != "up":
+                print("keel: network: lost %s; joining again" % self.ssid)
+                self._enter(JOINING, now)
+                events.emit(events.NETWORK_DOWN)
+            return
+        if state == JOINING:
+            link, error = network.state()
+            if link == "up":
+                self._joined(now)
+            elif error == "wrong-password" or time.ticks_diff(now, self._at) >= JOIN_TIMEOUT_MS:
+                self._failed(now, error or "timeout")
+            elif error is not None and time.ticks_diff(now, self._at) >= JOIN_TIMEOUT_MS // 3:
+                self._failed(now, error)  # (no AP: it has had a few scans)
+            return
+        # LISTENING or WAITING: a new round when one is due, or credentials came
+        if state == LISTENING or time.ticks_diff(now, self._at) >= 0:
+            self._round(now)
+
+    def _round(self, now):
+        nets = credentials()
+        if not nets:
+            if self.state != LISTENING:
+                print("keel: network: no WiFi credentials stored: listening mode "
+                      "(keel device wifi --port PORT --ssid ...)")
+                self._enter(LISTENING, now)
+            self._at = time.ticks_add(now, 1000)  # (looks again for credentials)
+            return
+        try:
+            heard = dict(network.scan())
+        except OSError:
+            heard = {}
+        nets.sort(key=lambda n: -heard.get(n["ssid"], -200))  # in range and strongest first
+        self._queue = nets
+        self._next(now)
+
+    def _next(self, now):
+        net = self._queue.pop(0)
+        self.ssid = net["ssid"]
+        network.connect(net["ssid"], net.get("password") or "")
+        self._enter(JOINING, now)
+
+    def _joined(self, now):
+        self.connects += 1
+        self.error = None
+        self._backoff = BACKOFF_MIN_MS
+        self._queue = []
+        info = network.info()
+        print("keel: network: joined %s (%s, %s dBm)" % (self.ssid, info.get("ip"), info.get("rssi")))
+        self._enter(UP, now, info)
+        events.emit(events.NETWORK_UP)
+
+    def _failed(self, now, error):
+        self.error = error
+        print("keel: network: cannot join %s (%s)" % (self.ssid, error))
+        network.disconnect()
+        if self._queue:
+            self._next(now)
+            return
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_MS)
+        self._at = time.ticks_add(now, delay)
+        print("keel: network: trying again in %d ms" % delay)
+        self._enter(WAITING, now)
+
+    def _enter(self, state, now, info=None):
+        self.state = state
+        if state == JOINING:
+            self._at = now
+        self._record(info)
+        self.show()
+
+    def show(self):
+        """The status LED for the link (Device OS's colours); the session's once up."""
+        if not self.normal or network.KIND != "wifi":
+            return
+        state = self.state
+        if state == LISTENING:
+            led.set_state("listening")
+        elif state == JOINING:
+            led.set_state("joining")
+        elif state == WAITING:
+            led.set_state("network-error" if self.error == "wrong-password" else "joining")
+        elif state == UP:
+            led.set_state("connecting" if self.cloud else "network-up")
+
+    def _record(self, info=None):
+        doc = {"kind": network.KIND, "state": self.state, "connects": self.connects,
+               "error": self.error}
+        if self.ssid is not None:
+            doc["ssid"] = self.ssid
+        if info:
+            doc["rssi"] = info.get("rssi")
+            doc["ip"] = info.get("ip")
+        self.status.set(network=doc)
+
+
+def start(status):
+    """Bring the link up (in the background: the system loop's service)."""
+    import runtime
+
+    c = Connection(status)
+    _current[0] = c
+    runtime.add_service(c.service)
+    return c

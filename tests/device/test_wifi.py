@@ -1,0 +1,171 @@
+"""Getting online on the ESP32 twin (issue 13, docs/connecting.md): the system's
+connection manager (system/core/connection.py) over the port's network.WLAN stand-in and
+the access points keel vdev wifi puts on the air. No credentials: listening mode (dark
+blue, blinking); keel device wifi over the console pty stores a network and the board
+joins it; the strongest stored network in range first; a wrong password is reported
+(network.error, red) while the app runs on; an access point that goes and comes back
+is joined again, with network-down/up events to the app. And the nRF52840, which has
+no network, stays offline."""
+
+import json
+import time
+
+import pytest
+
+from keel import vdev, vio
+
+from test_twin_acceptance import keel, ok
+from test_vdev_pty import Board
+
+ESP32 = pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
+
+# The app reports the network events the system emits to it, and keeps a count going
+# (it runs on, whatever the network does).
+NETWORK_APP = """\
+import keel
+
+def _down(name, data):
+    print("APP network-down")
+
+def _up(name, data):
+    print("APP network-up")
+
+keel.on("network-down", _down)
+keel.on("network-up", _up)
+count = [0]
+
+def setup():
+    print("APP started")
+
+def loop():
+    count[0] += 1
+    if count[0] % 50 == 0:
+        print("APP alive", count[0])
+"""
+
+
+def network(dev):
+    return vdev.status(dev.path).get("network")
+
+
+_RGB = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
+
+
+def led(dev):
+    """(colour, pattern) the last second of the NeoPixel's frames show (on the ESP32
+    the system draws the LED's frames: blinking is full colour and off, breathing a
+    changing level of one colour), or None."""
+    frames = [tuple(r["rgb"]) for r in vio.read_records(dev.path)
+              if r.get("k") == "led" and r.get("rgb") is not None][-25:]
+    if len(frames) < 10:
+        return None
+    lit = {f for f in frames if f != (0, 0, 0)}
+    for name, rgb in _RGB.items():
+        if lit == {rgb} and (0, 0, 0) in frames:
+            return name, "blinking"
+        channel = rgb.index(255)
+        if lit and all(f[channel] > 0 and sum(f) == f[channel] for f in frames) and len(lit) > 3:
+            return name, "breathing"
+    return None
+
+
+def wait(predicate, timeout=20.0, what=""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def esp32(device, make_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("network-app", {"main.py": NETWORK_APP}))
+    return dev
+
+
+@ESP32
+def test_no_credentials_listening_then_joined_over_the_console(esp32, tmp_path):
+    ok(keel("vdev", "wifi", esp32.path, "--ap", "home", "--password", "pw-secret-1"))
+    board = Board(esp32, tmp_path / "tty")
+    try:
+        board.wait_for("APP started")
+        board.wait_for("listening mode")
+        assert wait(lambda: (network(esp32) or {}).get("state") == "listening", what="listening")
+        assert wait(lambda: led(esp32) == ("blue", "blinking"), what="the LED")
+        out = ok(keel("device", "wifi", "--port", board.tty, "--ssid", "home",
+                      "--password", "pw-secret-1"))
+        assert "stored home" in out and "pw-secret-1" not in out
+        board.wait_for("keel: network: joined home", timeout=20)
+        net = wait(lambda: (network(esp32) or {}).get("state") == "up" and network(esp32),
+                   what="up")
+        assert (net["ssid"], net["connects"], net["error"]) == ("home", 1, None)
+        assert net["ip"].startswith("192.168.") and net["rssi"] == -55
+        assert wait(lambda: led(esp32) == ("green", "breathing"), what="the LED")  # no cloud
+        listed = ok(keel("device", "wifi", "--port", board.tty, "--list"))
+        assert listed.split() == ["home"]
+        board.wait_for("keel: network: joined home", count=2)  # Keel started again after
+        assert "pw-secret-1" not in board.console()
+    finally:
+        board.stop()
+
+
+@ESP32
+def test_strongest_first_a_wrong_password_and_an_access_point_that_comes_back(esp32):
+    ok(keel("vdev", "wifi", esp32.path, "--ap", "office", "--password", "office-pass", "--rssi", "-40"))
+    ok(keel("vdev", "wifi", esp32.path, "--ap", "home", "--password", "home-pass-1", "--rssi", "-70"))
+    nets = {"networks": [{"ssid": "home", "password": "home-pass-1"},
+                         {"ssid": "office", "password": "not-the-password"}]}
+    vdev.write_files(esp32.path, {"/keel/wifi.json": json.dumps(nets).encode()})
+    with esp32.start(seconds=90) as running:
+        # office is the stronger: tried first, refused; then home
+        running.wait_for("keel: network: cannot join office (wrong-password)", timeout=20)
+        running.wait_for("keel: network: joined home", timeout=20)
+        assert running.console().index("cannot join office") < running.console().index("joined home")
+        running.wait_for("APP network-up")
+
+        ok(keel("vdev", "io", esp32.path, "--ap-down", "home"))
+        running.wait_for("keel: network: lost home", timeout=10)
+        running.wait_for("APP network-down")
+        assert wait(lambda: (network(esp32) or {}).get("state") in ("joining", "waiting"),
+                    what="offline")
+        alive = running.console().count("APP alive")
+        time.sleep(2)
+        assert running.console().count("APP alive") > alive  # the app runs on, offline
+        ok(keel("vdev", "io", esp32.path, "--ap-up", "home"))
+        running.wait_for("APP network-up", count=2, timeout=60)
+        net = wait(lambda: (network(esp32) or {}).get("state") == "up" and network(esp32),
+                   what="up again")
+        assert net["ssid"] == "home" and net["connects"] == 2
+    assert "home-pass-1" not in running.console()
+
+
+@ESP32
+def test_a_wrong_password_is_reported_and_the_app_runs_on(esp32):
+    ok(keel("vdev", "wifi", esp32.path, "--ap", "home", "--password", "right-pass"))
+    nets = {"networks": [{"ssid": "home", "password": "wrong-pass"}]}
+    vdev.write_files(esp32.path, {"/keel/wifi.json": json.dumps(nets).encode()})
+    with esp32.start(seconds=60) as running:
+        running.wait_for("keel: network: cannot join home (wrong-password)", timeout=20)
+        running.wait_for("trying again in", timeout=10)
+        net = wait(lambda: (network(esp32) or {}).get("error") == "wrong-password" and network(esp32),
+                   what="the error")
+        assert net["state"] in ("waiting", "joining") and net["connects"] == 0
+        assert wait(lambda: led(esp32) == ("red", "blinking"), what="the LED")
+        running.wait_for("APP alive")
+    out = ok(keel("vdev", "status", esp32.path, "--json"))
+    assert json.loads(out)["network"]["error"] == "wrong-password"
+
+
+@pytest.mark.parametrize("board_name", ["nrf52840_dk"], indirect=True)
+def test_a_board_without_a_network_stays_offline(device, hello_app):
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    vdev.write_files(dev.path, {"/keel/cloud/cloud.json": b'{"host": "127.0.0.1", "port": 9}'})
+    console = dev.run(until="hello from keel")
+    assert "keel: cloud: this board has no network; staying offline (updates over USB)" in console
+    status = dev.status()
+    assert status["network"] == {"kind": None, "state": "none"}
+    assert status["cloud"] == "no-network" and status["app"] == "running"
