@@ -19,7 +19,12 @@ BACKOFF_MAX_MS = const(60000)
 _CHECK_MS = const(200)
 
 # What the link is doing (the status record's network.state)
-NONE, LISTENING, JOINING, UP, WAITING = "none", "listening", "joining", "up", "waiting"
+NONE, LISTENING, JOINING, UP, WAITING, OFF = "none", "listening", "joining", "up", "waiting", "off"
+# Who brings the link up (keel.system_mode, as Device OS's SYSTEM_MODE): the system at
+# once, or the app with keel.network.connect() (semi-automatic; manual is the same in
+# Keel, whose system loop always runs).
+AUTOMATIC, SEMI_AUTOMATIC, MANUAL = "automatic", "semi-automatic", "manual"
+LISTEN_HOLD_MS = const(3000)  # the MODE/BOOT button held this long: listening mode
 
 _current = [None]
 
@@ -55,6 +60,9 @@ class Connection:
         self._at = 0
         self._next_check = 0
         self._backoff = BACKOFF_MIN_MS
+        self.mode = AUTOMATIC
+        self.wanted = True  # the link is to be up (off: disconnect(), or not yet connect())
+        self.listen = False  # listening mode asked for with the button
         if network.KIND is None:
             self.state = NONE
         elif network.KIND == "host":
@@ -63,9 +71,60 @@ class Connection:
             self.state = WAITING  # the first round at once
         self._record()
 
+    # What the app asks (keel.network, keel.system_mode)
+
+    def set_mode(self, mode):
+        if mode not in (AUTOMATIC, SEMI_AUTOMATIC, MANUAL):
+            raise ValueError("unknown system mode '%s'" % mode)
+        self.mode = mode
+        if mode != AUTOMATIC and self.state not in (UP, NONE):
+            self.wanted = False  # (the app starts before the network)
+            self._enter(OFF, time.ticks_ms())
+
+    def connect(self):
+        if self.state == NONE:
+            raise OSError("this board has no network")
+        self.wanted = True
+        if self.state == OFF:
+            self._at = time.ticks_ms()
+            self._enter(WAITING, self._at)
+
+    def disconnect(self):
+        self.wanted = False
+        if self.state in (NONE, OFF):
+            return
+        was_up = self.state == UP
+        if network.KIND == "wifi":
+            network.disconnect()
+        self._enter(OFF, time.ticks_ms())
+        if was_up:
+            events.emit(events.NETWORK_DOWN)
+
+    def button(self, name, held_ms):
+        # (a system event handler) held 3 s: into listening mode, or out of it again
+        if held_ms < LISTEN_HOLD_MS or network.KIND != "wifi":
+            return
+        self.listen = not self.listen
+        now = time.ticks_ms()
+        if self.listen:
+            was_up = self.state == UP
+            network.disconnect()
+            print("keel: network: listening mode (the button was held); "
+                  "hold it again to leave")
+            self._at = now
+            self._enter(LISTENING, now)
+            if was_up:
+                events.emit(events.NETWORK_DOWN)
+        else:
+            print("keel: network: leaving listening mode")
+            self._at = now
+            self._enter(WAITING, now)
+
+    # The system loop's step
+
     def service(self):
         state = self.state
-        if state == NONE or network.KIND == "host":
+        if state in (NONE, OFF) or network.KIND == "host":
             return
         now = time.ticks_ms()
         if time.ticks_diff(now, self._next_check) < 0:
@@ -87,12 +146,12 @@ class Connection:
             elif error is not None and time.ticks_diff(now, self._at) >= JOIN_TIMEOUT_MS // 3:
                 self._failed(now, error)  # (no AP: it has had a few scans)
             return
-        # LISTENING or WAITING: a new round when one is due, or credentials came
-        if state == LISTENING or time.ticks_diff(now, self._at) >= 0:
+        # LISTENING or WAITING: a new round when one is due (listening: credentials came)
+        if time.ticks_diff(now, self._at) >= 0:
             self._round(now)
 
     def _round(self, now):
-        nets = credentials()
+        nets = [] if self.listen else credentials()
         if not nets:
             if self.state != LISTENING:
                 print("keel: network: no WiFi credentials stored: listening mode "
@@ -157,6 +216,8 @@ class Connection:
             led.set_state("network-error" if self.error == "wrong-password" else "joining")
         elif state == UP:
             led.set_state("connecting" if self.cloud else "network-up")
+        elif state == OFF:
+            led.set_state("offline")
 
     def _record(self, info=None):
         doc = {"kind": network.KIND, "state": self.state, "connects": self.connects,
@@ -176,4 +237,5 @@ def start(status):
     c = Connection(status)
     _current[0] = c
     runtime.add_service(c.service)
+    events.subscribe(events.BUTTON, c.button)
     return c

@@ -124,3 +124,12 @@ class _Led:
 
 
 led = _Led()
+
+
+def __getattr__(name):
+    # keel.network, keel.system_mode and its modes: loaded when an app first uses them
+    if name in ("network", "system_mode", "AUTOMATIC", "SEMI_AUTOMATIC", "MANUAL"):
+        import netapi
+
+        return getattr(netapi, name)
+    raise AttributeError(name)

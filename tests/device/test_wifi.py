@@ -8,12 +8,14 @@ is joined again, with network-down/up events to the app. And the nRF52840, which
 no network, stays offline."""
 
 import json
+import subprocess
 import time
 
 import pytest
 
 from keel import vdev, vio
 
+from test_provisioning import cloud  # noqa: F401 (keel cloud serve: its env)
 from test_twin_acceptance import keel, ok
 from test_vdev_pty import Board
 
@@ -169,3 +171,98 @@ def test_a_board_without_a_network_stays_offline(device, hello_app):
     status = dev.status()
     assert status["network"] == {"kind": None, "state": "none"}
     assert status["cloud"] == "no-network" and status["app"] == "running"
+
+
+SEMI_APP = """\
+import keel
+
+keel.system_mode(keel.SEMI_AUTOMATIC)
+n = [0]
+
+def setup():
+    print("APP mode", keel.system_mode(), keel.network.kind(), keel.network.connected())
+
+def loop():
+    n[0] += 1
+    if n[0] == 60:
+        print("APP state before connect", keel.network.info()["state"])
+        keel.network.connect()
+    if n[0] > 60 and keel.network.connected() and n[0] < 10000:
+        print("APP joined", keel.network.info()["ssid"])
+        keel.network.disconnect()
+        print("APP after disconnect", keel.network.info()["state"], keel.network.connected())
+        n[0] = 10000
+"""
+
+
+@ESP32
+def test_semi_automatic_the_app_brings_the_network_up_and_down(device, make_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("semi-app", {"main.py": SEMI_APP}))
+    ok(keel("vdev", "wifi", dev.path, "--ap", "home", "--password", "home-pass-1"))
+    nets = {"networks": [{"ssid": "home", "password": "home-pass-1"}]}
+    vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(nets).encode()})
+    console = dev.run(until="APP after disconnect", seconds=40)
+    assert "APP mode semi-automatic wifi False" in console
+    assert "APP state before connect off" in console  # the system did not join by itself
+    assert "APP joined home" in console
+    assert "APP after disconnect off False" in console
+    assert console.index("APP state before connect") < console.index("keel: network: joined")
+
+
+@ESP32
+def test_holding_the_button_3_s_enters_listening_mode_and_again_leaves_it(esp32):
+    ok(keel("vdev", "wifi", esp32.path, "--ap", "home", "--password", "home-pass-1"))
+    nets = {"networks": [{"ssid": "home", "password": "home-pass-1"}]}
+    vdev.write_files(esp32.path, {"/keel/wifi.json": json.dumps(nets).encode()})
+    with esp32.start(seconds=60) as running:
+        running.wait_for("keel: network: joined home", timeout=20)
+        ok(keel("vdev", "io", esp32.path, "--press", "BOOT=1"))  # too short: nothing
+        time.sleep(2)
+        assert "listening mode" not in running.console()
+        ok(keel("vdev", "io", esp32.path, "--press", "BOOT=3.5"))
+        running.wait_for("keel: network: listening mode (the button was held)", timeout=15)
+        running.wait_for("APP network-down")
+        assert wait(lambda: (network(esp32) or {}).get("state") == "listening", what="listening")
+        assert wait(lambda: led(esp32) == ("blue", "blinking"), what="the LED")
+        time.sleep(2)
+        assert (network(esp32) or {}).get("state") == "listening"  # it stays (credentials or not)
+        ok(keel("vdev", "io", esp32.path, "--press", "BOOT=3.5"))
+        running.wait_for("keel: network: leaving listening mode", timeout=15)
+        running.wait_for("keel: network: joined home", count=2, timeout=20)
+
+
+@ESP32
+def test_provisioning_can_bring_the_network_too(device, make_app, cloud, tmp_path):  # noqa: F811
+    """keel device provision --wifi: on a virtual device's directory, and over a board's
+    console (--port); the password never in the output."""
+    def kc(*args):
+        return subprocess.run(["keel", *map(str, args)], env=cloud, capture_output=True,
+                              text=True, timeout=120)
+
+    first, second = device("1.1.0"), device("1.1.0")
+    for dev in (first, second):
+        dev.flash(make_app("network-app", {"main.py": NETWORK_APP}))
+        ok(keel("vdev", "wifi", dev.path, "--ap", "home", "--password", "home-pass-1"))
+    refused = kc("device", "provision", first.path, "--password", "home-pass-1")
+    assert refused.returncode != 0 and "--password goes with --wifi" in refused.stderr
+    short = kc("device", "provision", first.path, "--wifi", "home", "--password", "short")
+    assert short.returncode != 0 and "8 to 64 characters" in short.stderr
+
+    out = ok(kc("device", "provision", first.path, "--name", "w1", "--wifi", "home",
+                "--password", "home-pass-1"))
+    assert "joining home" in out and "home-pass-1" not in out
+    assert "keel: network: joined home" in first.run(until="keel: network: joined home")
+
+    board = Board(second, tmp_path / "tty")
+    try:
+        board.wait_for("listening mode")
+        out = ok(kc("device", "provision", "--port", board.tty, "--name", "w2", "--wifi", "home",
+                    "--password", "home-pass-1"))
+        assert "it joins home" in out and "home-pass-1" not in out
+    finally:
+        board.stop()
+    stored = json.loads(vdev.read_file(second.path, "/keel/wifi.json"))
+    assert stored == {"networks": [{"ssid": "home", "password": "home-pass-1"}]}
+    show = json.loads(ok(kc("device", "show", "w2", "--json")))
+    assert (show["id"], show["platform"]) == ((second.path / "uid").read_text().strip(), "esp32")

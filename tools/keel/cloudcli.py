@@ -86,8 +86,13 @@ def cmd_device_provision(args) -> int:
     if args.fleet:
         check_can_join(args, args.fleet, device_id, board.platform)
     files = identity_files(cloud_dir(args), device_id, name, board.platform)
+    if args.wifi:
+        files["/keel/wifi.json"] = _with_network(device, args)
+    elif args.password is not None:
+        raise KeelError("--password goes with --wifi SSID")
     vdev.write_files(device.path, files)
-    print(f"provisioned {name} (device id {device_id}); it connects at its next boot")
+    print(f"provisioned {name} (device id {device_id}); it connects at its next boot"
+          + (f" (joining {args.wifi})" if args.wifi else ""))
     if args.fleet:
         with open_registry(args) as registry:
             registry.add_to_fleet(args.fleet, [device_id])
@@ -129,6 +134,26 @@ def cmd_device_wifi(args) -> int:
     return 0
 
 
+def _with_network(device, args) -> bytes:
+    """The device's /keel/wifi.json with args.wifi added (newest last, at most 5)."""
+    from keel import wifi
+
+    wifi.check_ssid(args.wifi)
+    password = args.password
+    if password is None:
+        import getpass
+
+        password = getpass.getpass(f"password for {args.wifi} (empty: an open network): ")
+    wifi.check_password(password)
+    try:
+        nets = json.loads(vdev.read_file(device.path, wifi.CREDENTIALS_FILE))["networks"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        nets = []
+    nets = [n for n in nets if isinstance(n, dict) and n.get("ssid") != args.wifi]
+    nets.append({"ssid": args.wifi, "password": password})
+    return json.dumps({"networks": nets[-wifi.MAX_NETWORKS:]}).encode()
+
+
 def check_can_join(args, fleet_name: str, device_id: str, platform: str) -> None:
     """Before anything is provisioned: the fleet exists, is for the device's platform,
     and the device is in no other fleet."""
@@ -147,20 +172,45 @@ def _provision_board(args) -> int:
     from mpremote.transport_serial import SerialTransport
     from keel_cloud.provision import identity_files
 
+    password = args.password
+    if args.wifi:
+        from keel import wifi
+
+        wifi.check_ssid(args.wifi)
+        if password is None:
+            import getpass
+
+            password = getpass.getpass(f"password for {args.wifi} (empty: an open network): ")
+        wifi.check_password(password)
+    elif password is not None:
+        raise KeelError("--password goes with --wifi SSID")
     transport = SerialTransport(args.port, baudrate=115200)
     try:
         transport.enter_raw_repl()
         device_id = deviceid.on_board(transport, args.port)  # as its system will connect
-        platform = transport.eval("__import__('sys').platform")
+        try:  # the platform Keel was installed for (sys.platform names the board on nrf)
+            platform = json.loads(transport.fs_readfile("/keel/board.json"))["platform"]
+        except Exception:  # noqa: BLE001 - mpremote raises its own errors for a missing file
+            raise KeelError(f"{args.port}: Keel is not installed on this board (no "
+                            "/keel/board.json): install it first (docs/boards/)") from None
         files = identity_files(cloud_dir(args), device_id, args.name or device_id, platform)
         for path in ("/keel", "/keel/cloud"):
             transport.exec(f"import os\ntry:\n os.mkdir('{path}')\nexcept OSError:\n pass")
         for path, data in files.items():
             transport.fs_writefile(path, data)
+        if args.wifi:
+            from keel import wifi
+
+            class _Link:  # what wifi.store_network needs of a board link
+                def _exec(self, code):
+                    return transport.exec(code).decode(errors="replace")
+
+            wifi.store_network(_Link(), args.wifi, password)
         transport.exit_raw_repl()
     finally:
         transport.close()
-    print(f"provisioned {args.name or device_id} (device id {device_id}) on {args.port}")
+    print(f"provisioned {args.name or device_id} (device id {device_id}) on {args.port}"
+          + (f"; it joins {args.wifi}" if args.wifi else ""))
     return 0
 
 
@@ -577,6 +627,8 @@ def add_commands(commands) -> None:
     p.add_argument("--name")
     p.add_argument("--port", help="a board's serial port instead of a virtual device")
     p.add_argument("--fleet", metavar="NAME", help="put the device in this fleet")
+    p.add_argument("--wifi", metavar="SSID", help="also store this WiFi network on the device")
+    p.add_argument("--password", help="with --wifi: its password (asked for when not given)")
     cloud_option(p)
     p.set_defaults(func=cmd_device_provision)
     p = devices.add_parser("wifi", help="a board's WiFi networks, over its USB console")
