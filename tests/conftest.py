@@ -21,3 +21,6 @@ def pytest_addoption(parser):
     group = parser.getgroup("keel-hil", "Keel hardware-in-the-loop tests (tests/hil)")
     group.addoption("--port", default=None, help="serial port of a board, e.g. /dev/ttyUSB0")
     group.addoption("--board", default=None, help="its board folder under boards/, e.g. esp32_generic")
+    group.addoption("--wifi-ssid", default=None,
+                    help="a WiFi access point the board can join (tests/hil/test_hil_wifi.py)")
+    group.addoption("--wifi-password", default=None, help="its password (none: an open network)")

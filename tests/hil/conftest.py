@@ -47,7 +47,7 @@ APP_MARK_FILE = "/keel_hil_app.txt"  # what the test apps of test_hil_keel.py wr
 RESULT_MARK = "\x1eKEEL-HIL "
 # The order the files run in: the peripherals with Keel stopped, then Keel (which
 # resets the board many times and puts its modules back), then the erasing flash.
-FILE_ORDER = ("test_hil_board.py", "test_hil_keel.py", "test_hil_esp32_flash.py")
+FILE_ORDER = ("test_hil_board.py", "test_hil_keel.py", "test_hil_wifi.py", "test_hil_esp32_flash.py")
 
 
 def _option(config, name):

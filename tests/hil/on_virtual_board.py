@@ -42,6 +42,7 @@ BOARDS = ("virtual", "esp32_generic", "nrf52840_dk")
 # Tests that cannot run on the VM at all (not a peripheral: nothing to wire): writing
 # a chip with esptool needs the chip.
 NOT_ON_THE_VM = {"test_hil_esp32_flash"}  # (by module name)
+HIL_AP = ("keel-hil-ap", "hil-pass-123")  # the ESP32 twin's access point (keel vdev wifi)
 
 
 def keel(*args, **kw):
@@ -82,8 +83,9 @@ def wait_for(path: Path, text: str, timeout: float, runner) -> None:
     raise SystemExit(f"on_virtual_board: {text!r} never printed:\n{log[-3000:]}")
 
 
-def check_report(xml_path: Path, hil_json: Path) -> list[str]:
-    """Problems in the suite's JUnit report: failures, and skips not allowed."""
+def check_report(xml_path: Path, hil_json: Path, not_here=NOT_ON_THE_VM) -> list[str]:
+    """Problems in the suite's JUnit report: failures, and skips not allowed (but in
+    the modules not_here, which cannot run on this board)."""
     allowed = set((json.loads(hil_json.read_text()).get("skip") or {}).values())
     problems, ran = [], 0
     for case in ET.parse(xml_path).getroot().iter("testcase"):
@@ -94,7 +96,7 @@ def check_report(xml_path: Path, hil_json: Path) -> list[str]:
                 problems.append(f"{name}: {tag}")
         skipped = case.find("skipped")
         module = (case.get("classname") or "").rsplit(".", 1)[-1]
-        if skipped is not None and module not in NOT_ON_THE_VM:
+        if skipped is not None and module not in not_here:
             reason = skipped.get("message", "")
             if not any(a in reason for a in allowed):
                 problems.append(f"{name}: skipped ({reason})")
@@ -112,6 +114,10 @@ def run_board(board: str, pytest_args: list[str]) -> int:
     keel("build", "app", REPO / "examples" / "hello", "--platform", platform, "-o", work / "hello.bin")
     keel("vdev", "create", device, "--board", board, "--system", work / "system")
     keel("vdev", "flash", device, work / "hello.bin")
+    wifi_args = []
+    if platform == "esp32":  # an access point on the air, for test_hil_wifi.py
+        keel("vdev", "wifi", device, "--ap", HIL_AP[0], "--password", HIL_AP[1])
+        wifi_args = ["--wifi-ssid", HIL_AP[0], "--wifi-password", HIL_AP[1]]
 
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     runner_out = open(work / "runner.out", "wb")
@@ -128,7 +134,8 @@ def run_board(board: str, pytest_args: list[str]) -> int:
         report = work / "hil.xml"
         suite = subprocess.run(
             [sys.executable, "-m", "pytest", "tests/hil", "--port", str(tty), "--board", board,
-             "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}", *pytest_args],
+             "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}", *wifi_args,
+             *pytest_args],
             cwd=REPO, env=env)
     finally:
         if runner.poll() is None:
@@ -143,7 +150,8 @@ def run_board(board: str, pytest_args: list[str]) -> int:
 
     problems = [] if suite.returncode == 0 else [f"pytest exited with status {suite.returncode}"]
     if report.is_file():
-        problems += check_report(report, hil_json)
+        no_wifi = {"test_hil_wifi"} if platform != "esp32" else set()  # (no WiFi station)
+        problems += check_report(report, hil_json, NOT_ON_THE_VM | no_wifi)
     else:
         problems.append("pytest wrote no report")
     if not pytest_args:  # (a selection of tests need not leave a whole session's state)
