@@ -85,7 +85,7 @@ def start(hw_, load):
         load(("vm_faults",))[0].install(hw.device_dir, hw.flash,
                                         lambda: halt(POWER_CUT_EXIT))
     _start_hardware()
-    _account_heap(hw.board["heap"])
+    _account_heap(int(os.getenv("KEEL_BOARD_HEAP") or hw.board["heap"]))  # (keel vdev run --heap)
     _port.boot()
     return _port.BANNER
 

@@ -120,9 +120,9 @@ class Device:
     def status(self):
         return vdev.status(self.path)
 
-    def start(self, seconds=60.0):
+    def start(self, seconds=60.0, heap=None):
         """Boot in the background; returns a Running handle (stop() it)."""
-        return Running(self, seconds)
+        return Running(self, seconds, heap)
 
     def slot_offset(self, label):
         return self.board().partition(label).offset
@@ -153,13 +153,14 @@ class Device:
 class Running:
     """A device running in a background thread, for tests that drive it."""
 
-    def __init__(self, dev, seconds):
+    def __init__(self, dev, seconds, heap=None):
         self.dev = dev
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=vdev.run,
             args=(dev.path,),
-            kwargs={"seconds": seconds, "out": io.BytesIO(), "stop_when": lambda c: self._stop.is_set()},
+            kwargs={"seconds": seconds, "out": io.BytesIO(), "heap": heap,
+                    "stop_when": lambda c: self._stop.is_set()},
             daemon=True,
         )
         self._thread.start()

@@ -210,6 +210,8 @@ UID_BYTES = {"virtual": 12, "esp32": 6, "nrf": 8}  # nrf: FICR DEVICEID, 64 bits
 # and the simulated hardware hold); the twin measures it at start-up and keeps for
 # Keel exactly the board's heap (boards/twins/vm_twin.py).
 TWIN_FIRMWARE_ROOM = 192 * 1024
+# The heap a twin keeps for Keel (the board's, or --heap): vm_twin.py reads it.
+BOARD_HEAP_ENV = "KEEL_BOARD_HEAP"
 
 
 def _esp32_flash(board: Board, flash: bytearray) -> None:
@@ -245,13 +247,14 @@ def ask(path: Path | str, code: str, cause: str = "power-on", heap: int | None =
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is running; stop it first")
     heap = heap or board.heap
+    board_heap = heap
     if is_twin(board):
         heap += TWIN_FIRMWARE_ROOM
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "ask.py"
         script.write_text(code)
         env = dict(os.environ, **{vmfirmware.ENV: str(vmfirmware.firmware_dir()),
-                                  "KEEL_VM_SCRIPT": str(script)})
+                                  "KEEL_VM_SCRIPT": str(script), BOARD_HEAP_ENV: str(board_heap)})
         startup = board_dir("virtual") / "vm_startup.py"
         return subprocess.run([micropython(), "-X", f"heapsize={heap}", str(startup),
                                str(device.path), cause], capture_output=True, text=True,
@@ -761,7 +764,8 @@ def run(
             boots += 1
             note(f"boot {boots} ({cause}), heap {heap // 1024}K")
             monitor.restart()
-            proc = _start_vm(startup, device.path, vm_heap, cause, link, repl_mode, firmware)
+            proc = _start_vm(startup, device.path, vm_heap, cause, link, repl_mode, firmware,
+                             heap)
             (device.path / PID_FILE).write_text(str(proc.pid))
             pump = threading.Thread(target=console.pump, args=(proc.stdout, link), daemon=True)
             pump.start()
@@ -869,11 +873,11 @@ def load_wires(path: Path | str, board: Board) -> list[list[str]]:
 
 
 def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode: str,
-              firmware: Path):
+              firmware: Path, board_heap: int):
     """One boot: the VM process. With a console pty, its stdin and a control pipe
     (vm_startup.py's CTL_FD) go to the pty's relay."""
     command = [micropython(), "-X", f"heapsize={heap}", str(startup), str(device_dir), cause]
-    env = dict(os.environ, **{vmfirmware.ENV: str(firmware)})
+    env = dict(os.environ, **{vmfirmware.ENV: str(firmware), BOARD_HEAP_ENV: str(board_heap)})
     if link is None:
         return subprocess.Popen(
             command,
