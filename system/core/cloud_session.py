@@ -107,7 +107,7 @@ class Session:
         self._described_app = None
         self._busy = False
         random.seed(hash(self.device_id) ^ time.ticks_us())  # devices spread their retries
-        if self.normal:
+        if self.normal and "connection" not in sys.modules:  # (a WiFi board's link shows its own)
             led.set_state("connecting")
 
     # What the app API uses
@@ -163,6 +163,16 @@ class Session:
                     self._up(now)
                 elif time.ticks_diff(now, self._opened) >= CONNECT_TIMEOUT_MS:
                     raise mqtt.MQTTError("no CONNACK (TLS or broker not answering)")
+        except MemoryError as e:
+            import keel_boot
+
+            if keel_boot.INSTALLED[0]:
+                # What this boot's install left in the heap: the session needs a fresh
+                # one (docs/boot-flow.md, "After an install, a fresh heap").
+                print("keel: cloud: not enough memory after installing; resetting")
+                self._close()
+                keel_boot.reset("update")
+            self._fail(now, e)
         except (OSError, ValueError, mqtt.MQTTError) as e:  # (a TLS failure is a ValueError)
             self._fail(now, e)
         except Exception as e:  # noqa: BLE001 - a session bug must not stop the app

@@ -118,7 +118,7 @@ class Connection:
         else:
             print("keel: network: leaving listening mode")
             self._at = now
-            self._enter(WAITING, now)
+            self._enter(WAITING if self.wanted else OFF, now)
 
     # The system loop's step
 
@@ -159,10 +159,13 @@ class Connection:
                 self._enter(LISTENING, now)
             self._at = time.ticks_add(now, 1000)  # (looks again for credentials)
             return
+        heard = {}
         try:
-            heard = dict(network.scan())
+            for ssid, rssi in network.scan():  # (an SSID heard from several APs: the best)
+                if rssi > heard.get(ssid, -200):
+                    heard[ssid] = rssi
         except OSError:
-            heard = {}
+            pass
         nets.sort(key=lambda n: -heard.get(n["ssid"], -200))  # in range and strongest first
         self._queue = nets
         self._next(now)

@@ -4,8 +4,9 @@ the access points keel vdev wifi puts on the air. No credentials: listening mode
 blue, blinking); keel device wifi over the console pty stores a network and the board
 joins it; the strongest stored network in range first; a wrong password is reported
 (network.error, red) while the app runs on; an access point that goes and comes back
-is joined again, with network-down/up events to the app. And the nRF52840, which has
-no network, stays offline."""
+is joined again; the button held 3 s gives listening mode; semi-automatic mode, where
+the app brings the link up and down and hears network-up/down; keel device provision
+--wifi. And the nRF52840, which has no network, stays offline."""
 
 import json
 import subprocess
@@ -21,19 +22,9 @@ from test_vdev_pty import Board
 
 ESP32 = pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
 
-# The app reports the network events the system emits to it, and keeps a count going
-# (it runs on, whatever the network does).
-NETWORK_APP = """\
-import keel
-
-def _down(name, data):
-    print("APP network-down")
-
-def _up(name, data):
-    print("APP network-up")
-
-keel.on("network-down", _down)
-keel.on("network-up", _up)
+# The app runs on whatever the network does, and says so. It does not import keel: at
+# the ESP32's real heap Keel leaves an app about 12 KB once it imports the API (issue 14).
+PLAIN_APP = """\
 count = [0]
 
 def setup():
@@ -44,6 +35,10 @@ def loop():
     if count[0] % 50 == 0:
         print("APP alive", count[0])
 """
+
+# keel.system_mode, keel.network and the network events run with the twin's heap raised
+# by RAISED: at the board's own an app that imports keel has about 12 KB (issue 14).
+RAISED = 64 * 1024
 
 
 def network(dev):
@@ -84,7 +79,7 @@ def wait(predicate, timeout=20.0, what=""):
 @pytest.fixture
 def esp32(device, make_app):
     dev = device("1.1.0")
-    dev.flash(make_app("network-app", {"main.py": NETWORK_APP}))
+    dev.flash(make_app("plain-app", {"main.py": PLAIN_APP}))
     return dev
 
 
@@ -126,18 +121,16 @@ def test_strongest_first_a_wrong_password_and_an_access_point_that_comes_back(es
         running.wait_for("keel: network: cannot join office (wrong-password)", timeout=20)
         running.wait_for("keel: network: joined home", timeout=20)
         assert running.console().index("cannot join office") < running.console().index("joined home")
-        running.wait_for("APP network-up")
 
         ok(keel("vdev", "io", esp32.path, "--ap-down", "home"))
         running.wait_for("keel: network: lost home", timeout=10)
-        running.wait_for("APP network-down")
         assert wait(lambda: (network(esp32) or {}).get("state") in ("joining", "waiting"),
                     what="offline")
         alive = running.console().count("APP alive")
         time.sleep(2)
         assert running.console().count("APP alive") > alive  # the app runs on, offline
         ok(keel("vdev", "io", esp32.path, "--ap-up", "home"))
-        running.wait_for("APP network-up", count=2, timeout=60)
+        running.wait_for("keel: network: joined home", count=2, timeout=60)
         net = wait(lambda: (network(esp32) or {}).get("state") == "up" and network(esp32),
                    what="up again")
         assert net["ssid"] == "home" and net["connects"] == 2
@@ -178,6 +171,8 @@ import keel
 
 keel.system_mode(keel.SEMI_AUTOMATIC)
 n = [0]
+keel.on("network-up", lambda name, data: print("APP event", name))
+keel.on("network-down", lambda name, data: print("APP event", name))
 
 def setup():
     print("APP mode", keel.system_mode(), keel.network.kind(), keel.network.connected())
@@ -197,16 +192,20 @@ def loop():
 
 @ESP32
 def test_semi_automatic_the_app_brings_the_network_up_and_down(device, make_app):
+    """keel.system_mode(SEMI_AUTOMATIC): the system does not join until the app calls
+    keel.network.connect(); disconnect() leaves; the app hears network-up and -down."""
     dev = device("1.1.0")
     dev.flash(make_app("semi-app", {"main.py": SEMI_APP}))
     ok(keel("vdev", "wifi", dev.path, "--ap", "home", "--password", "home-pass-1"))
     nets = {"networks": [{"ssid": "home", "password": "home-pass-1"}]}
     vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(nets).encode()})
-    console = dev.run(until="APP after disconnect", seconds=40)
+    heap = dev.board().data["heap"] + RAISED
+    console = dev.run(until="APP event network-down", seconds=40, heap=heap)
     assert "APP mode semi-automatic wifi False" in console
     assert "APP state before connect off" in console  # the system did not join by itself
     assert "APP joined home" in console
     assert "APP after disconnect off False" in console
+    assert console.index("APP event network-up") < console.index("APP event network-down")
     assert console.index("APP state before connect") < console.index("keel: network: joined")
 
 
@@ -222,7 +221,6 @@ def test_holding_the_button_3_s_enters_listening_mode_and_again_leaves_it(esp32)
         assert "listening mode" not in running.console()
         ok(keel("vdev", "io", esp32.path, "--press", "BOOT=3.5"))
         running.wait_for("keel: network: listening mode (the button was held)", timeout=15)
-        running.wait_for("APP network-down")
         assert wait(lambda: (network(esp32) or {}).get("state") == "listening", what="listening")
         assert wait(lambda: led(esp32) == ("blue", "blinking"), what="the LED")
         time.sleep(2)
@@ -242,7 +240,7 @@ def test_provisioning_can_bring_the_network_too(device, make_app, cloud, tmp_pat
 
     first, second = device("1.1.0"), device("1.1.0")
     for dev in (first, second):
-        dev.flash(make_app("network-app", {"main.py": NETWORK_APP}))
+        dev.flash(make_app("plain-app", {"main.py": PLAIN_APP}))
         ok(keel("vdev", "wifi", dev.path, "--ap", "home", "--password", "home-pass-1"))
     refused = kc("device", "provision", first.path, "--password", "home-pass-1")
     assert refused.returncode != 0 and "--password goes with --wifi" in refused.stderr

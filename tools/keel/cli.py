@@ -297,7 +297,8 @@ def cmd_vdev_status(args) -> int:
 def cmd_vdev_wifi(args) -> int:
     from keel import wifi
 
-    device = vdev.VirtualDevice(args.dir)  # (checks it is a device directory)
+    device = vdev.VirtualDevice(args.dir)
+    device.board()  # (a KeelError if DIR is not a virtual device)
     if args.ap:
         wifi.put_ap(device.path, args.ap, args.password, args.rssi)
     if args.remove:
