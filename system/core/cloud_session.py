@@ -183,6 +183,8 @@ class Session:
 
     def _open(self, now):
         self._opened = now
+        if self.normal and "connection" in sys.modules:
+            led.set_state("connecting")  # (blinking cyan while it tries)
         info = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
         if not info:
             raise OSError("cannot resolve %s" % self.host)
@@ -271,9 +273,11 @@ class Session:
         self.last_error = ("%s" % (error,)).strip()
         what = "lost" if was_up else "not connected"
         print("keel: cloud %s (%s); retrying in %d ms" % (what, self.last_error, delay))
+        link = "connection" in sys.modules  # a WiFi board: its network is up meanwhile
+        if self.normal and (was_up or link):
+            # (on a WiFi board: breathing green, on the network with the cloud unreachable)
+            led.set_state("network-up" if link else "connecting")
         if was_up:
-            if self.normal:
-                led.set_state("connecting")
             events.emit(events.CLOUD_DISCONNECTED)
 
     def _link_lost(self, now):

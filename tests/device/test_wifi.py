@@ -264,3 +264,25 @@ def test_provisioning_can_bring_the_network_too(device, make_app, cloud, tmp_pat
     assert stored == {"networks": [{"ssid": "home", "password": "home-pass-1"}]}
     show = json.loads(ok(kc("device", "show", "w2", "--json")))
     assert (show["id"], show["platform"]) == ((second.path / "uid").read_text().strip(), "esp32")
+
+
+@ESP32
+def test_on_the_network_with_the_cloud_unreachable_the_led_breathes_green(esp32):
+    """Joined, but the cloud does not answer (nothing listens at its port): the session
+    retries with backoff and the LED says network up, cloud unreachable (Device OS's
+    breathing green) between its tries. Heap raised: the session (issue 14)."""
+    ca = pytest.importorskip("keel_cloud.pki").CertificateAuthority.create()
+    ident = ca.issue((esp32.path / "uid").read_text().strip())
+    ok(keel("vdev", "wifi", esp32.path, "--ap", "home", "--password", "home-pass-1"))
+    vdev.write_files(esp32.path, {
+        "/keel/wifi.json": json.dumps({"networks": [{"ssid": "home", "password": "home-pass-1"}]}).encode(),
+        "/keel/cloud/key.der": ident.key_der, "/keel/cloud/cert.der": ident.cert_der,
+        "/keel/cloud/ca.der": ca.cert_der,
+        "/keel/cloud/cloud.json": json.dumps({"host": "127.0.0.1", "port": 9}).encode()})
+    heap = esp32.board().data["heap"] + RAISED
+    with esp32.start(seconds=60, heap=heap) as running:
+        running.wait_for("keel: network: joined home", timeout=20)
+        running.wait_for("keel: cloud not connected", timeout=20)
+        assert wait(lambda: led(esp32) == ("green", "breathing"), what="the LED")
+        assert (network(esp32) or {}).get("state") == "up"
+        running.wait_for("APP alive")
