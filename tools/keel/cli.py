@@ -275,14 +275,9 @@ def cmd_vdev_status(args) -> int:
               + (f" ({trust['error']})" if trust.get("error") else ""))
     net = doc.get("network")
     if isinstance(net, dict):
-        if net.get("kind") is None:
-            print("network         none on this board: offline (updates over USB)")
-        else:
-            where = f" {net['ssid']}" if net.get("ssid") else ""
-            extra = f", {net['ip']}, {net.get('rssi')} dBm" if net.get("ip") else ""
-            error = f" (last error: {net['error']})" if net.get("error") else ""
-            print(f"network         {net.get('kind')} {net.get('state')}{where}{extra}, "
-                  f"{net.get('connects', 0)} joins{error}")
+        from keel import wifi
+
+        print(f"network         {wifi.network_line(net)}")
     if doc.get("cloud") == "no-memory":
         print("cloud           offline: the session did not fit in the heap")
     elif doc.get("cloud") == "no-network":

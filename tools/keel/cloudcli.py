@@ -110,11 +110,7 @@ def cmd_device_wifi(args) -> int:
     password = args.password
     if args.ssid:
         wifi.check_ssid(args.ssid)
-        if password is None:
-            import getpass
-
-            password = getpass.getpass(f"password for {args.ssid} (empty: an open network): ")
-        wifi.check_password(password)
+        password = wifi.ask_password(args.ssid, password)
     link = usb.BoardLink(args.port)
     try:
         if args.list:
@@ -139,12 +135,7 @@ def _with_network(device, args) -> bytes:
     from keel import wifi
 
     wifi.check_ssid(args.wifi)
-    password = args.password
-    if password is None:
-        import getpass
-
-        password = getpass.getpass(f"password for {args.wifi} (empty: an open network): ")
-    wifi.check_password(password)
+    password = wifi.ask_password(args.wifi, args.password)
     try:
         nets = json.loads(vdev.read_file(device.path, wifi.CREDENTIALS_FILE))["networks"]
     except (FileNotFoundError, ValueError, KeyError, TypeError):
@@ -177,11 +168,7 @@ def _provision_board(args) -> int:
         from keel import wifi
 
         wifi.check_ssid(args.wifi)
-        if password is None:
-            import getpass
-
-            password = getpass.getpass(f"password for {args.wifi} (empty: an open network): ")
-        wifi.check_password(password)
+        password = wifi.ask_password(args.wifi, password)
     elif password is not None:
         raise KeelError("--password goes with --wifi SSID")
     transport = SerialTransport(args.port, baudrate=115200)
@@ -254,14 +241,9 @@ def cmd_device_show(args) -> int:
     print(f"  trust         {trust_line(device.get('trust'))}")
     net = device.get("network")
     if net:
-        if net.get("kind") is None:
-            print("  network       none on this board (updates over USB)")
-        else:
-            where = f" {net['ssid']}" if net.get("ssid") else ""
-            extra = f", {net['ip']}, {net.get('rssi')} dBm" if net.get("ip") else ""
-            error = f"; last error {net['error']}" if net.get("error") else ""
-            print(f"  network       {net['kind']} {net['state']}{where}{extra}, "
-                  f"{net.get('connects', 0)} joins since boot{error}")
+        from keel import wifi
+
+        print(f"  network       {wifi.network_line(net)}")
     refused = device.get("refused")
     if refused:
         print(f"  refused       {refused.get('function')} {refused.get('index')} "

@@ -25,6 +25,27 @@ def check_password(password: str) -> None:
                         "(or none, for an open network)")
 
 
+def ask_password(ssid: str, given: str | None) -> str:
+    """The password given, or asked for at the terminal (never echoed); checked."""
+    if given is None:
+        import getpass
+
+        given = getpass.getpass(f"password for {ssid} (empty: an open network): ")
+    check_password(given)
+    return given
+
+
+def network_line(net: dict) -> str:
+    """A device's `network` record (status or describe), as keel vdev status and keel
+    device show print it."""
+    if net.get("kind") is None:
+        return "none on this board: offline (updates over USB)"
+    where = f" {net['ssid']}" if net.get("ssid") else ""
+    extra = f", {net['ip']}, {net.get('rssi')} dBm" if net.get("ip") else ""
+    error = f" (last error: {net['error']})" if net.get("error") else ""
+    return f"{net.get('kind')} {net.get('state')}{where}{extra}, {net.get('connects', 0)} joins{error}"
+
+
 # ------------------------------------------------------------------ the air (vdev)
 
 
