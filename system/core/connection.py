@@ -67,9 +67,17 @@ class Connection:
             self.state = NONE
         elif network.KIND == "host":
             self.state = UP
-        else:
+        elif credentials():
             self.state = WAITING  # the first round at once
+        else:
+            # (decided now, recorded with the rest: no flash write of the link's races
+            # the app's start)
+            self.state = LISTENING
+            self._at = time.ticks_add(time.ticks_ms(), 1000)
+            print("keel: network: no WiFi credentials stored: listening mode "
+                  "(keel device wifi --port PORT --ssid ...)")
         self._record()
+        self.show()
 
     # What the app asks (keel.network, keel.system_mode)
 
