@@ -10,6 +10,7 @@ the board on again at once), and checks the boot that follows."""
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import time
@@ -144,6 +145,13 @@ def _check_recovered(path, console, expect_store):
     return ran[0]
 
 
+def exhaustive():
+    """Both cuts at every operation when KEEL_POWER_CUT_EVERY=1 (a soak run, about
+    8 minutes: docs/virtual-board.md, "Fault injection"); make test takes two in three,
+    which keeps it within its time."""
+    return os.environ.get("KEEL_POWER_CUT_EVERY") == "1"
+
+
 def every_point(k, n):
     """Both cuts at every operation."""
     return (False, True)
@@ -213,8 +221,9 @@ def test_power_cut_during_an_update_install(tmp_path, device, apps):
     assert "STORE null" in console  # the old app stored its data on this first run
     dev.stage_update("user", apps["new"].read_bytes())
 
-    n, tried, failures = _sweep(tmp_path, dev.path, "update", PRECIOUS, every_point)
-    assert len(tried) == 2 * n
+    n, tried, failures = _sweep(tmp_path, dev.path, "update", PRECIOUS,
+                                every_point if exhaustive() else two_in_three)
+    assert len(tried) >= (2 * n if exhaustive() else 2 * n // 3)
     assert not failures, failures
 
 
@@ -285,8 +294,9 @@ def test_power_cut_during_a_system_part_swap(tmp_path, device, apps, systems):
     assert "STORE null" in dev.run(until=OLD)
     _stage_system_part(dev, _next_part2(systems))
 
-    n, tried, failures = _sweep(tmp_path, dev.path, "system-swap", PRECIOUS, every_point)
-    assert len(tried) == 2 * n
+    n, tried, failures = _sweep(tmp_path, dev.path, "system-swap", PRECIOUS,
+                                every_point if exhaustive() else two_in_three)
+    assert len(tried) >= (2 * n if exhaustive() else 2 * n // 3)
     assert not failures, failures
 
 
@@ -314,7 +324,8 @@ def test_power_cut_during_a_rollback(tmp_path, device, apps, systems):
         assert _part2_version(path) == "1.1.0"
         assert json.loads(vdev.read_file(path, "/keel/ota/rolled_back.json"))["restored"] == "1.1.0"
 
-    n, tried, failures = _sweep(tmp_path, dev.path, "rollback", PRECIOUS, every_point,
+    n, tried, failures = _sweep(tmp_path, dev.path, "rollback", PRECIOUS,
+                                every_point if exhaustive() else two_in_three,
                                 back_on_the_previous_part)
-    assert len(tried) == 2 * n
+    assert len(tried) >= (2 * n if exhaustive() else 2 * n // 3)
     assert not failures, failures
