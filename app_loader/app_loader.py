@@ -2,7 +2,6 @@
 # intact, not crash-looping) and runs it. Safe-mode reasons are recorded, never silent.
 import sys
 import gc
-import module_format as mf
 import flashfs
 
 APP_STATE_FILE = "/keel/app_state.json"
@@ -29,7 +28,7 @@ class Decision:
         self.app = app
 
 
-def _missing(slots):
+def _missing(slots, mf):
     """Unmet dependencies of every valid module, highest requirement per module."""
     installed = [s.info for s in slots if s.valid]
     needed = {}
@@ -85,6 +84,8 @@ def _take_safe_request():
 
 
 def evaluate(slots, reset_reason):
+    import module_format as mf  # (the boot's: released once the app starts)
+
     requested = _take_safe_request()
     system = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART]
     app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
@@ -95,7 +96,7 @@ def evaluate(slots, reset_reason):
     if requested:
         has_app = app is not None and app.reason != "empty"
         return Decision("safe", SAFE_REQUESTED, app="not-run" if has_app else "none")
-    missing = _missing(slots)
+    missing = _missing(slots, mf)
     listed = [(m["function"], m["index"]) for m in missing]
     for s in system:
         # An empty system slot is an unmet dependency of the system itself.

@@ -1,6 +1,9 @@
 """Figure 2, heap: the heap in use when the app starts, on the virtual board with the
 board's heap (boards/virtual/board.json: 192 KB), without and with an open cloud
-session (TLS 1.2, mutual authentication, MQTT).
+session (TLS 1.2, mutual authentication, MQTT); and the same on the board twins at their
+boards' heaps (twin_rows): the ESP32 (111,936 bytes, code extracted; with the session:
+WiFi to the twin's access point) and the nRF52840 DK (244,224 bytes, code in place from
+its ROMFS segment; no network, so no session).
 
 One app measures it: setup() first does gc.collect() and prints gc.mem_alloc() (and
 micropython.qstr_info(): the pools of interned names, which double when full); on a
@@ -19,7 +22,7 @@ the same app), and the names' pools."""
 from bench.common import KB, Cloud, Goal, board_heap, keel_vm_command, median, micropython, row, time_to_marker
 
 FIGURE = 2
-TITLE = "Heap in use at app start (192 KB board)"
+TITLE = "Heap in use at app start (192 KB board; the ESP32 and nRF52840 twins)"
 
 APP = '''\
 import gc
@@ -101,7 +104,7 @@ main(*sys.argv[1:])
 # The breakdown: a copy of a device whose /main.py imports, before starting Keel as
 # stage 0 does, the modules the system holds at the measurement one by one (leaves
 # first), printing gc.mem_alloc() after each; Keel then finds them loaded.
-ORDER = ("module_format", "flashfs", "keel_boot", "hal", "hal.device", "hal.ports", "hal.ports.virtual",
+ORDER = ("flashfs", "handover", "module_format", "boot_check", "keel_boot", "hal", "hal.device", "hal.ports", "hal.ports.virtual",
          "hal.ports.virtual.link", "hal.status_led", "hal.ports.virtual.status_led", "hal.button",
          "hal.ports.virtual.button", "events", "led", "runtime", "app_loader", "trial", "mqtt", "ota",
          "cloud_session", "keel_system", "timers", "store", "log", "cloud", "keel")
@@ -261,6 +264,7 @@ def run(ctx):
     if rows[0]["met"] is False:
         rows[0]["limits"] = (f"the system holds {kb(median(keel0) - median(bare0))} KB more than bare MicroPython. "
                              + holds)
+    rows += twin_rows(ctx)
     if rows[1]["met"] is False:
         rows[1]["limits"] = (f"the session adds {kb(median(keel1) - median(keel0))} KB to the device without one "
                              f"(an open TLS session with an MQTT CONNECT costs bare MicroPython "
@@ -270,3 +274,146 @@ def run(ctx):
                              f"KB over the device without a session: the pools double when full); on top of the "
                              f"{kb(median(keel0))} KB of the row above. " + split_text(split1, total1, start1))
     return rows
+
+
+# ---------------------------------------------------------------- the twins
+
+TWINS = (("esp32_generic", "esp32", "ESP32 twin"), ("nrf52840_dk", "nrf52840", "nRF52840 DK twin"))
+
+
+def _twin_console(path, heap=None, seconds=40.0):
+    import io
+
+    from keel import vdev
+
+    console = vdev.run(path, seconds=seconds, out=io.BytesIO(), heap=heap,
+                       stop_when=lambda c: c.contains("HEAP-DONE"))
+    return console.text.decode(errors="replace")
+
+
+def twin_rows(ctx):
+    """Figure 2 on the twins: Keel at setup() (and, on the ESP32, with the session up)
+    against bare MicroPython on the same twin (vdev.ask: the port started, the
+    filesystem mounted, the same app run from source)."""
+    from keel import build, vdev
+
+    runs = ctx.runs(5)
+    rows = []
+    cloud = None
+    try:
+        for board, platform, label in TWINS:
+            system = ctx.work / f"system-{platform}"
+            if not system.exists():
+                build.build_system(platform, "1.1.0", system)
+            src = ctx.work / f"src-heap-{platform}"
+            src.mkdir(exist_ok=True)
+            (src / "main.py").write_text(APP)
+            image = build.build_app(src, platform, "1.1.0", ctx.work / f"heap-{platform}.bin")
+            path = ctx.work / f"heap-{board}"
+            vdev.create(path, system, board)
+            vdev.flash(path, [image])
+            _twin_console(path)  # the first boot installs
+            keel0, bare0, qstr0 = [], [], []
+            for _ in range(runs):
+                got = parse(_twin_console(path))
+                if "HEAP-START" in got:
+                    keel0.append(got["HEAP-START"]["alloc"])
+                    qstr0.append(got["HEAP-START"]["qstr"])
+                asked = parse(vdev.ask(path, APP + "\nsetup()\n").stdout)
+                if "HEAP-START" in asked:
+                    bare0.append(asked["HEAP-START"]["alloc"])
+            in_place = _in_place(path)
+            heap = board_heap(board)
+            kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
+            k0, b0 = median(keel0) if keel0 else None, median(bare0) if bare0 else None
+            r = row(FIGURE, f"{label}: heap in use at setup(), no cloud session", kb(k0), kb(b0), "KB",
+                    Goal.at_most(32, "≤ 32 KB"), runs={"keel": [kb(x) for x in keel0],
+                                                      "baseline": [kb(x) for x in bare0]},
+                    notes=f"the board's heap {heap} bytes; Keel's code {in_place}; gc.collect() then "
+                          f"gc.mem_alloc() in setup(), median of {runs} boots; baseline: bare MicroPython "
+                          f"on the same twin, the same app from source; interned names' pools "
+                          f"{kb(median(qstr0)) if qstr0 else '?'} KB (the twin's own included)")
+            if r["met"] is False:
+                r["limits"] = (f"Keel holds {kb(k0 - b0) if b0 is not None else '?'} KB more than bare "
+                               f"MicroPython on this twin. {TWIN_LIMITS}")
+            rows.append(r)
+            if platform == "esp32":
+                if cloud is None:
+                    cloud = Cloud(ctx.work / "cloud-twins")
+                rows += _esp32_session_rows(ctx, cloud, path, k0, runs)
+    finally:
+        if cloud is not None:
+            cloud.stop()
+    return rows
+
+
+# What the twin rows' limits say, beside the figures (boot-flow.md, "What stays in the heap").
+TWIN_LIMITS = ("The twin is the 64-bit unix VM: every pointer (dict entries, lists, function objects, "
+               "the tables of the interned names) takes 8 bytes where the chip's take 4, and the "
+               "stand-ins' own names fill the pools Keel's names then double into, so the figure is "
+               "above what the board would show. On the ESP32 the code is extracted (stock firmware "
+               "has no VfsRom), so every imported module's bytecode is on the heap: the system "
+               "(keel_system, the app loader, events, led, runtime, the connection manager, the HAL "
+               "with its port) and the names it interns; the boot's code and the module format are "
+               "released before the app starts, and the board definition is kept as a pin table.")
+
+
+def _in_place(path):
+    import json as _json
+
+    from keel import vdev
+
+    try:
+        doc = _json.loads(vdev.read_file(path, "/keel/status.json"))
+    except (FileNotFoundError, ValueError):
+        return "(no status)"
+    places = {m.get("in_place") for m in doc.get("modules", []) if m.get("function") != "bootloader"}
+    return "runs in place (VfsRom)" if places == {True} else "is extracted"
+
+
+def _esp32_session_rows(ctx, cloud, template, keel0, runs):
+    """The ESP32 twin provisioned, with its access point: the session up (or why not)."""
+    import json as _json
+    import shutil
+
+    from keel import vdev
+
+    path = ctx.work / "heap-esp32-cloud"
+    shutil.copytree(template, path)
+    cloud.keel("device", "provision", path, "--name", "heap-esp32", "--wifi", "bench-ap",
+               "--password", "bench-pass-1")
+    cloud.keel("vdev", "wifi", path, "--ap", "bench-ap", "--password", "bench-pass-1")
+    ups, frees, why = [], [], None
+    for _ in range(runs):
+        got = parse(_twin_console(path, seconds=60))
+        up = got.get("HEAP-UP", {})
+        if up.get("up"):
+            ups.append(up["alloc"])
+        status = _json.loads(vdev.read_file(path, "/keel/status.json"))
+        if status.get("mem", {}).get("heap_free_connected") is not None:
+            frees.append(status["mem"]["heap_free_connected"])
+        why = status.get("cloud") or why
+    kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
+    k1 = median(ups) if ups else None
+    r1 = row(FIGURE, "ESP32 twin: heap in use with the cloud session open (TLS + MQTT)", kb(k1), None, "KB",
+             Goal.at_most(48, "≤ 48 KB"), runs={"keel": [kb(x) for x in ups]},
+             met=None if ups else False,
+             notes=f"provisioned, joined to the twin's access point, {len(ups)}/{runs} boots connected; "
+                   f"no bare baseline on the twin (its TLS baseline is the virtual board's row)")
+    free = median(frees) if frees else None
+    r2 = row(FIGURE, "ESP32 twin: free heap the app has with the session up", kb(free), None, "KB",
+             Goal(text="≥ 60 KB", test=lambda r: r["keel"] is not None and r["keel"] >= 60),
+             runs={"keel": [kb(x) for x in frees]}, met=None if frees else False,
+             notes="status mem.heap_free_connected (gc.collect() once the session first came up)")
+    if not ups:
+        text = (f"the session did not come up: the status says cloud {why!r}: importing the session "
+                f"(cloud_session, mqtt) and loading the TLS credentials does not fit beside the system "
+                f"({kb(keel0)} KB at setup() of the board's {kb(board_heap('esp32_generic'))} KB). "
+                + TWIN_LIMITS)
+        r1["limits"] = r2["limits"] = text
+    else:
+        if r1["met"] is False:
+            r1["limits"] = TWIN_LIMITS
+        if r2["met"] is False:
+            r2["limits"] = TWIN_LIMITS
+    return [r1, r2]

@@ -34,7 +34,8 @@ MPY = "mpy"  # bytecode this VM does not load
 # /keel/m/bl (a subset of its sources in system/parts.json, checked by the host tests);
 # a system part's or the app's are the one the bootloader (or the system) imports first.
 BOOTLOADER_MODULES = (
-    "keel_boot", "flashfs", "romfs", "module_format", "module_check", "ota_apply",
+    "keel_boot", "boot_check", "handover", "flashfs", "romfs", "module_format", "module_check",
+    "ota_apply",
 )
 # The bootloader's flash port by platform id ("port_sources" in parts.json); the virtual
 # board's (vboard) is part of the VM.
@@ -166,7 +167,7 @@ def signature_problem(read, info, keys=-1):
 
 
 def accept(slot):
-    """Whether the bootloader may install the module in a keel_boot.Slot, its SHA-256
+    """Whether the bootloader may install the module in a handover.Slot, its SHA-256
     checked: the one place every module passes before its code is written. Its
     signature first (the board's keys), then its payload."""
     problem = signature_problem(slot.read, slot.info)
@@ -196,6 +197,20 @@ def _keep_trust(slot, fresh):
 _ENOSPC = const(28)
 
 
+def _install_in_place(slot):
+    """Its code runs from the slot (mounted by the bootloader): nothing is written but
+    the digest that says it was checked; an extracted copy from before goes (the code
+    is stored once)."""
+    import binascii
+    import flashfs
+    from handover import MODULE_ROOT
+
+    flashfs.remove_tree(MODULE_ROOT + "/" + slot.code_dir.rsplit("/", 1)[1])
+    flashfs.makedirs(slot.marker.rsplit("/", 1)[0])
+    flashfs.write_atomic(slot.marker, binascii.hexlify(slot.digest).decode())
+    return True
+
+
 def _extract(slot, fresh, buf):
     import flashfs
 
@@ -215,7 +230,8 @@ def install_code(slot):
     import binascii
     import hashlib
     import flashfs
-    from keel_boot import BOOTLOADER_TRIAL_FILE, _buf
+    from handover import BOOTLOADER_TRIAL_FILE
+    from boot_check import _buf
 
     _, _, sha_ok = mf.check_image(slot.read, slot.size, hashlib.sha256, _buf)
     slot.sha256_ok = sha_ok
@@ -223,6 +239,8 @@ def install_code(slot):
         return refuse(slot, INTEGRITY, "the SHA-256 does not match")
     if not accept(slot):
         return False
+    if slot.view is not None:
+        return _install_in_place(slot)
     final = slot.code_dir
     fresh = final + ".new"
     try:

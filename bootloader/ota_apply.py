@@ -14,7 +14,8 @@ import struct
 import binascii
 import module_format as mf
 import flashfs
-from keel_boot import Slot, _buf
+from handover import Slot
+from boot_check import _buf
 
 OTA_DIR = "/keel/ota"
 PENDING_FILE = OTA_DIR + "/pending.json"  # written by system/core/ota.py

@@ -1,6 +1,6 @@
 # The bootloader's flash and reset primitives on stock MicroPython esp32 firmware:
 # the same small interface the virtual board's `vboard` module offers (see
-# keel_boot._port). Keel's slots are ESP-IDF data partitions found by their label
+# handover.port). Keel's slots are ESP-IDF data partitions found by their label
 # in the partition table `keel image esp32` writes (docs/boards/esp32.md).
 #
 # Untested on hardware: it runs on the ESP32 board twin (boards/twins/esp32/, the

@@ -1,6 +1,6 @@
 # The bootloader's flash and reset primitives on the MicroPython nrf port (nRF52840):
 # the same small interface the virtual board's `vboard` module offers (see
-# keel_boot._port). The nrf port has no partition table, so a Keel slot is a raw
+# handover.port). The nrf port has no partition table, so a Keel slot is a raw
 # flash region, an `nrf.Flash(start=, len=)` block device (why not files:
 # docs/boards/nrf52840.md).
 #
@@ -42,6 +42,32 @@ def _start(flash):
     # "Flash(start=0x%08x, len=%u)".
     text = repr(flash)
     return int(text[text.index("=") + 1 : text.index(",")], 16)
+
+
+_mapped = []  # (the ROMFS segment's memoryview, its address) when code can run in place
+
+
+def rom_view(label):
+    """The slot's bytes as memory-mapped flash (a memoryview), for code that runs in
+    place from it (vfs.VfsRom); None when this firmware cannot: the slots are in the
+    ROMFS segment (1.28+, whose nrf.Flash gives its memory: flashbdev.c
+    nrf_flashbdev_get_buffer) and vfs has VfsRom (MICROPY_VFS_ROM)."""
+    if layout_error() or label not in _table:
+        return None
+    if not _mapped:
+        seg = _romfs_segment()
+        try:
+            import vfs
+
+            vfs.VfsRom  # noqa: B018 - only whether the firmware has it
+        except (ImportError, AttributeError):
+            seg = None
+        _mapped.append((memoryview(seg), _start(seg)) if seg is not None else (None, 0))
+    view, start = _mapped[0]
+    if view is None:
+        return None
+    address, size = _table[label]
+    return view[address - start : address - start + size]
 
 
 def _layout(board):

@@ -23,22 +23,49 @@ if PORT is None:
 
 BOARD_FILE = "/keel/board.json"
 _board = None
+# A pin is one small int in _pins: its port id in the low byte, its capabilities as
+# bits above it (the order of _CAPS), aliases under their own names too. The parsed
+# definition's pin dicts cost about 12 KB of heap on an ESP32 board (issue 14).
+_CAPS = ("digital", "analog", "pwm", "input-only", "uart-tx", "uart-rx")
+_pins = {}
+_aliases = {}
+# What the HAL does not keep: the flash layout is the bootloader's (it has read it by
+# now), the rest is for people and host tools. The virtual board's simulated hardware
+# reads its pins from this same dict (boards/virtual/sim_board.py: one copy in RAM).
+_NOT_KEPT = ("flash", "description") + (() if PORT == "virtual" else ("pins", "aliases"))
 
 
 def use_board(data):
-    """Share the board definition the bootloader already read (one copy in RAM)."""
+    """Take the board definition (the bootloader's copy: one in RAM) and keep of it what
+    the HAL needs while Keel runs; the dict itself loses the rest."""
     global _board
+    pins = data.get("pins")
+    if pins is not None:
+        _pins.clear()
+        for name, spec in pins.items():
+            caps = 0
+            for cap in spec.get("caps", ()):
+                if cap in _CAPS:
+                    caps |= 1 << _CAPS.index(cap)
+            _pins[name] = spec["id"] | caps << 8
+        _aliases.clear()
+        for alias, name in data.get("aliases", {}).items():
+            if name in _pins:
+                _pins[alias] = _pins[name]
+                _aliases[alias] = name
+    for key in _NOT_KEPT:
+        data.pop(key, None)
     _board = data
 
 
 def board():
-    """The board definition (boards/<name>/board.json, copied to the device)."""
-    global _board
+    """The board definition (boards/<name>/board.json, copied to the device) without
+    its pins (pin_id, pin_has, pin_name), flash layout and descriptions."""
     if _board is None:
         import json
 
         with open(BOARD_FILE) as f:
-            _board = json.load(f)
+            use_board(json.load(f))
     return _board
 
 
@@ -47,21 +74,30 @@ def backend(name):
     return __import__("hal.ports.%s.%s" % (PORT, name), None, None, (name,))
 
 
+def _pin(name):
+    board()
+    found = _pins.get(name)
+    if found is None:
+        raise ValueError("board %s has no pin %s" % (_board["name"], name))
+    return found
+
+
 def pin_id(name):
     """The port's pin identifier for a board pin name ("D7", "A0", "LED")."""
-    pins = board()["pins"]
-    spec = pins.get(name)
-    if spec is None:
-        alias = board().get("aliases", {}).get(name)
-        spec = pins.get(alias) if alias else None
-    if spec is None:
-        raise ValueError("board %s has no pin %s" % (board()["name"], name))
-    return spec["id"]
+    return _pin(name) & 0xFF
 
 
 def pin_has(name, capability):
-    spec = board()["pins"].get(board().get("aliases", {}).get(name, name))
-    return bool(spec) and capability in spec.get("caps", ())
+    board()
+    found = _pins.get(name)
+    return found is not None and capability in _CAPS and bool(
+        found >> 8 & 1 << _CAPS.index(capability))
+
+
+def pin_name(name):
+    """The board's own name of a pin given by an alias ("LED" -> "D7")."""
+    _pin(name)
+    return _aliases.get(name, name)
 
 
 _services = []

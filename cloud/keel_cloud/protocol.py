@@ -235,7 +235,7 @@ def check_describe(describe) -> dict:
         _module_key(module, at, version_required=False)
         for key in ("platform", "slot", "invalid_reason"):
             _text(module, key, at)
-        for key in ("valid", "crc_ok", "sha256_ok"):
+        for key in ("valid", "crc_ok", "sha256_ok", "in_place"):
             _boolean(module, key, at)
         _integer(module, "size", at, 0, MAX_COUNT)
         _hex(module, "sha256", at, length=64)

@@ -19,6 +19,7 @@ from micropython import const
 import hal
 from hal import device
 import flashfs
+import handover
 import runtime
 import events
 import led
@@ -164,14 +165,12 @@ class Session:
                 elif time.ticks_diff(now, self._opened) >= CONNECT_TIMEOUT_MS:
                     raise mqtt.MQTTError("no CONNACK (TLS or broker not answering)")
         except MemoryError as e:
-            import keel_boot
-
-            if keel_boot.INSTALLED[0]:
+            if handover.INSTALLED[0]:
                 # What this boot's install left in the heap: the session needs a fresh
                 # one (docs/boot-flow.md, "After an install, a fresh heap").
                 print("keel: cloud: not enough memory after installing; resetting")
                 self._close()
-                keel_boot.reset("update")
+                handover.reset("update")
             self._fail(now, e)
         except (OSError, ValueError, mqtt.MQTTError) as e:  # (a TLS failure is a ValueError)
             self._fail(now, e)
@@ -247,6 +246,11 @@ class Session:
         if self.normal:
             led.set_state("connected")
         print("keel: cloud connected to %s:%d" % (self.host, self.port))
+        mem = self.status.get("mem")
+        if isinstance(mem, dict) and mem.get("heap_free_connected") is None:
+            gc.collect()  # what the app has with the session up (once a boot)
+            mem["heap_free_connected"] = gc.mem_free()
+            flashfs.write_json(handover.STATUS_FILE, self.status)
         events.emit(events.CLOUD_CONNECTED)
 
     def _up(self, now):

@@ -3,9 +3,8 @@
 import sys
 import gc
 import time
-import module_format as mf
 import flashfs
-import keel_boot
+import handover
 import app_loader
 import hal
 import runtime
@@ -30,16 +29,17 @@ class Status:
             "safe_mode_reason": None,
             "missing": [],
             "reset_reason": reset_reason,
-            "vm": keel_boot.vm_info(),
+            "vm": handover.vm_info(),
             "modules": [s.to_dict() for s in slots if s.reason != "empty"],
             "app": "none",
-            "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
+            "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None,
+                    "heap_free_connected": None},
             "stage": "system",
         }
 
     def set(self, **fields):
         self.doc.update(fields)
-        flashfs.write_json(keel_boot.STATUS_FILE, self.doc)
+        flashfs.write_json(handover.STATUS_FILE, self.doc)
 
 
 def _trust(status):
@@ -140,7 +140,7 @@ def reset(reason):
     import events
 
     events.emit(events.RESET_PENDING, reason)
-    keel_boot.reset(reason)
+    handover.reset(reason)
 
 
 def _app_crashed(status, app_slot, exc):
@@ -219,9 +219,9 @@ def _run_app(status, app_slot):
     except KeyboardInterrupt:
         raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
     except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
-        if keel_boot.resetting():
+        if handover.resetting():
             raise
-        if starting and isinstance(e, MemoryError) and keel_boot.INSTALLED[0]:
+        if starting and isinstance(e, MemoryError) and handover.INSTALLED[0]:
             # Installing left this boot's heap short (a small board): not the app's
             # fault, and not counted; it starts on a fresh heap.
             e = None
@@ -238,21 +238,22 @@ def start(board, slots, reset_reason):
     _trust(status)
     _updates(status)
     decision = app_loader.evaluate(slots, reset_reason)
-    version = [s for s in slots if s.function == mf.FUNCTION_SYSTEM_PART and s.index == 1]
-    print(
-        "keel: system %s on %s, reset reason %s"
-        % (mf.decode_version(version[0].info.version), board["name"], reset_reason)
-    )
+    # The boot's code (the module format's included) leaves the heap now, before the
+    # network, the cloud session and the app take theirs.
+    handover.release()
+    core = [s for s in slots if s.function == handover.SYSTEM_PART and s.index == 1]
+    print("keel: system %s on %s, reset reason %s"
+          % (core[0].info.version_text, board["name"], reset_reason))
     if decision.mode == "safe":
         safe_mode(status, decision)
     for s in slots:
-        if s.function == mf.FUNCTION_SYSTEM_PART and s.index > 1:
+        if s.function == handover.SYSTEM_PART and s.index > 1:
             sys.path.insert(0, s.code_dir)
     led.set_state("offline")
     status.set(app=decision.app)
     _start_network(status)
     _start_cloud(status)
-    app = [s for s in slots if s.function == mf.FUNCTION_USER_PART]
+    app = [s for s in slots if s.function == handover.USER_PART]
     if decision.app == "none":
         print("keel: no app installed")
         runtime.run_forever()

@@ -16,7 +16,7 @@ import module_format as mf
 import flashfs
 import events
 import led
-import keel_boot
+import handover
 
 OTA_DIR = "/keel/ota"
 TRANSFER_FILE = OTA_DIR + "/transfer.json"
@@ -53,7 +53,7 @@ class Receiver:
         self.on_refused = on_refused
         self.platform = platform
         self.slots = slots
-        self.part = part if part is not None else keel_boot._port().Partition.find(STAGING)
+        self.part = part if part is not None else handover.port().Partition.find(STAGING)
         self.block = self.part.ioctl(5, 0)
         self.size_max = self.part.ioctl(4, 0) * self.block
         self.state = _IDLE
@@ -342,7 +342,7 @@ class Receiver:
         elif state == _PENDING:
             if time.ticks_diff(time.ticks_ms(), self.reset_at) >= 0:
                 print("keel: ota: resetting to install the update")
-                keel_boot.reset("update")
+                handover.reset("update")
 
     def _read(self, offset, buf):
         count = min(len(buf), self.size - offset)
@@ -444,7 +444,7 @@ def _refusal(read, info, doc):
     problem = module_check.check(read, info, doc["function"], doc["index"])
     del sys.modules["module_check"]
     if problem is None and info.function == mf.FUNCTION_BOOTLOADER:
-        if flashfs.read_text(keel_boot.BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
+        if flashfs.read_text(handover.BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
             problem = ("rejected", "this bootloader did not start the system when it was "
                        "installed")
     return problem
@@ -537,7 +537,7 @@ def receiver(session):
 
         def refused(record):  # said in the status file and the describe at once
             session.status["refused"] = record
-            flashfs.write_json(keel_boot.STATUS_FILE, session.status)
+            flashfs.write_json(handover.STATUS_FILE, session.status)
             session.changed()
 
         r = Receiver(session.ota_status, platform, keel_system.SLOTS, session._rx,

@@ -1,8 +1,8 @@
 # The app API (system part 2): `import keel`. Every call is documented, with the
 # system version it arrived in, in docs/api.md. Hardware is in hal.* (hal.gpio, ...).
 import time
-import module_format as mf
 import keel_system
+import handover
 import runtime
 import events
 import led as _led
@@ -19,6 +19,7 @@ def _slot(function, index):
         if slot.function == function and slot.index == index and slot.info:
             return slot
     return None
+
 
 
 # Identity and versions
@@ -43,21 +44,19 @@ def board():
 
 
 def system_version():
-    slot = _slot(mf.FUNCTION_SYSTEM_PART, 1)
-    return mf.decode_version(slot.info.version) if slot else None
+    slot = _slot(handover.SYSTEM_PART, 1)
+    return slot.info.version_text if slot else None
 
 
 def app_version():
-    slot = _slot(mf.FUNCTION_USER_PART, 1)
-    return mf.decode_version(slot.info.version) if slot else None
+    slot = _slot(handover.USER_PART, 1)
+    return slot.info.version_text if slot else None
 
 
 def target_version():
     """The system version the running app was built against."""
-    slot = _slot(mf.FUNCTION_USER_PART, 1)
-    if slot is None or not slot.info.dependencies:
-        return None
-    return mf.decode_version(max(d[2] for d in slot.info.dependencies))
+    slot = _slot(handover.USER_PART, 1)
+    return slot.info.target_text if slot else None
 
 
 def reset_reason():

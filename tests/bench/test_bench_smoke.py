@@ -37,7 +37,9 @@ def test_every_built_figure_returns_well_formed_rows(smoke):
         for r in fig["rows"]:
             assert check_row(r) == [], (name, r)
             assert r["figure"] == fig["figure"]
-            assert r["keel"] is not None, (name, r)
+            # measured, or a missed goal that says why nothing could be (the ESP32 twin's
+            # session, which does not fit its heap yet: issue 14)
+            assert r["keel"] is not None or (r["met"] is False and r["limits"]), (name, r)
             # a row with a goal says whether it is met; others inform (a p50 beside a p99)
             assert (r["met"] in (True, False)) if r["goal"] else r["met"] is None, (name, r)
         assert any(r["goal"] for r in fig["rows"]), f"{name}: no row has a goal"

@@ -208,15 +208,16 @@ class Running:
 
 @pytest.fixture
 def device(tmp_path, board_systems, board_name):
-    """device(system_version) -> a fresh device of the board with that system installed."""
+    """device(system_version) -> a fresh device of the board with that system installed
+    (firmware: for an nRF52840 twin, the MicroPython build it plays)."""
 
     count = 0
 
-    def make(version="1.1.0", system_dir=None):
+    def make(version="1.1.0", system_dir=None, firmware=None):
         nonlocal count
         count += 1
         path = tmp_path / f"dev{count}"
-        vdev.create(path, system_dir or board_systems[version], board_name)
+        vdev.create(path, system_dir or board_systems[version], board_name, firmware=firmware)
         return Device(path)
 
     yield make

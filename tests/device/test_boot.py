@@ -32,6 +32,8 @@ def test_normal_boot_runs_the_app(device, hello_app, board_name):
     assert all(m["valid"] and m["crc_ok"] and m["sha256_ok"] for m in found.values())
     assert found[("system-part", 2)]["version"] == "1.1.0"
     assert {m["platform"] for m in found.values()} == {dev.board().platform}
+    # The virtual board and stock ESP32 firmware cannot run code in place: it is extracted.
+    assert {m["in_place"] for m in found.values()} == {False}
     # The board it ran on, and the id it would connect to the cloud as: the uid the
     # board was made with, as its port reads it (hal/device_id.py).
     assert st["board"] == board_name
@@ -50,6 +52,29 @@ def test_heap_matches_the_board(device, hello_app):
     # --heap gives the VM less than the board has (Keel and the hello app boot in 100K).
     dev.run(until=HELLO, heap=100 * 1024)
     assert dev.status()["mem"]["heap_total"] <= 100 * 1024
+
+
+# What the app finds loaded: the boot's code (boot_check, the module format, the
+# install and update code) has left the heap; the system keeps handover, its leaf.
+LOADED_APP = """
+import sys
+import keel
+print("LOADED", " ".join(sorted(sys.modules)))
+print("VERSIONS", keel.system_version(), keel.app_version(), keel.target_version())
+"""
+
+
+@on_twins
+def test_the_boot_code_leaves_the_heap_before_the_app_starts(device, make_app):
+    dev = device("1.1.0")
+    dev.flash(make_app("loaded", {"main.py": LOADED_APP}))
+    console = dev.run(until="VERSIONS")
+    loaded = set(console.split("LOADED", 1)[1].splitlines()[0].split())
+    assert {"handover", "keel_system", "keel", "main"} <= loaded
+    gone = {"boot_check", "module_format", "module_check", "ota_apply", "romfs", "trust"}
+    assert not gone & loaded, gone & loaded
+    # The API's versions come from the slots' headers the system kept (no format code).
+    assert console.split("VERSIONS", 1)[1].split()[:3] == ["1.1.0", "1.0.0", "1.1.0"]
 
 
 @on_twins

@@ -27,6 +27,14 @@ from keel import vdev, vio
 from test_twin_acceptance import HELLO, ROOT, _boot, keel, ok
 from test_vdev_pty import Board
 
+
+def fs_names(path, folder):
+    """The names in a folder of the device's filesystem (read from its flash)."""
+    device = vdev.VirtualDevice(path)
+    fs = device.open_fs(device.read_flash(), device.board())
+    fs.mount()
+    return sorted(fs.listdir(folder))
+
 DK = pytest.mark.parametrize("board_name", ["nrf52840_dk"], indirect=True)
 XENON = pytest.mark.parametrize("board_name", ["particle_xenon"], indirect=True)
 
@@ -82,8 +90,8 @@ def test_safe_mode_then_healed_over_the_console_pty(device, board_systems, make_
     """An app for a newer system: safe mode (dependency). keel flash --usb over the
     twin's console pty (its raw REPL, after /boot.py moved the filesystem from /flash
     to /) refuses virtual modules, then writes the newer system; the bootloader installs
-    part 1 in place of the old (with this app, no room for both on the nRF's filesystem)
-    and the app runs."""
+    it (on 1.28 its code runs in place from the slots: nothing is extracted) and the app
+    runs."""
     dev = device("1.0.0")
     dev.flash(make_app("big", BIG_APP, target="1.1.0"))
     board = Board(dev, tmp_path / "tty")
@@ -103,22 +111,29 @@ def test_safe_mode_then_healed_over_the_console_pty(device, board_systems, make_
     finally:
         board.stop()
     console = (dev.path / "console.log").read_text(errors="replace")
-    assert "keel: no room for system1 beside its old code; replacing it" in console
+    assert "replacing it" not in console
     status = vdev.status(dev.path)
     assert (status["mode"], status["app"], status["missing"]) == ("normal", "running", [])
     assert status["reset_reason"] == "update"
+    assert {m["slot"]: m["in_place"] for m in status["modules"]} == {
+        "bootloader": False, "system1": True, "system2": True, "user": True}
+    names = fs_names(dev.path, "/keel/m")  # the code is stored once: in its slot
+    assert "s1" not in names and "s2" not in names and "app" not in names, names
     assert {m["version"] for m in status["modules"] if m["function"] == "system-part"} == {"1.1.0"}
 
 
 @DK
+@pytest.mark.parametrize("firmware", ["v1.28-fs448k", "v1.27-fs448k"])
 def test_a_power_cut_during_the_install_leaves_a_bootable_twin(device, board_systems, make_app,
-                                                               tmp_path):
-    """The newer system in its slots, then the boot that installs it cut: a sample of
-    its ~800 flash operations (every 23rd, clean and torn in turn, and the first and last),
-    which takes in the cuts while part 1's old code is removed and the new extracted
-    in its place. Each time the twin boots again, finishes the install and runs the
-    app."""
-    dev = device("1.0.0")
+                                                               tmp_path, firmware):
+    """The newer system in its slots, then the boot that installs it cut, on both paths:
+    code in place (1.28: only the digests are written) and extracted (1.27: ~800 flash
+    operations, which take in the cuts while part 1's old code is removed and the new
+    extracted in its place). A sample of the operations (every 23rd when extracted,
+    every 3rd in place, clean and torn in turn, and the first and last). Each time the
+    twin boots again, finishes the install and runs the app."""
+    in_place = firmware.startswith("v1.28")
+    dev = device("1.0.0", firmware=firmware)
     dev.flash(make_app("big", BIG_APP, target="1.1.0"))
     assert "SAFE MODE (dependency)" in dev.run(until="SAFE MODE")
     dev.flash(*sorted(board_systems["1.1.0"].glob("*.bin")))
@@ -129,9 +144,9 @@ def test_a_power_cut_during_the_install_leaves_a_bootable_twin(device, board_sys
             "console.log", "io.log", "io.in", "vm.pid", "faults.*", "reset_cause")))
 
     console, n, state = _boot(copy("count"), {"count_only": True})
-    assert HELLO in console and "replacing it" in console, console
+    assert HELLO in console and ("replacing it" in console) is not in_place, console
     assert state == "-" * 10 and n > 20, (n, state)
-    points = [(k, j % 2 == 1) for j, k in enumerate(range(9, n, 23))]
+    points = [(k, j % 2 == 1) for j, k in enumerate(range(2 if in_place else 9, n, 3 if in_place else 23))]
     points += [(k, torn) for k in (1, n) for torn in (False, True)]
     failures = []
     for k, torn in points:

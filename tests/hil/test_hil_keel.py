@@ -186,8 +186,8 @@ class Session:
                 erase.append(slot["slot"])
         if erase:  # as keel flash --usb begins a write: the slot reads as empty
             self.board.connect()
-            self.board.run("import sys\nsys.path.insert(0, '/keel/m/bl')\nimport keel_boot\n" +
-                           "".join(f"keel_boot._port().Partition.find({label!r}).ioctl(6, 0)\n"
+            self.board.run("import sys\nsys.path.insert(0, '/keel/m/bl')\nimport handover\n" +
+                           "".join(f"handover.port().Partition.find({label!r}).ioctl(6, 0)\n"
                                    for label in erase))
         self.board.remove(STATUS_FILE)
         if files:

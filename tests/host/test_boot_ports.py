@@ -7,7 +7,7 @@ writes), with the bootloader the twin's factory step extracted. port_nrf.py runs
 the nRF52840 twin (boards/twins/nrf/: nrf.Flash over the twin's flash, laid out as a
 MicroPython nrf firmware build leaves it, vfs.rom_ioctl, machine), after stage 0 has
 put the filesystem at /. Both take readblocks/writeblocks with an offset (no erase)
-and ioctl 4/5/6. Then the real bootloader (keel_boot: load_slots, scan) reads the
+and ioctl 4/5/6. Then the real bootloader (boot_check: load_slots, scan) reads the
 slots through the port. What this cannot show is a firmware on hardware behaving as
 its source says (docs/boards/*.md).
 """
@@ -30,16 +30,17 @@ import sys, json
 sys.path.insert(0, "/keel/m/bl")
 import esp32
 import machine
-import keel_boot
+import boot_check
+import handover
 import module_format as mf
-port = keel_boot._port()
+port = handover.port()
 assert port.__name__ == "port_esp32", port.__name__
-assert keel_boot._port() is port and port.exiting is False
+assert handover.port() is port and port.exiting is False
 with open("/keel/board.json") as f:
     board = json.load(f)
-slots = keel_boot.load_slots(board)
+slots = boot_check.load_slots(board)
 for s in slots:
-    keel_boot.scan(s, mf.platform_id(board["platform"]))
+    boot_check.scan(s, mf.platform_id(board["platform"]))
 print(json.dumps({s.label: [s.valid, s.reason, s.size, s.block] for s in slots}))
 p = port.Partition.find("system1")
 assert p.info() == ("system1", %(s1_offset)d, %(s1_size)d), p.info()
@@ -107,15 +108,15 @@ def test_esp32_port_reset_causes(esp32_twin, event):
 
 @pytest.mark.parametrize("call, code", [("port_esp32.reset()", 100),
                                         ("port_esp32.deep_sleep(5000)", 101),
-                                        ("keel_boot.reset('update')", 100)])
+                                        ("handover.reset('update')", 100)])
 def test_esp32_port_resets_stop_the_chip(esp32_twin, call, code):
     """A reset or deep sleep stops the twin at once, as the chip stops: nothing after
-    it runs, and the runner is told why; keel_boot.reset records its reason first."""
+    it runs, and the runner is told why; handover.reset records its reason first."""
     from keel import vdev
     from twins import io_records, run_on
 
     proc = run_on(esp32_twin, "import sys\nsys.path.insert(0, '/keel/m/bl')\n"
-                              "import port_esp32, keel_boot\n%s\nprint('still running')\n" % call)
+                              "import port_esp32, handover\n%s\nprint('still running')\n" % call)
     assert "still running" not in proc.stdout and proc.returncode == -9, proc.stdout + proc.stderr
     assert io_records(esp32_twin)[-1] == {"k": "halt", "code": code}
     if "update" in call:
@@ -157,17 +158,18 @@ import sys, json
 assert os.getcwd() == "/" and not [p for p in sys.path if p.startswith("/flash")], sys.path
 sys.path.insert(0, "/keel/m/bl")
 import vfs
-import keel_boot
+import boot_check
+import handover
 import module_format as mf
-port = keel_boot._port()
+port = handover.port()
 assert port.__name__ == "port_nrf", port.__name__
-assert keel_boot._port() is port and port.exiting is False
+assert handover.port() is port and port.exiting is False
 with open("/keel/board.json") as f:
     board = json.load(f)
 assert port.layout_error(board) is None, port.layout_error(board)
-slots = keel_boot.load_slots(board)
+slots = boot_check.load_slots(board)
 for s in slots:
-    keel_boot.scan(s, mf.platform_id(board["platform"]))
+    boot_check.scan(s, mf.platform_id(board["platform"]))
 print(json.dumps({s.label: [s.valid, s.reason, s.size, s.block] for s in slots}))
 print(json.dumps({s.label: s.part.info()[1] for s in slots}))
 print("segment", repr(vfs.rom_ioctl(2, 0)) if hasattr(vfs, "rom_ioctl") else None)

@@ -71,6 +71,17 @@ def test_the_bootloaders_entry_modules_are_among_its_sources():
                                                 if number in module_check.BOOTLOADER_PORTS else [])
 
 
+def test_the_hand_over_numbers_modules_as_the_format_does():
+    """handover.py tells the slots apart without loading the module format: its
+    function numbers are the format's."""
+    text = (REPO / "bootloader" / "handover.py").read_text()
+    numbers = dict(line.split(" = ") for line in text.splitlines()
+                   if line.split(" = ")[0] in ("BOOTLOADER", "SYSTEM_PART", "USER_PART"))
+    assert {k: int(v) for k, v in numbers.items()} == {
+        "BOOTLOADER": mf.FUNCTION_BOOTLOADER, "SYSTEM_PART": mf.FUNCTION_SYSTEM_PART,
+        "USER_PART": mf.FUNCTION_USER_PART}
+
+
 def test_real_builds_pass(originals):
     for name, data in originals[0].items():
         assert check(data) is None, name

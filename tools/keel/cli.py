@@ -262,10 +262,13 @@ def cmd_vdev_status(args) -> int:
     print(f"vm              {doc['vm']['name']} {doc['vm']['version']}")
     mem = doc["mem"]
     free = mem["heap_free_at_app_start"]
-    print(f"heap            {mem['heap_total']} bytes, free at app start {'-' if free is None else free}")
+    connected = mem.get("heap_free_connected")
+    print(f"heap            {mem['heap_total']} bytes, free at app start {'-' if free is None else free}"
+          + ("" if connected is None else f", with the cloud session up {connected}"))
     for m in doc["modules"]:
         state = "valid" if m["valid"] else f"INVALID ({m.get('invalid_reason')})"
-        print(f"module          {m['function']} {m['index']} {m['version'] or '-'}  {state}")
+        where = "  (in place)" if m.get("in_place") else ""
+        print(f"module          {m['function']} {m['index']} {m['version'] or '-'}  {state}{where}")
     trust = doc.get("trust")
     if trust:
         keys = ", ".join(k[:16] for k in trust.get("keys") or []) or "none readable"

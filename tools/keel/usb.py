@@ -30,17 +30,22 @@ _PRELUDE = """\
 import sys, json
 if '/keel/m/bl' not in sys.path:
     sys.path.insert(0, '/keel/m/bl')
-import keel_boot
+try:  # the bootloader's boot work and its hand-over module (older bootloaders: one)
+    import boot_check as _boot
+    import handover as _ho
+except ImportError:
+    import keel_boot as _boot
+    _ho = _boot
 import module_format as _mf
 from binascii import a2b_base64 as _unb64, hexlify as _hex
-_PORT = keel_boot._port()
+_PORT = _ho.port() if hasattr(_ho, 'port') else _boot._port()
 
 def _probe():
-    board = json.load(open(keel_boot.BOARD_FILE))
+    board = json.load(open('/keel/board.json'))
     platform = _mf.platform_id(board['platform'])
     slots = []
-    for s in keel_boot.load_slots(board):
-        keel_boot.scan(s, platform)
+    for s in _boot.load_slots(board):
+        _boot.scan(s, platform)
         d = s.to_dict() if s.reason != 'empty' else {
             'function': _mf.function_name(s.function), 'index': s.index, 'version': None,
             'valid': False, 'slot': s.label, 'invalid_reason': 'empty'}
@@ -182,7 +187,7 @@ class BoardLink:
         """Hard-reset the board, recording the reason Keel reports for it (update);
         Keel boots and installs what changed."""
         try:
-            self.transport.exec_raw_no_follow("keel_boot.reset('update')")
+            self.transport.exec_raw_no_follow("_ho.reset('update')")
         except self._error:
             pass  # the board went away mid-answer: that is the reset
 

@@ -214,6 +214,19 @@ TWIN_FIRMWARE_ROOM = 192 * 1024
 BOARD_HEAP_ENV = "KEEL_BOARD_HEAP"
 
 
+def twin_firmware_room(device_dir: Path) -> int:
+    """The VM's heap a twin's firmware needs beyond the board's: TWIN_FIRMWARE_ROOM, and
+    the memory image of an nRF52840 firmware's ROMFS segment, which on the chip is
+    memory-mapped flash (boards/twins/nrf/nrf.py _MappedFlash)."""
+    room = TWIN_FIRMWARE_ROOM
+    build = Path(device_dir) / twin_nrf.FIRMWARE_FILE
+    if build.is_file():
+        doc = json.loads(build.read_text())
+        if doc.get("vfs_rom"):
+            room += doc["layout"]["romfs"][1]
+    return room
+
+
 def _esp32_flash(board: Board, flash: bytearray) -> None:
     # What `keel image esp32` writes besides the modules and the filesystem: the
     # ESP-IDF partition table at 0x8000, by which esp32.Partition finds every slot. The
@@ -249,7 +262,7 @@ def ask(path: Path | str, code: str, cause: str = "power-on", heap: int | None =
     heap = heap or board.heap
     board_heap = heap
     if is_twin(board):
-        heap += TWIN_FIRMWARE_ROOM
+        heap += twin_firmware_room(device.path)
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "ask.py"
         script.write_text(code)
@@ -740,7 +753,7 @@ def run(
     twin = is_twin(board)
     # A twin's VM holds its firmware (stand-ins, simulated hardware) beside the board's
     # heap, and keeps for Keel the board's heap exactly (boards/twins/vm_twin.py).
-    vm_heap = heap + TWIN_FIRMWARE_ROOM if twin else heap
+    vm_heap = heap + twin_firmware_room(device.path) if twin else heap
     startup = board_dir("virtual") / "vm_startup.py"  # every board's start-up on the VM
     firmware = vmfirmware.firmware_dir()
     started = time.monotonic()

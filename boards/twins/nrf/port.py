@@ -81,6 +81,7 @@ def install():
     sys.modules["os"] = _Module(os, dupterm=machine.os_dupterm)
     sys.modules["micropython"] = _Module(micropython, schedule=machine._schedule)
     sys.modules["vfs"] = _Module(vfs, rom_ioctl=_rom_ioctl) if _firmware["vfs_rom"] else vfs
+    nrf.romfs_segment()  # (its memory image is the firmware's: made before the heap is counted)
     # No network: ports/nrf has no socket or network module, and leaves MICROPY_PY_SSL
     # at py/mpconfig.h's 0 (so no ssl, no tls). On the board
     # `import socket` fails; on the twin, the VM's own are built in and cannot be taken

@@ -25,7 +25,7 @@ class PWM:
     def __init__(self, name, freq=5000, duty_u16=32768):
         if not hal.pin_has(name, "pwm"):
             raise ValueError("pin %s has no PWM" % name)
-        self._pin = hal.board().get("aliases", {}).get(name, name)
+        self._pin = hal.pin_name(name)
         self._freq = _check_freq(freq)
         self._duty = _check_duty(duty_u16)
         self._report()
