@@ -337,7 +337,7 @@ def twin_rows(ctx):
                 r["limits"] = (f"Keel holds {kb(k0 - b0) if b0 is not None else '?'} KB more than bare "
                                f"MicroPython on this twin. {TWIN_LIMITS}")
             rows.append(r)
-            if platform == "esp32":
+            if platform == "esp32" and not ctx.smoke:  # (the session's path: the full run only)
                 if cloud is None:
                     cloud = Cloud(ctx.work / "cloud-twins")
                 rows += _esp32_session_rows(ctx, cloud, path, k0, runs)

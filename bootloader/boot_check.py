@@ -5,11 +5,12 @@ import sys
 import os
 import gc
 import binascii
+import json
 import module_format as mf
 import flashfs
 
 from handover import (BOARD_FILE, BOOTLOADER_DIR, BOOTLOADER_REJECTED_FILE,
-                      BOOTLOADER_TRIAL_FILE, INSTALLED, MODULE_ROOT, OTA_PENDING_FILE,
+                      BOOTLOADER_TRIAL_FILE, INSTALLED, MODULE_ROOT, MODULES, OTA_PENDING_FILE,
                       RESET_REASON_FILE, SLOTS, STATUS_FILE, TRIAL_FILE, Slot, give_up_trial,
                       note_boot, reset, vm_info)
 from handover import port as _port
@@ -24,6 +25,34 @@ def _code_name(function, index):
     if function == mf.FUNCTION_USER_PART:
         return "app"
     return "s%d" % index
+
+
+def slot_doc(slot):
+    """The slot as the status reports it (one of its "modules")."""
+    if slot.info is None:
+        # Something that is not a readable module: report the slot itself.
+        return {
+            "function": mf.function_name(slot.function),
+            "index": slot.index,
+            "version": None,
+            "valid": False,
+            "crc_ok": False,
+            "sha256_ok": None,
+            "slot": slot.label,
+            "invalid_reason": slot.reason,
+        }
+    doc = slot.info.to_dict()
+    doc["size"] = slot.info.image_size
+    doc["crc_ok"] = slot.crc_ok
+    doc["sha256_ok"] = slot.sha256_ok
+    doc["valid"] = slot.valid
+    doc["slot"] = slot.label
+    doc["in_place"] = slot.view is not None
+    if slot.digest is not None:  # the digest the image declares (its suffix)
+        doc["sha256"] = binascii.hexlify(slot.digest).decode()
+    if not slot.valid:
+        doc["invalid_reason"] = slot.reason
+    return doc
 
 
 def load_slots(board):
@@ -133,7 +162,7 @@ def halt(slots, reset_reason, reason, missing, layout_error=None):
         "missing": missing,
         "reset_reason": reset_reason,
         "vm": vm_info(),
-        "modules": [s.to_dict() for s in slots if s.reason != "empty"],
+        "modules": [slot_doc(s) for s in slots if s.reason != "empty"],
         "app": "not-run",
         "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None},
         "stage": "bootloader",
@@ -228,4 +257,5 @@ def boot():
     for name in ("module_check", "romfs"):  # what installing loaded: freed before the
         sys.modules.pop(name, None)  # system comes in, when the heap is fullest
     SLOTS[:] = slots
+    MODULES[0] = json.dumps([slot_doc(s) for s in slots if s.reason != "empty"]).encode()
     return attempts, board, reset_reason

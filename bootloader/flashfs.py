@@ -59,9 +59,14 @@ def remove_tree(path):
 
 
 def write_atomic(path, data):
+    """Write data (text, bytes, or a function that writes the text to the file it is
+    given) to path.tmp, then rename it over path."""
     tmp = path + ".tmp"
     with open(tmp, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
-        f.write(data)
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
     os.rename(tmp, path)
 
 

@@ -5,6 +5,7 @@
 # format's leave the heap once the app runs (release()); see docs/boot-flow.md.
 import sys
 import gc
+import json
 import flashfs
 
 MODULE_ROOT = "/keel/m"  # extracted code: a directory per module
@@ -34,6 +35,9 @@ USER_PART = 5
 
 INSTALLED = [False]  # this boot installed code (its work may leave the heap short)
 SLOTS = []  # the slots the bootloader scanned (Slot), for the system and the app API
+# The modules the boot found as the status reports them ("modules"), as JSON (bytes): as
+# objects they would cost the heap about three times as much for as long as Keel runs.
+MODULES = [None]
 
 _ports = []
 
@@ -52,6 +56,34 @@ def port():
         else:
             raise RuntimeError("keel: no flash port for this board")
     return _ports[0]
+
+
+def status_pieces(doc):
+    """A status (or describe) record as JSON, with the boot's "modules": bytes pieces
+    to send one after the other (mqtt takes them so), none as big as the whole."""
+    text = json.dumps(doc).encode()
+    if MODULES[0] is None:
+        return (text,)
+    if len(text) <= 2:
+        return (b'{"modules": ', MODULES[0], b"}")
+    return (b'{"modules": ', MODULES[0], b", ", memoryview(text)[1:])
+
+
+def write_status(doc):
+    """Record the status, with the boot's "modules": written piece by piece, so it
+    needs no copy of the whole record in the heap."""
+
+    def write(f):
+        f.write('{"modules": ')
+        f.write(MODULES[0] or "[]")
+        for key in doc:
+            f.write(", ")
+            json.dump(key, f)
+            f.write(": ")
+            json.dump(doc[key], f)
+        f.write("}")
+
+    flashfs.write_atomic(STATUS_FILE, write)
 
 
 def reset(reason):
@@ -73,7 +105,7 @@ def vm_info():
 class Slot:
     """A flash partition that holds one module, and what the last scan found in it:
     `info` is the module's header (module_format.ModuleInfo, or a Header once the
-    boot's code is released)."""
+    boot's code is released). boot_check.slot_doc() reports it."""
 
     def __init__(self, part, label, function, index, name=None, view=None):
         self.part = part
@@ -105,36 +137,6 @@ class Slot:
 
     def installed_digest(self):
         return flashfs.read_text(self.marker)
-
-    def to_dict(self):
-        """The slot in the device's status (while the module format is loaded)."""
-        import binascii
-        import module_format as mf
-
-        if self.info is None:
-            # Something that is not a readable module: report the slot itself.
-            return {
-                "function": mf.function_name(self.function),
-                "index": self.index,
-                "version": None,
-                "valid": False,
-                "crc_ok": False,
-                "sha256_ok": None,
-                "slot": self.label,
-                "invalid_reason": self.reason,
-            }
-        doc = self.info.to_dict()
-        doc["size"] = self.info.image_size
-        doc["crc_ok"] = self.crc_ok
-        doc["sha256_ok"] = self.sha256_ok
-        doc["valid"] = self.valid
-        doc["slot"] = self.label
-        doc["in_place"] = self.view is not None
-        if self.digest is not None:  # the digest the image declares (its suffix)
-            doc["sha256"] = binascii.hexlify(self.digest).decode()
-        if not self.valid:
-            doc["invalid_reason"] = self.reason
-        return doc
 
 
 class Header:
@@ -200,6 +202,9 @@ def give_up_trial(reason):
 
 def _start_system(board, reset_reason):
     # (its own frame: once it has failed, nothing of the system stays referenced here)
+    import hal
+
+    hal.use_board(board)  # before the system's modules import: one copy of the board
     import keel_system
 
     gc.collect()

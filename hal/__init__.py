@@ -23,12 +23,11 @@ if PORT is None:
 
 BOARD_FILE = "/keel/board.json"
 _board = None
-# A pin is one small int in _pins: its port id in the low byte, its capabilities as
-# bits above it (the order of _CAPS), aliases under their own names too. The parsed
-# definition's pin dicts cost about 12 KB of heap on an ESP32 board (issue 14).
+# The pins as one string, a line each: "\nNAME ID CAPS" (CAPS: bits in the order of
+# _CAPS), and "\nALIAS =NAME" for an alias. The parsed definition's pin dicts cost
+# about 12 KB of heap on an ESP32 board, a dict of small ints still 5 KB (issue 14).
 _CAPS = ("digital", "analog", "pwm", "input-only", "uart-tx", "uart-rx")
-_pins = {}
-_aliases = {}
+_pins = [""]
 # What the HAL does not keep: the flash layout is the bootloader's (it has read it by
 # now), the rest is for people and host tools. The virtual board's simulated hardware
 # reads its pins from this same dict (boards/virtual/sim_board.py: one copy in RAM).
@@ -41,18 +40,17 @@ def use_board(data):
     global _board
     pins = data.get("pins")
     if pins is not None:
-        _pins.clear()
+        lines = []
         for name, spec in pins.items():
             caps = 0
             for cap in spec.get("caps", ()):
                 if cap in _CAPS:
                     caps |= 1 << _CAPS.index(cap)
-            _pins[name] = spec["id"] | caps << 8
-        _aliases.clear()
+            lines.append("%s %d %d" % (name, spec["id"], caps))
         for alias, name in data.get("aliases", {}).items():
-            if name in _pins:
-                _pins[alias] = _pins[name]
-                _aliases[alias] = name
+            lines.append("%s =%s" % (alias, name))
+        _pins[0] = "\n" + "\n".join(lines) + "\n"
+        lines = None
     for key in _NOT_KEPT:
         data.pop(key, None)
     _board = data
@@ -69,35 +67,42 @@ def board():
     return _board
 
 
+def _entry(name, missing_ok=False):
+    # -> (the board's name of the pin, its id, its capability bits)
+    board()
+    table = _pins[0]
+    for _ in range(2):  # a name, or an alias of one
+        at = table.find("\n%s " % name)
+        if at < 0:
+            break
+        fields = table[at + 1 : table.index("\n", at + 1)].split()
+        if fields[1][0] != "=":
+            return fields[0], int(fields[1]), int(fields[2])
+        name = fields[1][1:]
+    if missing_ok:
+        return None
+    raise ValueError("board %s has no pin %s" % (_board["name"], name))
+
+
 def backend(name):
     """The port's implementation module of peripheral `name`."""
     return __import__("hal.ports.%s.%s" % (PORT, name), None, None, (name,))
 
 
-def _pin(name):
-    board()
-    found = _pins.get(name)
-    if found is None:
-        raise ValueError("board %s has no pin %s" % (_board["name"], name))
-    return found
-
-
 def pin_id(name):
     """The port's pin identifier for a board pin name ("D7", "A0", "LED")."""
-    return _pin(name) & 0xFF
+    return _entry(name)[1]
 
 
 def pin_has(name, capability):
-    board()
-    found = _pins.get(name)
+    found = _entry(name, True)
     return found is not None and capability in _CAPS and bool(
-        found >> 8 & 1 << _CAPS.index(capability))
+        found[2] & 1 << _CAPS.index(capability))
 
 
 def pin_name(name):
     """The board's own name of a pin given by an alias ("LED" -> "D7")."""
-    _pin(name)
-    return _aliases.get(name, name)
+    return _entry(name)[0]
 
 
 _services = []

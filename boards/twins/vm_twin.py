@@ -266,14 +266,27 @@ class GcProxy:
         return getattr(gc, name)
 
 
-_reserve = None
+# The room the firmware did not need (the reserve): one block, and chunks outside()
+# lends. A chunk is a tuple, one allocation of about 1 KB (a bytearray would be two), in
+# slots fixed at the start (a list that grew would allocate), so lending and holding
+# back moves no small blocks about the board's part of the heap.
+_block = None
+_chunks = []  # a chunk, or None where one is lent out
+_CHUNK_ITEMS = 126
+_chunk_cost = [0]  # what one chunk takes of the heap
+_carry = [0]
+_LENDABLE = 64  # chunks: what outside() can lend at most
+
+
+def _chunk():
+    return (None,) * _CHUNK_ITEMS
 
 
 def _account_heap(board_heap):
     """The VM's heap is the board's plus room for the firmware (keel vdev run gives
-    both): measure what the firmware holds now, and hold the room it did not need in
-    one block, so what is left for Keel is the board's heap."""
-    global _reserve
+    both): measure what the firmware holds now, and hold the room it did not need
+    (the reserve), so that what is left for Keel is the board's heap."""
+    global _block
     gc.collect()
     total = gc.mem_free() + gc.mem_alloc()
     spare = total - gc.mem_alloc() - board_heap
@@ -281,8 +294,67 @@ def _account_heap(board_heap):
         print("twin: the VM's heap is %d bytes short of the board's %d and the firmware's %d"
               % (-spare, board_heap, gc.mem_alloc()))
         sys.exit(0)  # (the runner stops: no reset would make it fit)
+    _chunks.extend([None] * _LENDABLE)
+    gc.collect()
+    before = gc.mem_alloc()
+    _chunks[0] = _chunk()
+    _chunk_cost[0] = gc.mem_alloc() - before
+    spare = total - gc.mem_alloc() - board_heap
+    n = min(_LENDABLE, spare // _chunk_cost[0])
+    for i in range(1, n):
+        _chunks[i] = _chunk()
+    spare -= (n - 1) * _chunk_cost[0]
     if spare > 64:
-        _reserve = bytearray(spare - 32)  # (its own header and rounding: measured below)
+        _block = bytearray(spare - 64)  # (its header, rounding: measured below)
     gc.collect()
     own = gc.mem_alloc() + gc.mem_free() - board_heap
     sys.modules["gc"] = GcProxy(own)
+
+
+# ---------------------------------------------------------------- memory outside the heap
+# Some of a port's C code allocates outside the GC heap (the ESP32's mbedTLS takes the
+# ESP-IDF heap's memory); the VM's own allocates in its one heap. outside() runs such a
+# call with the reserve's chunks lent (freed), then holds back all but what the call
+# took (or more, by what it freed), so the board's heap is what it was.
+_short = [False]
+
+
+def _lend():
+    lent = 0
+    for i in range(len(_chunks)):
+        if _chunks[i] is not None:
+            _chunks[i] = None
+            lent += 1
+    return lent
+
+
+def _hold(amount):
+    # Takes back into the reserve `amount` bytes (in chunks; the rest is carried to the
+    # next call). A heap too fragmented for a chunk leaves the debt for later: the
+    # board's heap is a little bigger meanwhile.
+    _carry[0] += amount
+    cost = _chunk_cost[0]
+    try:
+        for i in range(len(_chunks)):
+            if _carry[0] < cost:
+                break
+            if _chunks[i] is None:
+                _chunks[i] = _chunk()
+                _carry[0] -= cost
+    except MemoryError:
+        pass
+
+
+def outside(fn, *args, **kw):
+    lent = _lend()
+    gc.collect()
+    before = gc.mem_alloc()
+    try:
+        return fn(*args, **kw)
+    finally:
+        gc.collect()
+        _hold(lent * _chunk_cost[0] - (gc.mem_alloc() - before))
+        if _carry[0] < 0 and not _short[0]:  # it took more than could be lent
+            _short[0] = True
+            print("twin: the firmware's room is %d bytes short of what its C code takes "
+                  "outside the board's heap" % -_carry[0])

@@ -250,7 +250,7 @@ class Session:
         if isinstance(mem, dict) and mem.get("heap_free_connected") is None:
             gc.collect()  # what the app has with the session up (once a boot)
             mem["heap_free_connected"] = gc.mem_free()
-            flashfs.write_json(handover.STATUS_FILE, self.status)
+            handover.write_status(self.status)
         events.emit(events.CLOUD_CONNECTED)
 
     def _up(self, now):
@@ -264,6 +264,10 @@ class Session:
 
     def _fail(self, now, error):
         was_up = self._state == _UP
+        # The state first: should anything below run out of memory, the next pass
+        # starts over from a closed session (its retry time set again below).
+        self._state = _WAITING
+        self._retry_at = time.ticks_add(now, self._backoff)
         self._close()
         # (not at CONNACK: a broker that takes the device and drops it again at once,
         # say for a clone of its identity, must not have it back every second; but a
@@ -297,16 +301,16 @@ class Session:
             events.emit(events.CLOUD_DISCONNECTED)
 
     def _close(self):
-        if self._client is not None:
-            self._carried = self._client.unacked()  # app events sent again next time
-            self._client = None
+        client, self._client = self._client, None
+        sock, self._sock = self._sock, None
         self._poll = None
-        if self._sock is not None:
+        if client is not None:
+            self._carried = client.unacked()  # app events sent again next time
+        if sock is not None:
             try:
-                self._sock.close()
+                sock.close()
             except OSError:
                 pass
-            self._sock = None
 
     # Messages
 
@@ -326,7 +330,6 @@ class Session:
             "vm": st.get("vm"),
             "heap_free": gc.mem_free(),
             "app": st.get("app"),
-            "modules": st.get("modules", []),
             "functions": names[0],
             "variables": names[1],
         }
@@ -334,7 +337,7 @@ class Session:
             if st.get(key):
                 doc[key] = st[key]
         self._described_app = doc["app"]
-        self._client.publish((self.base, b"describe"), json.dumps(doc), force=True)
+        self._client.publish((self.base, b"describe"), handover.status_pieces(doc), force=True)
 
     def _message(self, topic, payload):
         n = len(self.base)
@@ -346,9 +349,20 @@ class Session:
         elif rest == b"get":
             self._request(payload, False)
         elif rest == b"ota/chunk" or rest == b"ota/offer":
-            import ota  # (loaded by the first OTA message only)
-
             self._useful = True
+            try:
+                import ota  # (loaded by the first OTA message only)
+            except MemoryError:
+                # The receiver (and the module format it loads) does not fit beside the
+                # system and the app: refuse the update, keep the session.
+                for name in ("ota", "module_format"):
+                    sys.modules.pop(name, None)
+                gc.collect()
+                print("keel: ota: not enough memory for the receiver (%d bytes free); "
+                      "refusing the update" % gc.mem_free())
+                if rest == b"ota/offer":
+                    self.ota_status(b'{"state": "refused", "reason": "no-memory"}')
+                return
             ota.message(self, rest, payload)
         elif rest[:6] == b"inbox/" and self.app is not None:
             try:

@@ -30,7 +30,6 @@ class Status:
             "missing": [],
             "reset_reason": reset_reason,
             "vm": handover.vm_info(),
-            "modules": [s.to_dict() for s in slots if s.reason != "empty"],
             "app": "none",
             "mem": {"heap_total": gc.mem_free() + gc.mem_alloc(), "heap_free_at_app_start": None,
                     "heap_free_connected": None},
@@ -39,7 +38,7 @@ class Status:
 
     def set(self, **fields):
         self.doc.update(fields)
-        flashfs.write_json(handover.STATUS_FILE, self.doc)
+        handover.write_status(self.doc)  # (with the boot's modules)
 
 
 def _trust(status):
@@ -126,10 +125,16 @@ def _start_cloud(status):
             if link is not None:
                 link.current().cloud = True
         except MemoryError:
-            # The session (TLS, its buffers) does not fit beside the system and the app:
-            # the app runs offline and the status says why, rather than Keel stopping.
             sys.modules.pop("cloud_session", None)
+            sys.modules.pop("mqtt", None)
             gc.collect()
+            if handover.INSTALLED[0]:
+                # What this boot's install left in the heap: a fresh one (docs/boot-flow.md,
+                # "After an install, a fresh heap").
+                print("keel: cloud: not enough memory after installing; resetting")
+                reset("update")
+            # The session does not fit beside the system and the app: the app runs
+            # offline and the status says why, rather than Keel stopping.
             print("keel: cloud: not enough memory for the session (%d bytes free); "
                   "staying offline" % gc.mem_free())
             status.set(cloud="no-memory")

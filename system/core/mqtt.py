@@ -35,11 +35,12 @@ def _bytes(piece):
     return piece.encode() if isinstance(piece, str) else piece
 
 
-def _packet(first, length):
-    """A bytearray for one packet with its fixed header written; returns it and the
-    offset where the variable part starts."""
+def _packet(first, length, apart=0):
+    """A bytearray for one packet with its fixed header written (less `apart` bytes at
+    its end, sent from elsewhere); returns it and the offset where the variable part
+    starts."""
     size = 2 if length < 128 else 3 if length < 16384 else 4
-    buf = bytearray(size + length)
+    buf = bytearray(size + length - apart)
     buf[0] = first
     i = 1
     while True:
@@ -82,16 +83,23 @@ def encode_connect(client_id, keepalive_s, will_topic=None, will_message=b"", wi
 
 
 def encode_publish(topic, payload, pid, retain=False):
-    """PUBLISH at QoS 1 (pid > 0) or 0. topic is bytes, str, or a tuple of pieces."""
+    """PUBLISH at QoS 1 (pid > 0) or 0. topic is bytes, str, or a tuple of pieces.
+    payload is bytes or str; or a tuple of bytes pieces, which are not copied: the
+    packet is then a list, its header first and the pieces after it (no one block of
+    the whole size is needed, which a fragmented heap may not have)."""
     if not isinstance(topic, tuple):
         topic = (topic,)
     topic = [_bytes(p) for p in topic]
-    payload = _bytes(payload)
+    pieces = payload if isinstance(payload, tuple) else None
+    payload = b"" if pieces else _bytes(payload)
+    size = len(payload)
+    for p in pieces or ():
+        size += len(p)
     tlen = 0
     for p in topic:
         tlen += len(p)
     first = PUBLISH | (_QOS1 if pid else 0) | (_RETAIN if retain else 0)
-    buf, i = _packet(first, 2 + tlen + (2 if pid else 0) + len(payload))
+    buf, i = _packet(first, 2 + tlen + (2 if pid else 0) + size, size - len(payload))
     buf[i] = tlen >> 8
     buf[i + 1] = tlen & 0xFF
     i += 2
@@ -103,7 +111,12 @@ def encode_publish(topic, payload, pid, retain=False):
         buf[i + 1] = pid & 0xFF
         i += 2
     buf[i:] = payload
-    return buf
+    return [buf] + list(pieces) if pieces else buf
+
+
+def _head(packet):
+    """A packet's first bytes (a list packet's header piece)."""
+    return packet[0] if isinstance(packet, list) else packet
 
 
 def encode_subscribe(pid, topics):
@@ -161,8 +174,9 @@ class Client:
         self._ping_at = None
         self._next_check = now
         for packet in carried:
-            packet[0] &= ~_DUP & 0xFF  # a new session: a first delivery again
-            self._inflight.append([_pid_at(packet, _topic_end(packet)), packet, None, True])
+            head = _head(packet)
+            head[0] &= ~_DUP & 0xFF  # a new session: a first delivery again
+            self._inflight.append([_pid_at(head, _topic_end(head)), packet, None, True])
 
     # Sending
 
@@ -207,7 +221,11 @@ class Client:
         return -1
 
     def _send(self, packet):
-        self._out.append([packet, 0])
+        if isinstance(packet, list):
+            for piece in packet:
+                self._out.append([piece, 0])
+        else:
+            self._out.append([packet, 0])
 
     def _flush(self, now):
         out = self._out
@@ -338,11 +356,12 @@ class Client:
             if sent is not None and time.ticks_diff(now, sent) >= RESEND_MS:
                 packet = entry[1]
                 if not self._queued(packet):
-                    packet[0] |= _DUP
+                    _head(packet)[0] |= _DUP
                     entry[2] = now
                     self._send(packet)
 
     def _queued(self, packet):
+        packet = _head(packet)
         for entry in self._out:
             if entry[0] is packet:
                 return True

@@ -537,7 +537,7 @@ def receiver(session):
 
         def refused(record):  # said in the status file and the describe at once
             session.status["refused"] = record
-            flashfs.write_json(handover.STATUS_FILE, session.status)
+            handover.write_status(session.status)
             session.changed()
 
         r = Receiver(session.ota_status, platform, keel_system.SLOTS, session._rx,

@@ -31,15 +31,35 @@ def _button_service():
 _services.append(_button_service)
 
 
+_short_at = [None]
+
+
 def process():
     """One pass of the system's work. Raises the exception of an app callback
-    (timer, handler, interrupt) that failed during the pass."""
+    (timer, handler, interrupt) that failed during the pass (app callbacks run through
+    events.call_app, which keeps their exceptions for this)."""
     hal.service()
     for fn in _services:
-        fn()
+        try:
+            fn()
+        except MemoryError:
+            # A system task found the heap full: the app's doing or not, it is not the
+            # app's crash. The task tries again at the next pass; said every 10 s.
+            now = time.ticks_ms()
+            if _short_at[0] is None or time.ticks_diff(now, _short_at[0]) >= 10000:
+                _short_at[0] = now
+                print("keel: not enough memory for a system task (%d bytes free); "
+                      "trying again" % _free())
     error = events.take_app_error()
     if error is not None:
         raise error
+
+
+def _free():
+    import gc
+
+    gc.collect()
+    return gc.mem_free()
 
 
 def delay(ms):

@@ -22,8 +22,7 @@ from test_vdev_pty import Board
 
 ESP32 = pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
 
-# The app runs on whatever the network does, and says so. It does not import keel: at
-# the ESP32's real heap Keel leaves an app about 12 KB once it imports the API (issue 14).
+# The app runs on whatever the network does, and says so.
 PLAIN_APP = """\
 count = [0]
 
@@ -36,9 +35,6 @@ def loop():
         print("APP alive", count[0])
 """
 
-# keel.system_mode, keel.network and the network events run with the twin's heap raised
-# by RAISED: at the board's own an app that imports keel has about 12 KB (issue 14).
-RAISED = 64 * 1024
 
 
 def network(dev):
@@ -199,8 +195,7 @@ def test_semi_automatic_the_app_brings_the_network_up_and_down(device, make_app)
     ok(keel("vdev", "wifi", dev.path, "--ap", "home", "--password", "home-pass-1"))
     nets = {"networks": [{"ssid": "home", "password": "home-pass-1"}]}
     vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(nets).encode()})
-    heap = dev.board().data["heap"] + RAISED
-    console = dev.run(until="APP event network-down", seconds=40, heap=heap)
+    console = dev.run(until="APP event network-down", seconds=40)
     assert "APP mode semi-automatic wifi False" in console
     assert "APP state before connect off" in console  # the system did not join by itself
     assert "APP joined home" in console
@@ -279,8 +274,7 @@ def test_on_the_network_with_the_cloud_unreachable_the_led_breathes_green(esp32)
         "/keel/cloud/key.der": ident.key_der, "/keel/cloud/cert.der": ident.cert_der,
         "/keel/cloud/ca.der": ca.cert_der,
         "/keel/cloud/cloud.json": json.dumps({"host": "127.0.0.1", "port": 9}).encode()})
-    heap = esp32.board().data["heap"] + RAISED
-    with esp32.start(seconds=60, heap=heap) as running:
+    with esp32.start(seconds=60) as running:
         running.wait_for("keel: network: joined home", timeout=20)
         running.wait_for("keel: cloud not connected", timeout=20)
         assert wait(lambda: led(esp32) == ("green", "breathing"), what="the LED")

@@ -46,7 +46,7 @@ def _probe():
     slots = []
     for s in _boot.load_slots(board):
         _boot.scan(s, platform)
-        d = s.to_dict() if s.reason != 'empty' else {
+        d = (_boot.slot_doc(s) if hasattr(_boot, 'slot_doc') else s.to_dict()) if s.reason != 'empty' else {
             'function': _mf.function_name(s.function), 'index': s.index, 'version': None,
             'valid': False, 'slot': s.label, 'invalid_reason': 'empty'}
         d['capacity'] = s.size

@@ -17,7 +17,7 @@ def install():
     # no MICROPY_VFS_ROM), no VfsPosix.
     sys.modules["sys"] = vm_twin.SysProxy(PLATFORM)
     sys.modules["vfs"] = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2"))
-    for name in ("machine", "esp32", "network", "neopixel", "socket"):
+    for name in ("machine", "esp32", "network", "neopixel", "socket", "tls"):
         vm_twin.register(name)
     vm_twin.done_registering()
 
