@@ -289,6 +289,38 @@ def test_an_update_survives_the_access_point_going_away(device, broker, cloud, p
     assert user["version"] == "2.0.0" and status["reset_reason"] == "update"
 
 
+@pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
+def test_an_offer_that_does_not_fit_is_refused_and_the_session_stays(device, broker, cloud,  # noqa: F811
+                                                                      pki, board_images, platform):
+    """On the ESP32 twin at the board's own heap the session runs over WiFi, but the OTA
+    receiver does not fit beside it (issue 14): the offer is refused with no-memory, the
+    session stays up (no reconnect) and the old app runs on."""
+    dev = device("1.1.0")
+    app = dev.path.parent / "old.bin"
+    app.write_bytes(board_images["old"])
+    dev.flash(app)
+    wifi.put_ap(dev.path, "home", "home-pass-1")
+    vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(
+        {"networks": [{"ssid": "home", "password": "home-pass-1"}]}).encode()})
+    uid = provision(dev, pki, broker.port)
+    broker.start()
+    service = cloud(broker)
+    up = Updater(service, uid)
+    with dev.start(seconds=90) as running:
+        running.wait_for("OLD-APP-RUNNING", timeout=40)
+        service.describes(uid, timeout=40)
+        time.sleep(0.3)
+        ack = up.offer(board_images["new"], platform=platform)
+        assert ack == {"state": "refused", "reason": "no-memory"}, ack
+        running.wait_for("refusing the update", timeout=10)
+        time.sleep(1)
+        console = running.console()
+        assert "keel: cloud lost" not in console, console[-2000:]
+        status = vdev.status(dev.path)
+        assert status["mem"]["heap_free_connected"] > 0
+    assert vdev.status(dev.path)["mode"] == "normal"
+
+
 def _stage(dev, image: bytes, copied: int, damage_slot: bool):
     """What ota.py and a bootloader cut off mid-copy leave in flash."""
     flash_path = dev.path / vdev.FLASH_FILE
