@@ -212,6 +212,8 @@ def boot():
     """Check every slot and install what changed; halts when there is no system to
     run. Leaves the slots in handover.SLOTS; returns (attempts, board, reset reason)."""
     port = _port()
+    # What an install cut short left goes first: it may be what fills the filesystem.
+    clean_leftovers()
     attempts = note_boot()
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
@@ -220,7 +222,6 @@ def boot():
         why = port.layout_error(board)
         if why:
             halt([], reset_reason, "layout", [], why)
-    clean_leftovers()
     INSTALLED[0] = False  # did this boot install (its work leaves the heap used)
     if flashfs.exists(OTA_PENDING_FILE) or flashfs.exists(TRIAL_FILE):
         import ota_apply  # only for an update or a trial: kept off the heap otherwise

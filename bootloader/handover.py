@@ -187,7 +187,10 @@ def note_boot(count=0, why=None):
     else:
         doc["boot_error"] = why
     doc[BOOT_ATTEMPTS] = count
-    flashfs.write_json(STATUS_FILE, doc)
+    try:
+        flashfs.write_json(STATUS_FILE, doc)
+    except OSError as e:  # a full filesystem must not stop the boot
+        print("keel: cannot record this boot in %s (%s)" % (STATUS_FILE, e))
     return count
 
 
