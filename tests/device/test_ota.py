@@ -246,13 +246,7 @@ def test_an_update_survives_the_access_point_going_away(device, broker, cloud, p
         (src / filename).write_text(text)
     new = build.build_app(src, platform, "1.1.0", tmp_path / "big.bin",
                           app_version="2.0.0").read_bytes()
-    wifi.put_ap(dev.path, "home", "home-pass-1")
-    vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(
-        {"networks": [{"ssid": "home", "password": "home-pass-1"}]}).encode()})
-    uid = provision(dev, pki, broker.port)
-    broker.start()
-    service = cloud(broker)
-    up = Updater(service, uid)
+    service, uid, up = _online_over_wifi(dev, broker, cloud, pki)
     sent = []
     chunk = up.chunk
     up.chunk = lambda n: (sent.append(n), chunk(n))
@@ -289,6 +283,18 @@ def test_an_update_survives_the_access_point_going_away(device, broker, cloud, p
     assert user["version"] == "2.0.0" and status["reset_reason"] == "update"
 
 
+def _online_over_wifi(dev, broker, cloud, pki):
+    """An ESP32 twin with an access point on the air and its credentials stored,
+    provisioned for the broker: (the cloud service, the device's id, an Updater)."""
+    wifi.put_ap(dev.path, "home", "home-pass-1")
+    vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(
+        {"networks": [{"ssid": "home", "password": "home-pass-1"}]}).encode()})
+    uid = provision(dev, pki, broker.port)
+    broker.start()
+    service = cloud(broker)
+    return service, uid, Updater(service, uid)
+
+
 @pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
 def test_an_offer_that_does_not_fit_is_refused_and_the_session_stays(device, broker, cloud,  # noqa: F811
                                                                       pki, board_images, platform):
@@ -299,13 +305,7 @@ def test_an_offer_that_does_not_fit_is_refused_and_the_session_stays(device, bro
     app = dev.path.parent / "old.bin"
     app.write_bytes(board_images["old"])
     dev.flash(app)
-    wifi.put_ap(dev.path, "home", "home-pass-1")
-    vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(
-        {"networks": [{"ssid": "home", "password": "home-pass-1"}]}).encode()})
-    uid = provision(dev, pki, broker.port)
-    broker.start()
-    service = cloud(broker)
-    up = Updater(service, uid)
+    service, uid, up = _online_over_wifi(dev, broker, cloud, pki)
     with dev.start(seconds=90) as running:
         running.wait_for("OLD-APP-RUNNING", timeout=40)
         service.describes(uid, timeout=40)
