@@ -70,18 +70,16 @@ def status_pieces(doc):
 
 
 def write_status(doc):
-    """Record the status, with the boot's "modules": written piece by piece, so it
-    needs no copy of the whole record in the heap."""
+    """Record the status, with the boot's "modules": written in pieces, so it needs no
+    copy of the whole record in the heap."""
 
     def write(f):
         f.write('{"modules": ')
         f.write(MODULES[0] or "[]")
-        for key in doc:
+        text = json.dumps(doc)
+        if len(text) > 2:
             f.write(", ")
-            json.dump(key, f)
-            f.write(": ")
-            json.dump(doc[key], f)
-        f.write("}")
+        f.write(text[1:])
 
     flashfs.write_atomic(STATUS_FILE, write)
 

@@ -190,22 +190,25 @@ class Connection:
         self._backoff = BACKOFF_MIN_MS
         self._queue = []
         info = network.info()
+        self._enter(UP, now, info)  # (recorded first: a console line means it is in the status)
         print("keel: network: joined %s (%s, %s dBm)" % (self.ssid, info.get("ip"), info.get("rssi")))
-        self._enter(UP, now, info)
         events.emit(events.NETWORK_UP)
 
     def _failed(self, now, error):
+        # (each console line after the status records it: a line means it is there)
         self.error = error
-        print("keel: network: cannot join %s (%s)" % (self.ssid, error))
+        ssid = self.ssid
         network.disconnect()
         if self._queue:
             self._next(now)
+            print("keel: network: cannot join %s (%s)" % (ssid, error))
             return
         delay = self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_MS)
         self._at = time.ticks_add(now, delay)
-        print("keel: network: trying again in %d ms" % delay)
         self._enter(WAITING, now)
+        print("keel: network: cannot join %s (%s)" % (ssid, error))
+        print("keel: network: trying again in %d ms" % delay)
 
     def _enter(self, state, now, info=None):
         self.state = state

@@ -56,9 +56,9 @@ def reset():
 def reset_cause():
     # Worked out once per boot: the marker file is consumed by the first call. Under
     # Keel the bootloader's port (bootloader/port_nrf.py) has already taken it.
-    boot = sys.modules.get("keel_boot")
+    boot = sys.modules.get("handover")
     if boot is not None:
-        return boot._port().reset_cause()
+        return boot.port().reset_cause()
     if not _cause:
         raw = machine.reset_cause()
         marked = _take_marker()
