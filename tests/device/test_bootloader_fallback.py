@@ -239,7 +239,7 @@ def test_power_cuts_while_a_good_bootloader_installs_itself(template, tmp_path):
         assert read_text(path, "/keel/m/bl/.sha256") == digest(data)
         assert_no_trial_left(path)
 
-    n, failures = _sweep(tmp_path, installing, "install", [HELLO], check, sample=60)
+    n, failures = _sweep(tmp_path, installing, "install", [HELLO], check, sample=36)
     assert n > 100 and not failures, failures
     n, failures = _sweep(tmp_path, on_trial, "first-trial-boot", [HELLO], check)
     assert n > 10 and not failures, failures

@@ -133,7 +133,7 @@ def _boot(path, faults, seconds=15.0):
 def test_a_power_cut_during_the_install_leaves_a_bootable_twin(device, board_systems, make_app,
                                                                tmp_path):
     """The newer system written into its slots (as keel flash --usb writes it), then the
-    boot that installs it is cut: every 11th of its ~570 flash operations, clean and
+    boot that installs it is cut: every 17th of its ~570 flash operations, clean and
     torn in turn, and both at the first and the last (test_power_cut.py sweeps every
     operation of the virtual board's installs; here a sample keeps the time). Each time
     the twin boots again, finishes the install and runs the app."""
@@ -150,7 +150,7 @@ def test_a_power_cut_during_the_install_leaves_a_bootable_twin(device, board_sys
     console, n, state = _boot(copy("count"), {"count_only": True})
     assert HELLO in console and "keel: installing system1 1.1.0" in console, console
     assert state == "-" * 10 and n > 20, (n, state)
-    points = [(k, j % 2 == 1) for j, k in enumerate(range(12, n, 11))]
+    points = [(k, j % 2 == 1) for j, k in enumerate(range(12, n, 17))]
     points += [(k, torn) for k in (1, n) for torn in (False, True)]
     failures = []
     for k, torn in points:
