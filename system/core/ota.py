@@ -344,17 +344,12 @@ class Receiver:
                 print("keel: ota: resetting to install the update")
                 handover.reset("update")
 
-    def _read(self, offset, buf):
-        count = min(len(buf), self.size - offset)
-        if count <= 0:
-            return 0
-        view = memoryview(buf)[:count] if count < len(buf) else buf
-        self.part.readblocks(offset // self.block, view, offset % self.block)
-        return count
-
     def _verify(self):
         import hashlib
 
+        staged = handover.Slot(self.part, STAGING, 0, 0)
+        staged.size = self.size  # (reads stop at the image's end, not the partition's)
+        read = staged.read
         self._close()
         self._status("verifying", duplicates=self.dups)
         if self.dups:
@@ -364,14 +359,14 @@ class Receiver:
         h = hashlib.sha256()
         offset = 0
         while offset < self.size:
-            got = self._read(offset, buf)
+            got = read(offset, buf)
             h.update(buf if got == len(buf) else memoryview(buf)[:got])
             offset += got
         doc = self.offer
         if binascii.hexlify(h.digest()).decode() != doc["sha256"]:
             return self._failed("sha256")
         try:
-            info, crc_ok, _ = mf.check_image(self._read, self.size, None, buf)
+            info, crc_ok, _ = mf.check_image(read, self.size, None, buf)
         except ValueError:
             return self._failed("header")
         if not crc_ok or info.image_size != self.size:
@@ -380,8 +375,8 @@ class Receiver:
             return self._failed("header")
         if info.platform != self.platform:
             return self._failed("platform")
-        refused = _refusal(self._read, info, doc)
-        if refused is None and not _signed_as_offered(self._read, info, doc, buf):
+        refused = _refusal(read, info, doc)
+        if refused is None and not _signed_as_offered(read, info, doc, buf):
             refused = ("signature", "the image's signature is not the one offered")
         if refused:
             print("keel: ota: %s" % refused[1])
