@@ -133,8 +133,9 @@ def last_traceback():
     return flashfs.read_text(CRASH_FILE)
 
 
-def start_app(app_slot, on_started):
-    """Import the app and run its setup(); returns the app module, or raises.
+def import_app(app_slot, on_started):
+    """Import the app (its module-level code runs); returns the app module, or raises.
+    The system calls its setup() once the network and the cloud session are started.
 
     Marks the start first, so that if the VM dies before mark_stable() (STABLE_MS
     later) the next boot counts a crash too."""
@@ -144,9 +145,6 @@ def start_app(app_slot, on_started):
     on_started(gc.mem_free())
     import main
 
-    setup = getattr(main, "setup", None)
-    if setup:
-        setup()
     return main
 
 

@@ -5,10 +5,12 @@ boards' heaps (twin_rows): the ESP32 (111,936 bytes, code extracted; with the se
 WiFi to the twin's access point) and the nRF52840 DK (244,224 bytes, code in place from
 its ROMFS segment; no network, so no session).
 
-One app measures it: setup() first does gc.collect() and prints gc.mem_alloc() (and
-micropython.qstr_info(): the pools of interned names, which double when full); on a
-provisioned device it then waits for keel.connected(), lets the system loop run for
-0.5 s and measures again. Keel, without: a device with no cloud identity, at setup().
+One app measures it: it imports keel at its top (as apps do: the core of the API, the
+rest loads on first use), and setup() first does gc.collect() and prints gc.mem_alloc()
+(and micropython.qstr_info(): the pools of interned names, which double when full); on
+a provisioned device it then waits for the system's session to connect (read from the
+session itself, so that the app's cloud calls, 4.8 KB, are not loaded), lets the system
+loop run for 0.5 s and measures again. Keel, without: a device with no cloud identity, at setup().
 Keel, with: a provisioned device of `keel cloud serve` (embedded broker), once its
 session is up. Baselines: bare MicroPython (the same binary and heap) running the same
 app from plain files at setup(); with a session, the same plus a TLS socket with the
@@ -29,6 +31,11 @@ import gc
 import sys
 import micropython
 
+try:
+    import keel  # at the top, as apps do (Keel imports the app before its session starts)
+except ImportError:  # bare MicroPython
+    keel = None
+
 
 def heap(label):
     gc.collect()
@@ -39,22 +46,16 @@ def heap(label):
 def setup():
     heap("HEAP-START")
     print("HEAP-MODULES", " ".join(sorted(sys.modules)))
-    try:
-        import keel
-    except ImportError:  # bare MicroPython
-        print("HEAP-DONE")
-        return
-    try:
-        import os
-        os.stat("/keel/cloud/cloud.json")
-    except OSError:  # not provisioned: no session
+    session = sys.modules.get("cloud_session")  # (the system's: not the app's cloud calls)
+    session = session.current() if session else None
+    if keel is None or session is None:  # bare MicroPython, or not provisioned
         print("HEAP-DONE")
         return
     t = keel.millis()
-    while not keel.connected() and keel.millis() - t < 10000:
+    while not session.connected() and keel.millis() - t < 10000:
         keel.delay(20)
     keel.delay(500)
-    heap("HEAP-UP %s" % keel.connected())
+    heap("HEAP-UP %s" % session.connected())
     print("HEAP-MODULES-UP", " ".join(sorted(sys.modules)))
     print("HEAP-DONE")
 

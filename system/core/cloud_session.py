@@ -4,8 +4,8 @@
 # MicroPython only has blocking, and only for a host name that is not an address).
 #
 # The system starts it on provisioned devices, in normal and safe mode. The app API
-# (system/services/cloud.py) attaches itself when the app imports keel; without it
-# (safe mode, an app that never imports keel) the session still reports the device.
+# (system/services/cloud.py) attaches itself when the app first uses a cloud call; without
+# it (safe mode, an app that uses none) the session still reports the device.
 import sys
 import gc
 import json
@@ -64,6 +64,9 @@ def start(status):
         return None
     _current[0] = session
     runtime.add_service(session.service)
+    app = sys.modules.get("cloud")  # the app's cloud calls, if it loaded them at import
+    if app is not None:
+        app._attach_session()
     return session
 
 
@@ -382,7 +385,12 @@ class Session:
         app = self.app
         if app is None:
             mode = self.status.get("mode")
-            reply = {"id": rid, "ok": False, "error": "no app running (%s mode)" % mode}
+            if mode == "normal" and self.status.get("app") == "running":
+                # (an app that has not used keel's cloud calls registered nothing)
+                error = "NotFound: no %s '%s'" % ("function" if call else "variable", req.get("name"))
+            else:
+                error = "no app running (%s mode)" % mode
+            reply = {"id": rid, "ok": False, "error": error}
         else:
             try:
                 name = req["name"]

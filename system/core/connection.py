@@ -4,6 +4,7 @@
 # again when the link drops; with none stored it is in listening mode. The cloud session
 # opens only while the link is up (cloud_session.py asks up()). The virtual board uses
 # the host's network (always up); a board without one (nRF52840) stays offline.
+import sys
 import time
 from micropython import const
 import events
@@ -250,6 +251,9 @@ def start(status):
 
     c = Connection(status)
     _current[0] = c
+    api = sys.modules.get("netapi")  # the app, imported first, may have set the mode
+    if api is not None and api.system_mode() != AUTOMATIC:
+        c.set_mode(api.system_mode())
     runtime.add_service(c.service)
     events.subscribe(events.BUTTON, c.button)
     return c

@@ -199,15 +199,39 @@ def _run_async(coro):
         raise failed[0]
 
 
+def _app_failed(status, app_slot, e, starting):
+    if handover.resetting():
+        raise e
+    if starting and isinstance(e, MemoryError) and handover.INSTALLED[0]:
+        # Installing left this boot's heap short (a small board): not the app's
+        # fault, and not counted; it starts on a fresh heap.
+        print("keel: not enough memory to start the app after installing; resetting")
+        reset("update")
+    _app_crashed(status, app_slot, e)
+
+
 def _run_app(status, app_slot):
     def started(heap_free):
         mem = status.doc["mem"]
         mem["heap_free_at_app_start"] = heap_free
         status.set(app="running", mem=mem)
 
+    # The app is imported before the network and the cloud session start: its code
+    # (and the API's, `import keel`) takes the heap while it is still in one piece;
+    # the session's buffers and sockets come after (docs/boot-flow.md, "Running the app").
+    try:
+        app = app_loader.import_app(app_slot, started)
+    except KeyboardInterrupt:
+        raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
+    except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
+        _app_failed(status, app_slot, e, True)
+    _start_network(status)
+    _start_cloud(status)
     starting = True
     try:
-        app = app_loader.start_app(app_slot, started)
+        setup = getattr(app, "setup", None)
+        if setup:
+            setup()
         starting = False
         runtime.add_service(_stable_watch(app_slot))
         main = getattr(app, "main", None)
@@ -222,17 +246,9 @@ def _run_app(status, app_slot):
             runtime.process()  # raises an app callback's exception
             time.sleep_ms(pause)
     except KeyboardInterrupt:
-        raise  # Ctrl-C on the console: back to the REPL, as MicroPython does
-    except BaseException as e:  # noqa: BLE001 - an app's failure, even sys.exit(), must not end the system
-        if handover.resetting():
-            raise
-        if starting and isinstance(e, MemoryError) and handover.INSTALLED[0]:
-            # Installing left this boot's heap short (a small board): not the app's
-            # fault, and not counted; it starts on a fresh heap.
-            e = None
-            print("keel: not enough memory to start the app after installing; resetting")
-            reset("update")
-        _app_crashed(status, app_slot, e)
+        raise
+    except BaseException as e:  # noqa: BLE001 - as above
+        _app_failed(status, app_slot, e, starting)
 
 
 def start(board, slots, reset_reason):
@@ -256,10 +272,10 @@ def start(board, slots, reset_reason):
             sys.path.insert(0, s.code_dir)
     led.set_state("offline")
     status.set(app=decision.app)
-    _start_network(status)
-    _start_cloud(status)
     app = [s for s in slots if s.function == handover.USER_PART]
     if decision.app == "none":
+        _start_network(status)
+        _start_cloud(status)
         print("keel: no app installed")
         runtime.run_forever()
     _run_app(status, app[0])

@@ -6,10 +6,6 @@ import handover
 import runtime
 import events
 import led as _led
-import cloud as _cloud
-import store  # noqa: F401  (keel.store.get/set/delete/keys)
-import log  # noqa: F401  (keel.log.info/warn/error/trace)
-from timers import Timer  # noqa: F401
 
 API_VERSION = "1.0.0"  # the system version this API level arrived in
 
@@ -102,16 +98,6 @@ def enter_safe_mode():
     keel_system.reset("safe-mode")
 
 
-# Cloud (queued until a cloud session exists)
-
-publish = _cloud.publish
-subscribe = _cloud.subscribe
-function = _cloud.function
-variable = _cloud.variable
-connected = _cloud.connected
-cloud_status = _cloud.status
-
-
 class _Led:
     """The status LED, borrowed from the system: take(), rgb(r, g, b), release()."""
 
@@ -125,10 +111,40 @@ class _Led:
 led = _Led()
 
 
+# Loaded when an app first uses them (then kept in this module), so an app pays only
+# for what it uses: the cloud calls (queued until a cloud session exists: cloud.py),
+# keel.store, keel.log, keel.Timer, keel.network and keel.system_mode.
+_CLOUD = ("publish", "subscribe", "function", "variable", "connected", "cloud_status")
+_NETWORK = ("network", "system_mode", "AUTOMATIC", "SEMI_AUTOMATIC", "MANUAL")
+
+
+def _host_link():
+    # On a board with a host link (the virtual board) the host can call the app's
+    # functions and read its variables at any time (keel vdev io --call/--get/--event):
+    # the cloud calls are loaded at once there, to answer.
+    from hal import hostlink
+
+    if hostlink.AVAILABLE:
+        __getattr__("publish")
+
+
 def __getattr__(name):
-    # keel.network, keel.system_mode and its modes: loaded when an app first uses them
-    if name in ("network", "system_mode", "AUTOMATIC", "SEMI_AUTOMATIC", "MANUAL"):
+    if name in _CLOUD:
+        import cloud
+
+        value = getattr(cloud, "status" if name == "cloud_status" else name)
+    elif name == "store" or name == "log":
+        value = __import__(name)
+    elif name == "Timer":
+        from timers import Timer as value
+    elif name in _NETWORK:
         import netapi
 
-        return getattr(netapi, name)
-    raise AttributeError(name)
+        value = getattr(netapi, name)
+    else:
+        raise AttributeError(name)
+    globals()[name] = value
+    return value
+
+
+_host_link()
