@@ -351,9 +351,10 @@ def twin_rows(ctx):
 
 # What the twin rows' limits say, beside the figures (boot-flow.md, "What stays in the heap").
 TWIN_LIMITS = ("The twin is the 64-bit unix VM: every pointer (dict entries, lists, function objects, "
-               "the tables of the interned names) takes 8 bytes where the chip's take 4, and the "
-               "stand-ins' own names fill the pools Keel's names then double into, so the figure is "
-               "above what the board would show. On the ESP32 the code is extracted (stock firmware "
+               "the VM's own tables of interned names) takes 8 bytes where the chip's take 4, so the "
+               "figure is above what the board would show; the pools of Keel's interned names are "
+               "charged as the board grows them, at the chip's sizes (virtual-board.md, \"Interned "
+               "names\"). On the ESP32 the code is extracted (stock firmware "
                "has no VfsRom), so every imported module's bytecode is on the heap: the system "
                "(keel_system, the app loader, events, led, runtime, the connection manager, the HAL "
                "with its port) and the names it interns; the boot's code and the module format are "

@@ -90,7 +90,7 @@ def setup():
     sha = binascii.hexlify(h.digest()).decode()
     tag = binascii.unhexlify(sha[:16])
     rx[AT:AT + 8] = tag
-    r = ota.Receiver(publish, 1, keel_system.SLOTS, rx)
+    r = ota.Receiver(publish, "virtual", keel_system.SLOTS, rx)
     r.offer_message(json.dumps({"sha256": sha, "function": "user-part", "index": 1,
         "version": "9.9.9", "platform": "virtual", "size": COUNT * CS, "chunk_size": CS}))
     drive(r.chunk_message, "keel")

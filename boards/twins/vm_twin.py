@@ -294,6 +294,7 @@ def _account_heap(board_heap):
         print("twin: the VM's heap is %d bytes short of the board's %d and the firmware's %d"
               % (-spare, board_heap, gc.mem_alloc()))
         sys.exit(0)  # (the runner stops: no reset would make it fit)
+    _grow_names()
     _chunks.extend([None] * _LENDABLE)
     gc.collect()
     before = gc.mem_alloc()
@@ -309,6 +310,85 @@ def _account_heap(board_heap):
     gc.collect()
     own = gc.mem_alloc() + gc.mem_free() - board_heap
     sys.modules["gc"] = GcProxy(own)
+    import builtins
+
+    _real_import[0] = builtins.__import__
+    builtins.__import__ = _import
+
+
+# ---------------------------------------------------------------- interned names
+# Every name code loads from a file is interned: an entry in a pool of the VM's, which
+# grows by a new pool twice the size of the last (py/qstr.c, qstr_add, v1.28.0). On a
+# board the firmware's own names are in flash and the first pool Keel's names grow is 20
+# entries (mpy-tool.py gives the frozen names' pool an alloc of at most 10). On the twin
+# the stand-ins are Python, and their ~640 names would fill the pools first: Keel's
+# names would then cost nothing up to a point and a 14 KB block past it. So the twin
+# grows, as firmware, one pool with room for all the names Keel loads, and charges Keel
+# the pools a board grows instead: after each import that loaded a module, the pools
+# for the names interned since the firmware (counted by their number), each held as one
+# block of the size the chip allocates (32-bit: qstr_pool_t's 24 bytes, then 7 bytes an
+# entry: a pointer, a 2-byte hash (MICROPY_QSTR_BYTES_IN_HASH at the extra-features
+# level, which ports/esp32/mpconfigport.h and, for the nRF52840, ports/nrf/mpconfigport.h
+# choose), a 1-byte length). A pool the heap cannot give is the MemoryError the board
+# raises at that import (the board raises it before the module runs; the twin after).
+_NAMES_ROOM = 1200  # names Keel may load before the twin's own pool grows again
+_VM_ENTRY = 11  # an entry in the VM's own pools: a 64-bit pointer, the hash, the length
+_POOL_HEAD = 24  # qstr_pool_t on the chip: prev, total_prev_len, alloc, len, hashes, lengths
+_ENTRY = 7
+_names = [0, 0, 20, 0]  # the firmware's last name, Keel's names charged for, next pool, pools
+_pools = []  # the board's pools, as blocks (slots fixed at the start)
+_real_import = [None]
+
+
+def _name_number(name):
+    # A name's number: an interned str is not a heap object; its id() is the tagged
+    # value (number << 3 | 2, MicroPython's object representation A).
+    getattr(None, name, None)  # (interns it)
+    return id(str(bytes(name, "utf-8"), "utf-8")) >> 3
+
+
+def _grow_names():
+    # Names, as firmware, until the VM grows a pool with room for _NAMES_ROOM more: a
+    # step in the heap in use of more than a KB after one name is a new pool.
+    gc.collect()
+    before = gc.mem_alloc()
+    i = 0
+    while True:
+        getattr(None, "_twin_name_%d" % i, None)
+        i += 1
+        now = gc.mem_alloc()
+        if (now - before) // _VM_ENTRY > _NAMES_ROOM:
+            break
+        before = now
+    _names[0] = _name_number("_twin_name_%d" % (i - 1))
+    _pools.extend([None] * 12)
+
+
+def _charge_names(module):
+    newest = _names[0]
+    for key in module.__dict__:
+        n = id(key)
+        if n & 7 == 2 and n >> 3 > newest:
+            newest = n >> 3
+    keel_names = newest - _names[0]
+    while keel_names > _names[1]:
+        size = _names[2]
+        _pools[_names[3]] = (None,) * ((_POOL_HEAD + _ENTRY * size - 16 + 7) // 8)
+        _names[3] += 1
+        _names[1] += size
+        _names[2] = size * 2
+
+
+def _import(name, globals=None, locals=None, fromlist=(), level=0):
+    known = name in sys.modules
+    module = _real_import[0](name, globals, locals, fromlist, level)
+    if not known and level == 0 and name in sys.modules:
+        try:
+            _charge_names(sys.modules[name])
+        except MemoryError:
+            del sys.modules[name]
+            raise MemoryError("memory allocation failed, allocating %d bytes" % _names[2])
+    return module
 
 
 # ---------------------------------------------------------------- memory outside the heap

@@ -34,7 +34,6 @@ BACKOFF_MAX_MS = const(60000)
 CONNECT_TIMEOUT_MS = const(20000)  # TCP + TLS + CONNACK
 STABLE_MS = const(30000)  # a connection that lasted this long starts the backoff again
 _DESCRIBE_DELAY_MS = const(300)  # registrations come in bursts: describe once after
-_RX_SIZE = const(1536)  # the largest message taken in: a 1 KB event and its topic
 
 # states
 _WAITING = const(0)  # for the next attempt
@@ -96,7 +95,8 @@ class Session:
         self.app = None
         self.last_error = None
         self._ctx = ctx
-        self._rx = bytearray(_RX_SIZE)
+        self._rx = runtime.SESSION_RX[0] or bytearray(runtime.SESSION_RX_SIZE)
+        runtime.SESSION_RX[0] = None
         self._sock = None
         self._poll = None
         self._client = None
@@ -242,10 +242,7 @@ class Session:
         ota = sys.modules.get("ota")
         if ota is not None:
             ota.reconnected()
-        if flashfs.exists("/keel/ota/installed.json"):
-            import ota  # an update went in at the last boot: tell the cloud
-
-            ota.report_installed(self)
+        self._report_update()
         if self.normal:
             led.set_state("connected")
         print("keel: cloud connected to %s:%d" % (self.host, self.port))
@@ -255,6 +252,18 @@ class Session:
             mem["heap_free_connected"] = gc.mem_free()
             handover.write_status(self.status)
         events.emit(events.CLOUD_CONNECTED)
+
+    def _report_update(self):
+        # What became of an update at the last boots, told once: it went in (the
+        # bootloader's installed.json), or the checks it was left to failed (ota.py).
+        done = flashfs.read_json("/keel/ota/installed.json")
+        checked = flashfs.read_json("/keel/ota/checked.json")
+        for name in ("installed.json", "checked.json"):
+            flashfs.remove_tree("/keel/ota/" + name)
+        if isinstance(done, dict):
+            self.ota_status(json.dumps({"state": "installed", "version": done.get("version")}))
+        if isinstance(checked, dict):
+            self.ota_status(json.dumps(checked))
 
     def _up(self, now):
         if self.status.get("app") != self._described_app and self._changed_at is None:
@@ -355,14 +364,14 @@ class Session:
             self._useful = True
             try:
                 import ota  # (loaded by the first OTA message only)
-            except MemoryError:
+            except MemoryError as e:
                 # The receiver (and the module format it loads) does not fit beside the
                 # system and the app: refuse the update, keep the session.
                 for name in ("ota", "module_format"):
                     sys.modules.pop(name, None)
                 gc.collect()
-                print("keel: ota: not enough memory for the receiver (%d bytes free); "
-                      "refusing the update" % gc.mem_free())
+                print("keel: ota: not enough memory for the receiver (%d bytes free, in pieces: "
+                      "%s); refusing the update" % (gc.mem_free(), e))
                 if rest == b"ota/offer":
                     self.ota_status(b'{"state": "refused", "reason": "no-memory"}')
                 return

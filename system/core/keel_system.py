@@ -256,6 +256,14 @@ def start(board, slots, reset_reason):
     SLOTS[:] = slots
     RESET_REASON[0] = reset_reason
     status = Status(board, slots, reset_reason)
+    if flashfs.exists("/keel/ota/received.json"):
+        # An update whose checks did not fit beside the session and the app at the last
+        # boot: checked now, on a fresh heap (ota.py); resets to install it if it passes.
+        import ota
+
+        ota.check_received()
+        for name in ("ota", "ota_check", "module_check"):
+            sys.modules.pop(name, None)
     _trust(status)
     _updates(status)
     decision = app_loader.evaluate(slots, reset_reason)
@@ -272,6 +280,10 @@ def start(board, slots, reset_reason):
             sys.path.insert(0, s.code_dir)
     led.set_state("offline")
     status.set(app=decision.app)
+    if flashfs.exists("/keel/cloud/cloud.json"):
+        # The session's buffer, while the heap still has room in one piece (the app and
+        # the session's code come after, in smaller pieces).
+        runtime.SESSION_RX[0] = bytearray(runtime.SESSION_RX_SIZE)
     app = [s for s in slots if s.function == handover.USER_PART]
     if decision.app == "none":
         _start_network(status)

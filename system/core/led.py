@@ -14,7 +14,7 @@ STATES = {
     "safe-mode": ("magenta", "breathing"),
     "updating": ("magenta", "blinking"),
     "listening": ("blue", "blinking"),  # no network credentials: waiting for them
-    "network-error": ("red", "blinking"),  # a network error the user must fix (password)
+    "network-error": ("red", "flashes-2"),  # the WiFi password was refused: fix it
     "error": ("red", "blinking"),
 }
 COLORS = {
@@ -29,6 +29,11 @@ COLORS = {
 _FRAME_MS = const(20)
 _BREATH_MS = const(3000)
 _BLINK_MS = const(250)
+# An error the user must fix is red flashes, as many as its code (docs/api.md, "Status
+# LED"), then a pause: 2, the WiFi password was refused.
+FLASHES = {"flashes-2": 2}
+_FLASH_MS = const(200)
+_FLASH_PAUSE_MS = const(1200)
 
 _state = ["offline"]
 _owner = ["system"]
@@ -73,6 +78,10 @@ def _level(pattern, now):
         return 255
     if pattern == "blinking":
         return 255 if (now // _BLINK_MS) % 2 == 0 else 0
+    count = FLASHES.get(pattern)
+    if count:
+        at = now % (2 * _FLASH_MS * count + _FLASH_PAUSE_MS)
+        return 255 if at < 2 * _FLASH_MS * count and (at // _FLASH_MS) % 2 == 0 else 0
     if pattern == "breathing":
         phase = now % _BREATH_MS
         half = _BREATH_MS // 2

@@ -1,6 +1,11 @@
 # Over-the-air updates (docs/protocol.md, "Updates"): receives one module image
 # over the cloud session into the staging partition, verifies it, and leaves
 # /keel/ota/pending.json for the bootloader, which copies it into the module's slot.
+# The receiver does without the module format: the checks that need it (ota_check.py)
+# are loaded once every chunk is in and the SHA-256 matches, and dropped again. Where
+# they do not fit beside the session and the app, the device resets and makes them at
+# the start of the next boot, on a fresh heap (check_received(); docs/protocol.md,
+# "Updates": "checked").
 #
 # Steady state (a chunk) allocates nothing: the chunk's bytes are written straight
 # from the session's receive buffer through a memoryview made once, and its bit is
@@ -12,7 +17,6 @@ import time
 import binascii
 from micropython import const
 import uctypes
-import module_format as mf
 import flashfs
 import events
 import led
@@ -25,6 +29,11 @@ PENDING_FILE = OTA_DIR + "/pending.json"
 TRIAL_FILE = OTA_DIR + "/trial.json"  # a system part proving itself (bootloader/ota_apply.py)
 INSTALLED_FILE = OTA_DIR + "/installed.json"
 REFUSED_FILE = OTA_DIR + "/refused.json"  # the last update refused (also ota_apply.py)
+RECEIVED_FILE = OTA_DIR + "/received.json"  # received, its checks left to the next boot
+CHECKED_FILE = OTA_DIR + "/checked.json"  # what those checks said, for the cloud
+# Module functions by name, as the offer names them (handover's numbers: the format's)
+_FUNCTIONS = ((handover.BOOTLOADER, "bootloader"), (handover.SYSTEM_PART, "system-part"),
+              (handover.USER_PART, "user-part"))
 STAGING = "staging"
 # How far ahead of `next` the cloud may send: what the receiver takes (its bitmap's
 # byte). The cloud keeps less than that in flight (3 KB: what a dropped connection
@@ -46,7 +55,8 @@ _PENDING = const(3)  # verified: reset soon
 
 class Receiver:
     def __init__(self, publish, platform, slots, rx=None, part=None, on_refused=None):
-        """publish(text) sends ota/status; slots: the bootloader's Slot objects;
+        """publish(text) sends ota/status; platform: the board's ("esp32"); slots: the
+        bootloader's Slot objects;
         rx: the buffer messages arrive in (chunks in it are written without a copy);
         on_refused(record): a module was refused (the status and describe say so)."""
         self.publish = publish
@@ -123,14 +133,9 @@ class Receiver:
         if len(sha) != 64:
             print("keel: ota: ignored a malformed offer")
             return
-        try:
-            platform = mf.platform_id(platform) if isinstance(platform, str) else platform
-        except ValueError:
-            platform = None
-        try:
-            function = mf.function_id(function) if isinstance(function, str) else function
-        except ValueError:
-            function = None
+        for number, name in _FUNCTIONS:
+            if function == name:
+                function = number
         if platform != self.platform:
             self._status("refused", reason="platform")
             return
@@ -177,7 +182,7 @@ class Receiver:
         why = signature_refusal(signature)
         if why:  # before a single chunk is taken (docs/signing.md)
             print("keel: ota: refusing %s %s: %s" % (slot.label, offer.get("version"), why))
-            self._refused({"function": mf.function_name(function), "index": index,
+            self._refused({"function": offer["function"], "index": index,
                            "version": offer.get("version"), "sha256": sha, "reason": why})
             self._status("refused", reason=why)
             return
@@ -344,7 +349,7 @@ class Receiver:
                 print("keel: ota: resetting to install the update")
                 handover.reset("update")
 
-    def _verify(self):
+    def _verify(self, at_boot=False):
         import hashlib
 
         staged = handover.Slot(self.part, STAGING, 0, 0)
@@ -365,37 +370,45 @@ class Receiver:
         doc = self.offer
         if binascii.hexlify(h.digest()).decode() != doc["sha256"]:
             return self._failed("sha256")
-        try:
-            info, crc_ok, _ = mf.check_image(read, self.size, None, buf)
-        except ValueError:
-            return self._failed("header")
-        if not crc_ok or info.image_size != self.size:
-            return self._failed("header")
-        if info.function != doc["function"] or info.index != doc["index"]:
-            return self._failed("header")
-        if info.platform != self.platform:
-            return self._failed("platform")
-        refused = _refusal(read, info, doc)
-        if refused is None and not _signed_as_offered(read, info, doc, buf):
-            refused = ("signature", "the image's signature is not the one offered")
-        if refused:
-            print("keel: ota: %s" % refused[1])
-            self._refused({"function": mf.function_name(info.function), "index": info.index,
-                           "version": mf.decode_version(info.version), "sha256": doc["sha256"],
-                           "reason": refused[0]})
-            return self._failed(refused[0], detail=refused[1][:200])  # (a path can be long)
-        missing = dependency_check(info, self.slots)
-        if missing:
-            return self._failed("dependency", missing=missing)
-        flashfs.write_json(
-            PENDING_FILE, {"slot": doc["slot"], "size": self.size, "sha256": doc["sha256"],
-             "trial_s": doc.get("trial_s", 0)}
-        )
-        print("keel: ota: %s verified; pending install" % doc["slot"])
-        self._status("pending")
+        checked = self._check(read, buf)
+        if checked is False:
+            return  # (failed: said and dropped)
+        if checked is None:
+            if at_boot:  # (a fresh heap, and still no room)
+                return self._failed("no-memory")
+            # The rest at the next boot's start, before the session and the app.
+            flashfs.write_json(RECEIVED_FILE, {"sha256": doc["sha256"]})
+            print("keel: ota: %s received; its checks at the next boot" % doc["slot"])
+            self._status("pending", checked="sha256")
+        else:
+            flashfs.write_json(PENDING_FILE, {
+                "slot": doc["slot"], "size": self.size, "sha256": doc["sha256"],
+                "trial_s": doc.get("trial_s", 0)})
+            print("keel: ota: %s verified; pending install" % doc["slot"])
+            self._status("pending")
         events.emit(events.UPDATE_DONE, {"ok": True, "sha256": doc["sha256"]})
         self.state = _PENDING
         self.reset_at = time.ticks_add(time.ticks_ms(), _RESET_DELAY_MS)
+
+    def _check(self, read, buf):
+        """The image's header, payload, signature and dependencies (ota_check.py): True
+        when they pass, False when the transfer failed on them, None when the checks do
+        not fit in the heap."""
+        try:
+            import ota_check
+
+            passed = ota_check.verify(self, read, buf)
+        except MemoryError:
+            passed = None
+        import sys
+
+        for name in ("ota_check", "module_format", "module_check", "romfs"):
+            sys.modules.pop(name, None)
+        gc.collect()
+        if passed is None:
+            print("keel: ota: not enough memory to check the image here (%d bytes free)"
+                  % gc.mem_free())
+        return passed
 
     def _refused(self, record):
         version = record.get("version")
@@ -425,24 +438,8 @@ class Receiver:
             self.led_before = None
 
     def _drop_files(self):
-        for path in (TRANSFER_FILE, BITMAP_FILE, PENDING_FILE):
+        for path in (TRANSFER_FILE, BITMAP_FILE, PENDING_FILE, RECEIVED_FILE):
             flashfs.remove_tree(path)
-
-
-def _refusal(read, info, doc):
-    """Why the bootloader would refuse the module, or None: its payload must be what
-    its header says (module_check: the one rule for the device and the host), and a
-    bootloader must not be one stage 0 already went back from."""
-    import sys
-    import module_check  # from the bootloader's code; only now, off the heap otherwise
-
-    problem = module_check.check(read, info, doc["function"], doc["index"])
-    del sys.modules["module_check"]
-    if problem is None and info.function == mf.FUNCTION_BOOTLOADER:
-        if flashfs.read_text(handover.BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
-            problem = ("rejected", "this bootloader did not start the system when it was "
-                       "installed")
-    return problem
 
 
 def signature_refusal(signature):
@@ -477,45 +474,6 @@ def signature_refusal(signature):
     return why
 
 
-def _signed_as_offered(read, info, doc, buf):
-    """The received image carries the signature block and digest its offer did (the ones
-    checked then), or, offered unsigned to a board that took it, no requirement."""
-    offered = doc.get("signature")
-    if offered is None:
-        return True
-    block = mf.signature_block(read, info, buf)
-    if block is None:
-        return False
-    if binascii.hexlify(block[0]).decode() != offered["key"] or \
-            binascii.hexlify(block[1]).decode() != offered["sig"]:
-        return False
-    return binascii.hexlify(mf.stored_sha256(read, info, buf)).decode() == offered["digest"]
-
-
-def dependency_check(info, slots):
-    """What the new module would leave unmet: its own dependencies, and (the "full"
-    check) those of every other installed module that were met before and would not
-    be with the new version in place. An app's own dependencies are not a reason to
-    refuse it: the device runs it once they are met, in safe mode until then, and the
-    cloud's healer sends the system parts it needs."""
-    installed = [s.info for s in slots if s.valid and s.info is not None]
-    after = [m for m in installed if not (m.function == info.function and m.index == info.index)]
-    after.append(info)
-    needed = {}
-    for module in after:
-        for dep in mf.missing_dependencies(module, after):
-            if module is not info and mf.dependency_met(dep, installed):
-                pass
-            elif module is not info:
-                continue  # unmet already: not this update's doing
-            elif info.function == mf.FUNCTION_USER_PART:
-                continue
-            key = (dep[0], dep[1])
-            if needed.get(key, 0) < dep[2]:
-                needed[key] = dep[2]
-    return [mf.dependency_dict((k[0], k[1], v)) for k, v in sorted(needed.items())]
-
-
 # The session's hooks (cloud_session.py)
 
 _receiver = [None]
@@ -528,7 +486,7 @@ def receiver(session):
         import keel_system
         import runtime
 
-        platform = mf.platform_id(hal.board()["platform"])
+        platform = hal.board()["platform"]
 
         def refused(record):  # said in the status file and the describe at once
             session.status["refused"] = record
@@ -558,9 +516,24 @@ def reconnected():
         r._ack()
 
 
-def report_installed(session):
-    """After a reset that installed an update: tell the cloud, once."""
-    doc = flashfs.read_json(INSTALLED_FILE)
-    flashfs.remove_tree(INSTALLED_FILE)
-    if isinstance(doc, dict):
-        session.ota_status(json.dumps({"state": "installed", "version": doc.get("version")}))
+def check_received():
+    """At the start of a boot (keel_system), before the session and the app: the checks
+    of an update received at the last boot that did not fit then. If it passes, it is
+    pending and the device resets to install it; if not, why is kept for the cloud
+    (CHECKED_FILE, sent once connected) and the update dropped."""
+    import hal
+    import keel_system
+
+    flashfs.remove_tree(RECEIVED_FILE)
+    said = []
+    r = Receiver(said.append, hal.board()["platform"], keel_system.SLOTS)
+    doc = flashfs.read_json(TRANSFER_FILE)
+    if not isinstance(doc, dict):
+        return
+    r._setup(doc)
+    print("keel: ota: checking the update received at the last boot")
+    r._verify(at_boot=True)
+    if r.state == _PENDING:
+        handover.reset("update")
+    if said:
+        flashfs.write_atomic(CHECKED_FILE, said[-1])

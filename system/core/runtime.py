@@ -10,6 +10,8 @@ hal.set_scheduler(events.call_app)  # pin interrupt handlers are app callbacks t
 
 _services = [led.service]
 _pressed_at = [None]
+SESSION_RX_SIZE = 1536  # the largest message the cloud session takes: a 1 KB event and its topic
+SESSION_RX = [None]  # its buffer, taken early (keel_system.start): one block, before the app
 
 
 def add_service(fn):

@@ -62,6 +62,22 @@ def led(dev):
     return None
 
 
+def red_flashes(dev):
+    """How many red flashes the LED's last full cycle showed (a code: N flashes, then a
+    longer pause), or None: only changes reach the pins, so a flash is a red frame and
+    the dark one after it, and the pause is a dark frame that lasts."""
+    frames = [(r["t"], tuple(r["rgb"])) for r in vio.read_records(dev.path)
+              if r.get("k") == "led" and r.get("rgb") is not None][-40:]
+    pauses = [i for i in range(len(frames) - 1)
+              if frames[i][1] == (0, 0, 0) and frames[i + 1][0] - frames[i][0] >= 800]
+    if len(pauses) < 2:
+        return None
+    cycle = frames[pauses[-2] + 1:pauses[-1] + 1]
+    if {f[1] for f in cycle} != {(255, 0, 0), (0, 0, 0)}:
+        return None
+    return sum(1 for f in cycle if f[1] == (255, 0, 0))
+
+
 def wait(predicate, timeout=20.0, what=""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +160,7 @@ def test_a_wrong_password_is_reported_and_the_app_runs_on(esp32):
         net = wait(lambda: (network(esp32) or {}).get("error") == "wrong-password" and network(esp32),
                    what="the error")
         assert net["state"] in ("waiting", "joining") and net["connects"] == 0
-        assert wait(lambda: led(esp32) == ("red", "blinking"), what="the LED")
+        assert wait(lambda: red_flashes(esp32) == 2, what="the LED's 2 red flashes")
         running.wait_for("APP alive")
     out = ok(keel("vdev", "status", esp32.path, "--json"))
     assert json.loads(out)["network"]["error"] == "wrong-password"
@@ -252,7 +268,8 @@ def test_provisioning_can_bring_the_network_too(device, make_app, cloud, tmp_pat
         board.wait_for("listening mode")
         out = ok(kc("device", "provision", "--port", board.tty, "--name", "w2", "--wifi", "home",
                     "--password", "home-pass-1"))
-        assert "it joins home" in out and "home-pass-1" not in out
+        assert "Keel restarts and joins home" in out and "home-pass-1" not in out
+        board.wait_for("keel: network: joined home")  # Keel runs again, with the network
     finally:
         board.stop()
     stored = json.loads(vdev.read_file(second.path, "/keel/wifi.json"))

@@ -80,6 +80,14 @@ def test_the_hand_over_numbers_modules_as_the_format_does():
     assert {k: int(v) for k, v in numbers.items()} == {
         "BOOTLOADER": mf.FUNCTION_BOOTLOADER, "SYSTEM_PART": mf.FUNCTION_SYSTEM_PART,
         "USER_PART": mf.FUNCTION_USER_PART}
+    # ...and the OTA receiver names them as the format does (system/core/ota.py)
+    import re
+
+    ota = (REPO / "system" / "core" / "ota.py").read_text()
+    pairs = re.findall(r"\(handover\.(\w+), \"([\w-]+)\"\)", ota)
+    assert len(pairs) == 3
+    assert {name: mf.function_name(getattr(mf, "FUNCTION_" + const)) for const, name in pairs} == \
+        {name: name for _, name in pairs}
 
 
 def test_real_builds_pass(originals):

@@ -194,10 +194,11 @@ def _provision_board(args) -> int:
 
             wifi.store_network(_Link(), args.wifi, password)
         transport.exit_raw_repl()
+        transport.serial.write(b"\x04")  # a soft reboot at the friendly REPL: Keel starts again
     finally:
         transport.close()
     print(f"provisioned {args.name or device_id} (device id {device_id}) on {args.port}"
-          + (f"; it joins {args.wifi}" if args.wifi else ""))
+          + (f"; Keel restarts and joins {args.wifi}" if args.wifi else "; Keel restarts and connects"))
     return 0
 
 
