@@ -157,6 +157,27 @@ def breakdown(ctx, device, modules, label, heap) -> tuple[list, int | None]:
     return steps, total, start
 
 
+_VIRTUAL_START = ("the VM and the virtual board's start-up, vm_startup.py: vboard, its Partition class, "
+                  "the mounted filesystem; a real port does this in C")
+_TWIN_START = ("on the twin, what the port's start-up allocates after the heap is counted: the "
+               "filesystem mounted, sys.path; on the board the same")
+
+
+def _split_text(split, total, start, startup):
+    kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
+    if not split or total is None or start is None:
+        return "(the instrumented run failed)"
+    biggest = sorted(split, key=lambda x: -x[1])
+    imported = sum(b for _, b in split)
+    return (f"Breakdown, from an instrumented run (a copy of the device whose /main.py imports these "
+            f"modules one by one, gc.collect() and gc.mem_alloc() after each, then starts Keel; "
+            f"{kb(total)} KB at the same point): {kb(start)} KB before /main.py ({startup}); the imports "
+            f"{kb(imported)} KB: " + ", ".join(f"{n} {kb(b)}" for n, b in biggest if b >= 256)
+            + " (each with the names it interns: the pools grow when full, so an import that "
+            f"starts a new pool pays for it); the rest, {kb(total - imported - start)} KB, is what "
+            f"the boot builds: the board definition, slots, status record, services' state, buffers")
+
+
 def parse(console: str) -> dict:
     """{label: (mem_alloc, qstr pool bytes)} and the modules line."""
     out = {}
@@ -231,24 +252,9 @@ def run(ctx):
 
     kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
 
-    def split_text(split, total, start):
-        if not split or total is None or start is None:
-            return "(the instrumented run failed)"
-        biggest = sorted(split, key=lambda x: -x[1])
-        imported = sum(b for _, b in split)
-        return (f"Breakdown, from an instrumented run (a copy of the device whose /main.py imports these "
-                f"modules one by one, gc.collect() and gc.mem_alloc() after each, then starts Keel; "
-                f"{kb(total)} KB at the same point): {kb(start)} KB before /main.py (the VM and the "
-                f"virtual board's start-up, vm_startup.py: vboard, its Partition class, the mounted "
-                f"filesystem; a real port does this in C); the imports {kb(imported)} KB: "
-                + ", ".join(f"{n} {kb(b)}" for n, b in biggest if b >= 256)
-                + f" (each with the names it interns: the pools double when full, so an import that "
-                f"starts a new pool pays for it); the rest, {kb(total - imported - start)} KB, is what "
-                f"the boot builds: the board definition, slots, status record, services' state, buffers")
-
     holds = (f"At app start the heap holds {len(modules)} modules ({len(bare_modules)} in bare MicroPython); "
              f"of the {kb(median(keel0))} KB, {kb(qstr['keel'])} KB are the interned names' pools (bare: "
-             f"{kb(qstr['bare'])} KB). " + split_text(split0, total0, start0))
+             f"{kb(qstr['bare'])} KB). " + _split_text(split0, total0, start0, _VIRTUAL_START))
     rows = [
         row(FIGURE, "heap in use at setup(), no cloud session", kb(median(keel0)), kb(median(bare0)), "KB",
             Goal.at_most(32, "≤ 32 KB"), runs={"keel": [kb(x) for x in keel0], "baseline": [kb(x) for x in bare0]},
@@ -274,7 +280,7 @@ def run(ctx):
                              f"session's code and state (cloud_session, mqtt, ota, part 2's keel API and cloud "
                              f"service, their buffers) and interned names (+{kb((qstr_up or 0) - (qstr['keel'] or 0))} "
                              f"KB over the device without a session: the pools double when full); on top of the "
-                             f"{kb(median(keel0))} KB of the row above. " + split_text(split1, total1, start1))
+                             f"{kb(median(keel0))} KB of the row above. " + _split_text(split1, total1, start1, _VIRTUAL_START))
     return rows
 
 
@@ -338,6 +344,11 @@ def twin_rows(ctx):
             if r["met"] is False:
                 r["limits"] = (f"Keel holds {kb(k0 - b0) if b0 is not None else '?'} KB more than bare "
                                f"MicroPython on this twin. {TWIN_LIMITS}")
+                if platform == "esp32":  # (extracted: the instrumented run's paths are the code's)
+                    modules = next((g["modules"] for g in [got] if "modules" in g), [])
+                    split, total, start = breakdown(ctx, path, modules, "HEAP-START",
+                                                    heap + vdev.twin_firmware_room(path))
+                    r["limits"] += " " + _split_text(split, total, start, _TWIN_START)
             rows.append(r)
             if platform == "esp32" and not ctx.smoke:  # (the session's path: the full run only)
                 if cloud is None:
