@@ -396,15 +396,20 @@ def _received(dev, image: bytes, function: str, index: int, slot: str):
         "/keel/ota/received.json": json.dumps({"sha256": sha}).encode()})
 
 
-def test_checks_left_to_the_next_boot_install_what_passes(device, images):
-    """An update received while its checks did not fit beside the session and the app
-    is checked at the start of the next boot, on a fresh heap: it passes, the device
-    resets and the bootloader installs it."""
+def _running_old_app(device, images):
     dev = device("1.1.0")
     app = dev.path.parent / "old.bin"
     app.write_bytes(images["old"])
     dev.flash(app)
     assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    return dev
+
+
+def test_checks_left_to_the_next_boot_install_what_passes(device, images):
+    """An update received while its checks did not fit beside the session and the app
+    is checked at the start of the next boot, on a fresh heap: it passes, the device
+    resets and the bootloader installs it."""
+    dev = _running_old_app(device, images)
     _received(dev, images["new"], "user-part", 1, "user")
     console = dev.run(until="NEW-APP-RUNNING")
     assert "keel: ota: checking the update received at the last boot" in console, console
@@ -419,11 +424,7 @@ def test_checks_left_to_the_next_boot_refuse_an_unmet_dependency(device, images)
     """The same checks as the receiver's: a system part 2 that needs system part 1 >=
     9.0.0 fails (dependency), the running firmware stays, and what the checks said waits
     for the cloud (checked.json, sent once connected)."""
-    dev = device("1.1.0")
-    app = dev.path.parent / "old.bin"
-    app.write_bytes(images["old"])
-    dev.flash(app)
-    assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    dev = _running_old_app(device, images)
     _received(dev, images["sys-deps"], "system-part", 2, "system2")
     console = dev.run(until="OLD-APP-RUNNING")
     assert "keel: ota: update failed (dependency)" in console, console
