@@ -256,14 +256,16 @@ class Session:
     def _report_update(self):
         # What became of an update at the last boots, told once: it went in (the
         # bootloader's installed.json), or the checks it was left to failed (ota.py).
-        done = flashfs.read_json("/keel/ota/installed.json")
-        checked = flashfs.read_json("/keel/ota/checked.json")
         for name in ("installed.json", "checked.json"):
-            flashfs.remove_tree("/keel/ota/" + name)
-        if isinstance(done, dict):
-            self.ota_status(json.dumps({"state": "installed", "version": done.get("version")}))
-        if isinstance(checked, dict):
-            self.ota_status(json.dumps(checked))
+            path = "/keel/ota/" + name
+            if not flashfs.exists(path):
+                continue  # (the usual case: nothing to tell)
+            doc = flashfs.read_json(path)
+            flashfs.remove_tree(path)
+            if isinstance(doc, dict) and name == "installed.json":
+                doc = {"state": "installed", "version": doc.get("version")}
+            if isinstance(doc, dict):
+                self.ota_status(json.dumps(doc))
 
     def _up(self, now):
         if self.status.get("app") != self._described_app and self._changed_at is None:

@@ -261,9 +261,8 @@ def start(board, slots, reset_reason):
         # boot: checked now, on a fresh heap (ota.py); resets to install it if it passes.
         import ota
 
-        ota.check_received()
-        for name in ("ota", "ota_check", "module_check"):
-            sys.modules.pop(name, None)
+        ota.check_received()  # (its checks' modules dropped by the receiver itself)
+        del sys.modules["ota"]
     _trust(status)
     _updates(status)
     decision = app_loader.evaluate(slots, reset_reason)

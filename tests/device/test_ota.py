@@ -141,11 +141,28 @@ class Updater:
         return ack
 
 
-def test_update_over_the_air(device, broker, cloud, pki, images, systems):  # noqa: F811
+def _with_old_app(device, images, boot=False):
+    """A 1.1.0 device with the old app flashed (and booted once, running it)."""
     dev = device("1.1.0")
     app = dev.path.parent / "old.bin"
     app.write_bytes(images["old"])
     dev.flash(app)
+    if boot:
+        assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    return dev
+
+
+def _in_staging(dev, image: bytes) -> bytearray:
+    """The device's flash with image in its staging partition (written back by the
+    caller)."""
+    data = bytearray((dev.path / vdev.FLASH_FILE).read_bytes())
+    staging = dev.slot_offset("staging")
+    data[staging:staging + len(image)] = image
+    return data
+
+
+def test_update_over_the_air(device, broker, cloud, pki, images, systems):  # noqa: F811
+    dev = _with_old_app(device, images)
     uid = provision(dev, pki, broker.port)
     broker.start()
     service = cloud(broker)
@@ -236,10 +253,7 @@ def test_an_update_survives_the_access_point_going_away(device, broker, cloud, p
     ESP32 twin with its heap raised by 64 KB: at the board's own the session runs, but
     the OTA receiver (and the module format it loads) does not fit beside it yet with
     the code extracted (issue 14)."""
-    dev = device("1.1.0")
-    app = dev.path.parent / "old.bin"
-    app.write_bytes(board_images["old"])
-    dev.flash(app)
+    dev = _with_old_app(device, board_images)
     src = tmp_path / "big"
     src.mkdir()
     for filename, text in app_source("NEW-APP-RUNNING", 56000).items():  # (a 64 KB slot)
@@ -301,10 +315,7 @@ def test_an_offer_that_does_not_fit_is_refused_and_the_session_stays(device, bro
     """On the ESP32 twin at the board's own heap the session runs over WiFi, but the OTA
     receiver does not fit beside it (issue 14): the offer is refused with no-memory, the
     session stays up (no reconnect) and the old app runs on."""
-    dev = device("1.1.0")
-    app = dev.path.parent / "old.bin"
-    app.write_bytes(board_images["old"])
-    dev.flash(app)
+    dev = _with_old_app(device, board_images)
     service, uid, up = _online_over_wifi(dev, broker, cloud, pki)
     with dev.start(seconds=90) as running:
         running.wait_for("OLD-APP-RUNNING", timeout=40)
@@ -323,14 +334,12 @@ def test_an_offer_that_does_not_fit_is_refused_and_the_session_stays(device, bro
 
 def _stage(dev, image: bytes, copied: int, damage_slot: bool):
     """What ota.py and a bootloader cut off mid-copy leave in flash."""
-    flash_path = dev.path / vdev.FLASH_FILE
-    data = bytearray(flash_path.read_bytes())
-    staging, user = dev.slot_offset("staging"), dev.slot_offset("user")
-    data[staging:staging + len(image)] = image
+    data = _in_staging(dev, image)
+    user = dev.slot_offset("user")
     if damage_slot:
         data[user:user + copied] = image[:copied]  # the first half went in...
         data[user + copied:user + len(image)] = b"\x5a" * (len(image) - copied)  # ...the rest is torn
-    flash_path.write_bytes(data)
+    (dev.path / vdev.FLASH_FILE).write_bytes(data)
     sha = hashlib.sha256(image).hexdigest()
     files = {"/keel/ota/pending.json": json.dumps({"slot": "user", "size": len(image), "sha256": sha})}
     if copied:
@@ -340,11 +349,7 @@ def _stage(dev, image: bytes, copied: int, damage_slot: bool):
 
 @on_twins
 def test_power_cut_during_the_bootloaders_copy(device, board_images):
-    dev = device("1.1.0")
-    app = dev.path.parent / "old.bin"
-    app.write_bytes(board_images["old"])
-    dev.flash(app)
-    assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    dev = _with_old_app(device, board_images, boot=True)
     image = board_images["new"]
     _stage(dev, image, copied=(len(image) // 2) & ~4095, damage_slot=True)
     console = dev.run(until="NEW-APP-RUNNING")
@@ -358,13 +363,9 @@ def test_power_cut_during_the_bootloaders_copy(device, board_images):
 
 @on_twins
 def test_damaged_staged_image_keeps_the_old_firmware(device, board_images):
-    dev = device("1.1.0")
-    app = dev.path.parent / "old.bin"
-    app.write_bytes(board_images["old"])
-    dev.flash(app)
     # Booted once, as a device that received an update has (on the ESP32 twin a first
     # boot's installs and this check together leave the system too little heap: issue 14)
-    assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
+    dev = _with_old_app(device, board_images, boot=True)
     image = bytearray(board_images["new"])
     _stage(dev, bytes(image), copied=0, damage_slot=False)
     flash_path = dev.path / vdev.FLASH_FILE
@@ -380,11 +381,7 @@ def test_damaged_staged_image_keeps_the_old_firmware(device, board_images):
 def _received(dev, image: bytes, function: str, index: int, slot: str):
     """What a receiver whose checks did not fit leaves: the image in staging, its
     transfer and bitmap, and received.json (system/core/ota.py)."""
-    flash_path = dev.path / vdev.FLASH_FILE
-    data = bytearray(flash_path.read_bytes())
-    staging = dev.slot_offset("staging")
-    data[staging:staging + len(image)] = image
-    flash_path.write_bytes(data)
+    (dev.path / vdev.FLASH_FILE).write_bytes(_in_staging(dev, image))
     sha = hashlib.sha256(image).hexdigest()
     count = -(-len(image) // CHUNK)
     transfer = {"sha256": sha, "function": mf.function_id(function), "index": index,
@@ -396,20 +393,11 @@ def _received(dev, image: bytes, function: str, index: int, slot: str):
         "/keel/ota/received.json": json.dumps({"sha256": sha}).encode()})
 
 
-def _running_old_app(device, images):
-    dev = device("1.1.0")
-    app = dev.path.parent / "old.bin"
-    app.write_bytes(images["old"])
-    dev.flash(app)
-    assert "OLD-APP-RUNNING" in dev.run(until="OLD-APP-RUNNING")
-    return dev
-
-
 def test_checks_left_to_the_next_boot_install_what_passes(device, images):
     """An update received while its checks did not fit beside the session and the app
     is checked at the start of the next boot, on a fresh heap: it passes, the device
     resets and the bootloader installs it."""
-    dev = _running_old_app(device, images)
+    dev = _with_old_app(device, images, boot=True)
     _received(dev, images["new"], "user-part", 1, "user")
     console = dev.run(until="NEW-APP-RUNNING")
     assert "keel: ota: checking the update received at the last boot" in console, console
@@ -424,7 +412,7 @@ def test_checks_left_to_the_next_boot_refuse_an_unmet_dependency(device, images)
     """The same checks as the receiver's: a system part 2 that needs system part 1 >=
     9.0.0 fails (dependency), the running firmware stays, and what the checks said waits
     for the cloud (checked.json, sent once connected)."""
-    dev = _running_old_app(device, images)
+    dev = _with_old_app(device, images, boot=True)
     _received(dev, images["sys-deps"], "system-part", 2, "system2")
     console = dev.run(until="OLD-APP-RUNNING")
     assert "keel: ota: update failed (dependency)" in console, console
