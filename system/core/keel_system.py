@@ -124,7 +124,7 @@ def _start_cloud(status):
             link = sys.modules.get("connection")
             if link is not None:
                 link.current().cloud = True
-        except MemoryError:
+        except MemoryError as e:
             sys.modules.pop("cloud_session", None)
             sys.modules.pop("mqtt", None)
             gc.collect()
@@ -135,8 +135,8 @@ def _start_cloud(status):
                 reset("update")
             # The session does not fit beside the system and the app: the app runs
             # offline and the status says why, rather than Keel stopping.
-            print("keel: cloud: not enough memory for the session (%d bytes free); "
-                  "staying offline" % gc.mem_free())
+            print("keel: cloud: not enough memory for the session (%d bytes free: %s); "
+                  "staying offline" % (gc.mem_free(), e))
             status.set(cloud="no-memory")
 
 
