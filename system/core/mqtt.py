@@ -172,6 +172,7 @@ class Client:
         self._now = now  # the time of the last service() call
         self._last_sent = now
         self._ping_at = None
+        self._ping = [_PING, 0]  # its queue entry, made once: a keepalive allocates nothing
         self._next_check = now
         for packet in carried:
             head = _head(packet)
@@ -350,7 +351,10 @@ class Client:
                 raise MQTTError("no PINGRESP")
         elif self.keepalive_ms and time.ticks_diff(now, self._last_sent) >= self.keepalive_ms:
             self._ping_at = now
-            self._send(_PING)
+            ping = self._ping
+            if not self._queued(_PING):
+                ping[1] = 0
+                self._out.append(ping)
         for entry in self._inflight:
             sent = entry[2]
             if sent is not None and time.ticks_diff(now, sent) >= RESEND_MS:
