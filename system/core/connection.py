@@ -133,7 +133,7 @@ class Connection:
 
     def service(self):
         state = self.state
-        if state in (NONE, OFF) or network.KIND == "host":
+        if state == NONE or state == OFF or network.KIND == "host":  # (no tuple built: the pass allocates nothing)
             return
         now = time.ticks_ms()
         if time.ticks_diff(now, self._next_check) < 0:

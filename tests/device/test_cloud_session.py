@@ -14,8 +14,10 @@ import paho.mqtt.client as paho
 import pytest
 from keel_cloud.pki import SERVICE_CN, CertificateAuthority
 
-from keel import vdev, vio
+from keel import vdev, vio, wifi
 from keel.paths import micropython
+
+from conftest import on_twins
 
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
@@ -656,22 +658,47 @@ def setup():
 """
 
 
-def test_an_idle_connected_device_allocates_nothing(device, make_app, broker, cloud, pki):
+# On the ESP32 twin: the NeoPixel's wire, which the twin reports to the host (allocating
+# as it does), replaced by a silent one, as the chip's bitstream is C and allocates nothing.
+QUIET_WIRE = """\
+import machine
+
+def _wire(pin, encoding, timing, buf):
+    pass
+
+machine.bitstream = _wire
+"""
+
+
+@on_twins
+def test_an_idle_connected_device_allocates_nothing(device, make_app, broker, cloud, pki,
+                                                     board_name):
     """Connected and idle, with a keepalive every second: three windows of 2.5 s of the
-    system loop (the LED, the button, the session and its keepalives) allocate nothing
-    (issue 14). The keepalives are sent: Mosquitto drops a client silent for 1.5
-    keepalives (MQTT 3.1.1, 3.1.2.10), and the device stays connected throughout. Not
-    measured on the ESP32 twin: its stand-ins (the simulated radio, the host's commands)
-    run in the VM's heap and allocate there as the chip's C code does not."""
-    app = make_app("idle", {"main.py": IDLE_APP})
+    system loop (the LED's frames, the button, on the ESP32 twin the network manager,
+    the session and its keepalives) allocate nothing (issue 14). The keepalives are
+    sent: Mosquitto drops a client silent for 1.5 keepalives (MQTT 3.1.1, 3.1.2.10), and
+    the device stays connected throughout. The ESP32 twin's heap is raised by 64 KB: at
+    the board's own, this app's import may not find the pool of interned names it needs
+    in one piece once the system is up (connecting.md, "Not yet"); what is allocated
+    does not depend on the heap's size."""
+    source = IDLE_APP if board_name == "virtual" else QUIET_WIRE + IDLE_APP
+    app = make_app("idle", {"main.py": source})
     dev = device("1.1.0")
     dev.flash(app)
+    heap = None
+    if board_name != "virtual":
+        wifi.put_ap(dev.path, "home", "home-pass-1")
+        vdev.write_files(dev.path, {"/keel/wifi.json": json.dumps(
+            {"networks": [{"ssid": "home", "password": "home-pass-1"}]}).encode()})
+        heap = dev.board().data["heap"] + 64 * 1024
     uid = provision(dev, pki, broker.port, keepalive=1)
     broker.start()
     service = cloud(broker)
-    console = dev.run(until="IDLE-DONE", seconds=60)
+    console = dev.run(until="IDLE-DONE", seconds=60, heap=heap)
     windows = [line.split() for line in console.splitlines() if line.startswith("IDLE-ALLOC")]
     assert len(windows) == 3, console[-2000:]
     assert all(w[1] == "True" for w in windows), console[-2000:]  # never dropped
     assert [int(w[2]) for w in windows] == [0, 0, 0], console[-2000:]
-    assert b"offline" not in [p for t, p, _ in service.messages if t == f"devices/{uid}/status"]
+    # one connection all along (an "offline" from its last will follows the end of the run)
+    assert [p for t, p, _ in service.messages if t == f"devices/{uid}/status"][:2] in (
+        [b"online"], [b"online", b"offline"])

@@ -29,6 +29,9 @@ _AUTH_FAIL = 202  # WIFI_REASON_AUTH_FAIL
 _CONNECTION_FAIL = 205
 _ASSOC_LEAVE = 8  # after disconnect()
 _NO_AP = (201, 210, 211, 212)
+# (made once: status() is C on the chip and allocates nothing; a tuple built in the
+# call would take 32 bytes of the twin's heap every time the network manager asks)
+_REFUSED = (_AUTH_FAIL, _CONNECTION_FAIL)
 
 
 class WLAN:
@@ -134,7 +137,7 @@ class WLAN:
             return STAT_GOT_IP
         if reason in _NO_AP:
             return reason
-        if reason in (_AUTH_FAIL, _CONNECTION_FAIL):
+        if reason in _REFUSED:
             return STAT_WRONG_PASSWORD
         if reason == _ASSOC_LEAVE:
             return STAT_IDLE
