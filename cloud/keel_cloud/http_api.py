@@ -48,6 +48,10 @@ MAX_ARG = 1024  # bytes of a function's argument and of a cloud event's data (UT
 MAX_EVENT_NAME = 64
 MAX_SEQ = 2**63 - 1  # event sequence numbers are 64-bit in the registry
 SOCKET_TIMEOUT = 60.0  # s a client may stall while sending a request
+# Connections served at once, a thread each (long polls and `keel subscribe` hold one):
+# more are answered 503 at once and closed, so that a client opening connections
+# without end costs the service threads up to this and no more.
+MAX_CONNECTIONS = 128
 _INTEGER = re.compile(r"^-?[0-9]{1,19}$")
 MAX_IMAGE = 4 * 1024 * 1024  # the largest module image the flash endpoint takes
 MODULE_KEYS = ("function", "index", "version", "platform")
@@ -325,9 +329,13 @@ def _name(value: str, what: str) -> str:
 
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, address: tuple[str, int], service: FleetService, token: str):
         super().__init__(address, _Handler)
+        self._serving = 0
+        self._serving_lock = threading.Lock()
+        self._refused_at = 0.0
         self.service = service
         self.registry = service.registry
         self.token = token
@@ -339,6 +347,43 @@ class ApiServer(ThreadingHTTPServer):
         thread = threading.Thread(target=self.serve_forever, name="keel-http", daemon=True)
         thread.start()
         return thread
+
+    def process_request(self, request, client_address) -> None:
+        with self._serving_lock:
+            full = self._serving >= self.max_connections
+            if not full:
+                self._serving += 1
+        if not full:
+            try:
+                super().process_request(request, client_address)  # (its thread releases it)
+            except BaseException:
+                self._done()
+                raise
+            return
+        now = time.monotonic()
+        if now - self._refused_at >= 10:  # (said once in a while, not once a connection)
+            self._refused_at = now
+            log.warning("HTTP: %d connections open; refusing more (503)", self.max_connections)
+        body = json.dumps({"error": f"the service has {self.max_connections} connections open; "
+                                    "try again shortly"}).encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._serving_lock:
+            self._serving -= 1
 
     def handle_error(self, request, client_address) -> None:
         # socketserver prints these to stderr; a request the handler could not finish

@@ -264,3 +264,28 @@ def test_still_answering_after_all(api):
     start = time.monotonic()
     refused(api.request("GET", "/api/events?wait=nan"), 400)
     assert time.monotonic() - start < WAIT  # answered, not left waiting
+
+
+def test_connections_beyond_the_cap_get_503_and_the_service_answers_after(api):
+    """A client that opens connections without end (each a thread while it stalls) gets
+    503 beyond the cap, at once, and the service answers everyone again once they close."""
+    server = api.cloud.api
+    cap = server.max_connections
+    server.max_connections = 4
+    held = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection((api.host, api.port), timeout=WAIT)
+            sock.sendall(b"GET /api/devices HTTP/1.1\r\n")  # unfinished: its thread waits on it
+            held.append(sock)
+        wait_until(lambda: server._serving == 4, "four connections served")
+        start = time.monotonic()
+        code, body = api.request("GET", "/api/devices")
+        assert code == 503 and "4 connections open" in body["error"], (code, body)
+        assert time.monotonic() - start < WAIT
+    finally:
+        for sock in held:
+            sock.close()
+        server.max_connections = cap
+    wait_until(lambda: server._serving == 0, "the stalled connections' threads gone")
+    still_answering(api)
