@@ -133,7 +133,8 @@ class Connection:
 
     def service(self):
         state = self.state
-        if state == NONE or state == OFF or network.KIND == "host":  # (no tuple built: the pass allocates nothing)
+        # (two comparisons, not `in (NONE, OFF)`: that tuple is built on every pass)
+        if state == NONE or state == OFF or network.KIND == "host":
             return
         now = time.ticks_ms()
         if time.ticks_diff(now, self._next_check) < 0:
