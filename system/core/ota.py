@@ -8,8 +8,9 @@
 # "Updates": "checked").
 #
 # Steady state (a chunk) allocates nothing: the chunk's bytes are written straight
-# from the session's receive buffer through a memoryview made once, and its bit is
-# written in place into the bitmap file, which stays open during the transfer.
+# from the session's receive buffer through a memoryview made once, its bit is
+# written in place into the bitmap file, which stays open during the transfer, and an
+# acknowledgement is written into a text made once (_ack).
 # Loaded by the session on the first OTA message only.
 import gc
 import json
@@ -45,6 +46,12 @@ _IDLE_MS = const(2000)
 _RESET_DELAY_MS = const(500)
 _MAX_CHUNK = const(1024)  # the session's buffer takes 1024 bytes and the topic
 _MIN_CHUNK = const(64)
+
+# The acknowledgement's text (_ack): where `next` and the bitmap go in it
+_ACK_HEAD = b'{"state": "receiving", "next": '
+_NEXT_AT = const(31)  # len(_ACK_HEAD)
+_BITS_AT = const(54)  # _NEXT_AT + 10 + len(', "bitmap": "')
+_HEX = b"0123456789abcdef"
 
 # states
 _IDLE = const(0)
@@ -83,6 +90,8 @@ class Receiver:
         self.led_before = None
         self._file = None
         self._one = bytearray(1)
+        self._ack_text = bytearray(_ACK_HEAD + b" " * 10 + b', "bitmap": "00", "window": %d, "ack": %d}'
+                                   % (WINDOW, ACK_EVERY))
         self._rx = None
         self._rx_at = 0
         self._view = None  # rx[_view_at : _view_at + chunk_size], made once
@@ -98,19 +107,35 @@ class Receiver:
         self.publish(json.dumps(keys))
 
     def _ack(self):
+        # The acknowledgement is written into one text made once (_ACK_TEXT): `next` in a
+        # field of 10 characters padded with spaces (JSON allows them), the bitmap as two
+        # hex digits (WINDOW is 8: one byte). The session copies it into its packet, so
+        # an acknowledgement allocates nothing here.
         self.fresh = 0
         bits = 0
         n = self.next
         for i in range(WINDOW):
             if n + i < self.count and self._has(n + i):
                 bits |= 1 << i
-        self._status(
-            "receiving",
-            next=n,
-            bitmap="%02x" % bits,  # WINDOW is 8: one byte
-            window=WINDOW,
-            ack=ACK_EVERY,
-        )
+        text = self._ack_text
+        digits = 1
+        m = n
+        while m >= 10:
+            m //= 10
+            digits += 1
+        i = _NEXT_AT + digits
+        while i < _NEXT_AT + 10:
+            text[i] = 32  # " "
+            i += 1
+        i = _NEXT_AT + digits
+        m = n
+        while i > _NEXT_AT:
+            i -= 1
+            text[i] = 48 + m % 10
+            m //= 10
+        text[_BITS_AT] = _HEX[bits >> 4]
+        text[_BITS_AT + 1] = _HEX[bits & 15]
+        self.publish(text)
 
     def _has(self, n):
         return self.bits[n >> 3] & (1 << (n & 7))
