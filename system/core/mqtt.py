@@ -201,6 +201,28 @@ class Client:
         self._send(packet)
         return pid
 
+    def send_again(self, entry, payload):
+        """Queue entry ([a QoS 0 PUBLISH packet made once, 0]) with payload written over
+        the end of its packet (the same length): a message sent often (an OTA
+        acknowledgement) allocates nothing. If the last one has not left yet, it is
+        overwritten in place and leaves once, with the newer payload; if it is partly
+        written, a copy goes instead. Returns False when not connected."""
+        if not self.connected:
+            return False
+        packet = entry[0]
+        if self._queued(packet):
+            if entry[1]:  # (its first bytes are on the wire)
+                packet = bytearray(packet)
+                self._out.append([packet, 0])
+        else:
+            entry[1] = 0
+            self._out.append(entry)
+        n = len(payload)
+        at = len(packet) - n
+        for i in range(n):  # (byte by byte: a slice assignment makes a slice object)
+            packet[at + i] = payload[i]
+        return True
+
     def subscribe(self, topics):
         self._send(encode_subscribe(self._next_pid(), topics))
 

@@ -61,12 +61,14 @@ _PENDING = const(3)  # verified: reset soon
 
 
 class Receiver:
-    def __init__(self, publish, platform, slots, rx=None, part=None, on_refused=None):
-        """publish(text) sends ota/status; platform: the board's ("esp32"); slots: the
-        bootloader's Slot objects;
+    def __init__(self, publish, platform, slots, rx=None, part=None, on_refused=None, ack=None):
+        """publish(text) sends ota/status; ack(text) sends a `receiving` acknowledgement
+        (publish unless given); platform: the board's ("esp32"); slots: the bootloader's
+        Slot objects;
         rx: the buffer messages arrive in (chunks in it are written without a copy);
         on_refused(record): a module was refused (the status and describe say so)."""
         self.publish = publish
+        self.ack = ack or publish
         self.on_refused = on_refused
         self.platform = platform
         self.slots = slots
@@ -109,8 +111,8 @@ class Receiver:
     def _ack(self):
         # The acknowledgement is written into one text made once (_ACK_TEXT): `next` in a
         # field of 10 characters padded with spaces (JSON allows them), the bitmap as two
-        # hex digits (WINDOW is 8: one byte). The session copies it into its packet, so
-        # an acknowledgement allocates nothing here.
+        # hex digits (WINDOW is 8: one byte). The session writes it into a packet of its
+        # own made once (cloud_session.ota_ack), so an acknowledgement allocates nothing.
         self.fresh = 0
         bits = 0
         n = self.next
@@ -135,7 +137,7 @@ class Receiver:
             m //= 10
         text[_BITS_AT] = _HEX[bits >> 4]
         text[_BITS_AT + 1] = _HEX[bits & 15]
-        self.publish(text)
+        self.ack(text)
 
     def _has(self, n):
         return self.bits[n >> 3] & (1 << (n & 7))
@@ -519,7 +521,7 @@ def receiver(session):
             session.changed()
 
         r = Receiver(session.ota_status, platform, keel_system.SLOTS, session._rx,
-                     on_refused=refused)
+                     on_refused=refused, ack=session.ota_ack)
         _receiver[0] = r
         runtime.add_service(r.service)
     return r
