@@ -210,18 +210,23 @@ class Client:
         if not self.connected:
             return False
         packet = entry[0]
-        if self._queued(packet):
-            if entry[1]:  # (its first bytes are on the wire)
-                packet = bytearray(packet)
-                self._out.append([packet, 0])
-        else:
-            entry[1] = 0
-            self._out.append(entry)
+        if not self._queue_once(entry):  # (its first bytes are on the wire)
+            packet = bytearray(packet)
+            self._out.append([packet, 0])
         n = len(payload)
         at = len(packet) - n
         for i in range(n):  # (byte by byte: a slice assignment makes a slice object)
             packet[at + i] = payload[i]
         return True
+
+    def _queue_once(self, entry):
+        # Queue an entry made once ([packet, offset], sent again and again) unless it
+        # still waits; False when it waits with part of it written already.
+        if not self._queued(entry[0]):
+            entry[1] = 0
+            self._out.append(entry)
+            return True
+        return not entry[1]
 
     def subscribe(self, topics):
         self._send(encode_subscribe(self._next_pid(), topics))
@@ -373,10 +378,7 @@ class Client:
                 raise MQTTError("no PINGRESP")
         elif self.keepalive_ms and time.ticks_diff(now, self._last_sent) >= self.keepalive_ms:
             self._ping_at = now
-            ping = self._ping
-            if not self._queued(_PING):
-                ping[1] = 0
-                self._out.append(ping)
+            self._queue_once(self._ping)
         for entry in self._inflight:
             sent = entry[2]
             if sent is not None and time.ticks_diff(now, sent) >= RESEND_MS:

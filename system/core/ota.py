@@ -109,10 +109,10 @@ class Receiver:
         self.publish(json.dumps(keys))
 
     def _ack(self):
-        # The acknowledgement is written into one text made once (_ACK_TEXT): `next` in a
-        # field of 10 characters padded with spaces (JSON allows them), the bitmap as two
-        # hex digits (WINDOW is 8: one byte). The session writes it into a packet of its
-        # own made once (cloud_session.ota_ack), so an acknowledgement allocates nothing.
+        # The acknowledgement is written into one text made once (_ack_text): `next`
+        # right-aligned in a field of 10 characters after spaces (JSON allows them), the
+        # bitmap as two hex digits (WINDOW is 8: one byte). The session writes it into a
+        # packet of its own made once (cloud_session.ota_ack): nothing is allocated.
         self.fresh = 0
         bits = 0
         n = self.next
@@ -120,21 +120,16 @@ class Receiver:
             if n + i < self.count and self._has(n + i):
                 bits |= 1 << i
         text = self._ack_text
-        digits = 1
-        m = n
-        while m >= 10:
-            m //= 10
-            digits += 1
-        i = _NEXT_AT + digits
-        while i < _NEXT_AT + 10:
-            text[i] = 32  # " "
-            i += 1
-        i = _NEXT_AT + digits
-        m = n
+        i = _NEXT_AT + 10
+        while True:
+            i -= 1
+            text[i] = 48 + n % 10
+            n //= 10
+            if not n:
+                break
         while i > _NEXT_AT:
             i -= 1
-            text[i] = 48 + m % 10
-            m //= 10
+            text[i] = 32  # " "
         text[_BITS_AT] = _HEX[bits >> 4]
         text[_BITS_AT + 1] = _HEX[bits & 15]
         self.ack(text)

@@ -674,7 +674,6 @@ def test_heap_cost_of_the_session(device, make_app, broker, cloud, pki):
     assert churn <= 0  # an idle session allocates nothing on its passes
 
 
-
 IDLE_APP = """\
 import gc
 import keel
