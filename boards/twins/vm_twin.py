@@ -364,13 +364,36 @@ def _grow_names():
     _pools.extend([None] * 12)
 
 
+# The names the firmware's own modules interned when loaded after the start (the REPL,
+# a simulated part first used): on a board they are C, so not Keel's; and probes made.
+_firmware_names = [0, 0]
+_firmware_loading = [False]
+
+
+def firmware_import(name):
+    """Import one of the twin's own modules (vm_startup.load): the names it interns are
+    counted as the firmware's, between two probe names, and not charged to Keel."""
+    if _real_import[0] is None or _firmware_loading[0]:  # (before the start: all firmware)
+        return __import__(name)
+    _firmware_names[1] += 1
+    before = _name_number("_twin_probe_%d" % _firmware_names[1])
+    _firmware_loading[0] = True
+    try:
+        return __import__(name)
+    finally:
+        _firmware_loading[0] = False
+        _firmware_names[1] += 1
+        after = _name_number("_twin_probe_%d" % _firmware_names[1])
+        _firmware_names[0] += after - before + 1
+
+
 def _charge_names(module):
     newest = _names[0]
     for key in module.__dict__:
         n = id(key)
         if n & 7 == 2 and n >> 3 > newest:
             newest = n >> 3
-    keel_names = newest - _names[0]
+    keel_names = newest - _names[0] - _firmware_names[0]
     while keel_names > _names[1]:
         size = _names[2]
         _pools[_names[3]] = (None,) * ((_POOL_HEAD + _ENTRY * size - 16 + 7) // 8)
@@ -382,7 +405,7 @@ def _charge_names(module):
 def _import(name, globals=None, locals=None, fromlist=(), level=0):
     known = name in sys.modules
     module = _real_import[0](name, globals, locals, fromlist, level)
-    if not known and level == 0 and name in sys.modules:
+    if not known and level == 0 and name in sys.modules and not _firmware_loading[0]:
         try:
             _charge_names(sys.modules[name])
         except MemoryError:

@@ -101,13 +101,18 @@ def _io_files(device_dir):
     return out, cmds
 
 
+_twin = None  # vm_twin, on a board twin (below)
+
+
 def load(names, where="virtual"):
     """Import the firmware's own modules from boards/<where> (compiled, or as source),
     through a mount of that host folder that lasts as long as the imports."""
     vfs.mount(vfs.VfsPosix((_FIRMWARE or _BOARDS) + "/" + where), "/.vm")
     sys.path.insert(0, "/.vm")
+    # (on a twin, through vm_twin: its names are the firmware's, not charged to Keel)
+    imp = _twin.firmware_import if _twin is not None else __import__
     try:
-        return [__import__(name) for name in names]
+        return [imp(name) for name in names]
     finally:
         sys.path.pop(0)
         vfs.umount("/.vm")
