@@ -1,9 +1,10 @@
 """Figure 2, heap: the heap in use when the app starts, on the virtual board with the
 board's heap (boards/virtual/board.json: 192 KB), without and with an open cloud
 session (TLS 1.2, mutual authentication, MQTT); and the same on the board twins at their
-boards' heaps (twin_rows): the ESP32 (111,936 bytes, code extracted; with the session:
-WiFi to the twin's access point) and the nRF52840 DK (244,224 bytes, code in place from
-its ROMFS segment; no network, so no session).
+boards' heaps (twin_rows): the ESP32 (111,936 bytes; with the session: WiFi to the
+twin's access point) playing stock firmware (code extracted) and a firmware with ROMFS
+(code in place from the romfs partition), and the nRF52840 DK (244,224 bytes, code in
+place from its ROMFS segment; no network, so no session).
 
 One app measures it: it imports keel at its top (as apps do: the core of the API, the
 rest loads on first use), and setup() first does gc.collect() and prints gc.mem_alloc()
@@ -315,7 +316,10 @@ def _idle_row(where, idle, runs):
 
 # ---------------------------------------------------------------- the twins
 
-TWINS = (("esp32_generic", "esp32", "ESP32 twin"), ("nrf52840_dk", "nrf52840", "nRF52840 DK twin"))
+# (board, platform, label, the firmware build the twin plays: boards/twins/<port>/firmware.json)
+TWINS = (("esp32_generic", "esp32", "ESP32 twin", None),
+         ("esp32_generic", "esp32", "ESP32 twin, ROMFS firmware", "v1.28-romfs"),
+         ("nrf52840_dk", "nrf52840", "nRF52840 DK twin", None))
 
 
 def _twin_console(path, heap=None, seconds=40.0):
@@ -338,7 +342,7 @@ def twin_rows(ctx):
     rows = []
     cloud = None
     try:
-        for board, platform, label in TWINS:
+        for board, platform, label, firmware in TWINS:
             system = ctx.work / f"system-{platform}"
             if not system.exists():
                 build.build_system(platform, "1.1.0", system)
@@ -346,8 +350,8 @@ def twin_rows(ctx):
             src.mkdir(exist_ok=True)
             (src / "main.py").write_text(APP)
             image = build.build_app(src, platform, "1.1.0", ctx.work / f"heap-{platform}.bin")
-            path = ctx.work / f"heap-{board}"
-            vdev.create(path, system, board)
+            path = ctx.work / f"heap-{board}-{firmware or 'default'}"
+            vdev.create(path, system, board, firmware=firmware)
             vdev.flash(path, [image])
             _twin_console(path)  # the first boot installs
             keel0, bare0, qstr0 = [], [], []
@@ -373,8 +377,8 @@ def twin_rows(ctx):
             if r["met"] is False:
                 r["limits"] = (f"Keel holds {kb(k0 - b0) if b0 is not None else '?'} KB more than bare "
                                f"MicroPython on this twin. "
-                               f"{TWIN_LIMITS if platform == 'esp32' else NRF_LIMITS}")
-                if platform == "esp32":  # (extracted: the instrumented run's paths are the code's)
+                               f"{IN_PLACE_LIMITS if firmware or platform != 'esp32' else TWIN_LIMITS}")
+                if platform == "esp32" and not firmware:  # (extracted: the instrumented run's paths are the code's)
                     modules = next((g["modules"] for g in [got] if "modules" in g), [])
                     split, total, start = breakdown(ctx, path, modules, "HEAP-START",
                                                     heap + vdev.twin_firmware_room(path))
@@ -383,7 +387,7 @@ def twin_rows(ctx):
             if platform == "esp32" and not ctx.smoke:  # (the session's path: the full run only)
                 if cloud is None:
                     cloud = Cloud(ctx.work / "cloud-twins")
-                rows += _esp32_session_rows(ctx, cloud, path, k0, runs)
+                rows += _esp32_session_rows(ctx, cloud, path, k0, runs, label, bool(firmware))
     finally:
         if cloud is not None:
             cloud.stop()
@@ -400,12 +404,14 @@ TWIN_LIMITS = ("The twin is the 64-bit unix VM: every pointer (dict entries, lis
                "(keel_system, the app loader, events, led, runtime, the connection manager, the HAL "
                "with its port) and the names it interns; the boot's code and the module format are "
                "released before the app starts, and the board definition is kept as a pin table.")
-# The nRF52840 DK twin runs the code in place: what stays in its heap is not the bytecode.
-NRF_LIMITS = ("The twin is the 64-bit unix VM: every pointer (dict entries, lists, function objects, "
+# The nRF52840 DK twin and an ESP32 with ROMFS run the code in place: what stays in the
+# heap is not the bytecode.
+IN_PLACE_LIMITS = ("The twin is the 64-bit unix VM: every pointer (dict entries, lists, function objects, "
               "the VM's own tables of interned names) takes 8 bytes where the chip's take 4, so the "
               "figure is above what the board would show; the pools of Keel's interned names are "
               "charged as the board grows them, at the chip's sizes (virtual-board.md, \"Interned "
-              "names\"). The code runs in place from the ROMFS segment (VfsRom), so the bytecode "
+              "names\"). The code runs in place from the ROMFS segment (nRF52840) or the romfs "
+              "partition (ESP32) through VfsRom, so the bytecode "
               "stays in flash; what the heap holds is each module's objects (function objects, "
               "globals dicts, classes), the names they intern and the state the system builds.")
 
@@ -423,16 +429,16 @@ def _in_place(path):
     return "runs in place (VfsRom)" if places == {True} else "is extracted"
 
 
-def _esp32_session_rows(ctx, cloud, template, keel0, runs):
+def _esp32_session_rows(ctx, cloud, template, keel0, runs, label, in_place):
     """The ESP32 twin provisioned, with its access point: the session up (or why not)."""
     import json as _json
     import shutil
 
     from keel import vdev
 
-    path = ctx.work / "heap-esp32-cloud"
+    path = template.parent / (template.name + "-cloud")
     shutil.copytree(template, path)
-    cloud.keel("device", "provision", path, "--name", "heap-esp32", "--wifi", "bench-ap",
+    cloud.keel("device", "provision", path, "--name", path.name, "--wifi", "bench-ap",
                "--password", "bench-pass-1")
     cloud.keel("vdev", "wifi", path, "--ap", "bench-ap", "--password", "bench-pass-1")
     ups, frees, idles, why = [], [], [], None
@@ -458,23 +464,23 @@ def _esp32_session_rows(ctx, cloud, template, keel0, runs):
             why = f"the status says cloud {status['cloud']!r}"
     kb = lambda x: None if x is None else round(x / KB, 1)  # noqa: E731
     k1 = median(ups) if ups else None
-    r1 = row(FIGURE, "ESP32 twin: heap in use with the cloud session open (TLS + MQTT)", kb(k1), None, "KB",
+    r1 = row(FIGURE, f"{label}: heap in use with the cloud session open (TLS + MQTT)", kb(k1), None, "KB",
              Goal.at_most(48, "≤ 48 KB"), runs={"keel": [kb(x) for x in ups]},
              met=None if ups else False,
              notes=f"provisioned, joined to the twin's access point, {len(ups)}/{runs} boots connected; "
                    f"no bare baseline on the twin (its TLS baseline is the virtual board's row)")
     free = median(frees) if frees else None
-    r2 = row(FIGURE, "ESP32 twin: free heap the app has with the session up", kb(free), None, "KB",
+    r2 = row(FIGURE, f"{label}: free heap the app has with the session up", kb(free), None, "KB",
              Goal(text="≥ 60 KB", test=lambda r: r["keel"] is not None and r["keel"] >= 60),
              runs={"keel": [kb(x) for x in frees]}, met=None if frees else False,
              notes="status mem.heap_free_connected (gc.collect() once the session first came up), "
                    "from boots where the app was running (not safe mode)")
-    text = TWIN_LIMITS
+    text = IN_PLACE_LIMITS if in_place else TWIN_LIMITS
     if not ups:
         text = (f"the app never saw the session up: {why or 'no connection within 10 s'} "
                 f"(Keel at setup() {kb(keel0)} KB of the board's {kb(board_heap('esp32_generic'))} KB, "
                 f"the session's code on top). " + TWIN_LIMITS)
-    r3 = _idle_row("ESP32 twin: ", idles, runs)
+    r3 = _idle_row(f"{label}: ", idles, runs)
     for r in (r1, r2, r3):
         if r["met"] is False:
             r["limits"] = text

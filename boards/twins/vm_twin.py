@@ -64,6 +64,37 @@ class _NorFlash:
 
 _ERASED = b"\xff" * 256
 
+
+class MappedFlash(bytearray):
+    """Flash that the chip maps into the CPU's address space (nRF52840: all of it; ESP32:
+    a partition the IDF maps with esp_partition_mmap): code runs from it in place. On
+    the twin the memory is this bytearray, a copy of the region kept in step with every
+    write and erase of the flash; it is the firmware's, made before the board's heap is
+    counted (the host gives the VM its size beyond the board's heap). The chip's memory
+    is read-only; this one is not, and Keel never writes through it."""
+
+    def map(self, start):
+        self.address = start
+        hw.flash.read(start, self)
+        flash = hw.flash
+        write, erase = flash.write, flash.erase
+        end = start + len(self)
+
+        def mirrored_write(addr, buf):
+            write(addr, buf)
+            if addr < end and addr + len(buf) > start:
+                lo, hi = max(addr, start), min(addr + len(buf), end)
+                flash.read(lo, memoryview(self)[lo - start : hi - start])  # old AND new
+
+        def mirrored_erase(addr):
+            erase(addr)
+            if start <= addr < end:
+                n = min(flash.erase_size, end - addr)
+                flash.read(addr, memoryview(self)[addr - start : addr - start + n])
+
+        flash.write = mirrored_write
+        flash.erase = mirrored_erase
+
 _SIMS = ("sim_board", "sim_link", "sim_pins", "sim_analog", "sim_i2c", "sim_serial",
          "sim_watchdog", "sim_radio")
 

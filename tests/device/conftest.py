@@ -22,9 +22,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The boards devices are made for, and the platform their modules are built for.
 PLATFORMS = {"virtual": "virtual", "esp32_generic": "esp32", "nrf52840_dk": "nrf52840",
-             "particle_xenon": "nrf52840"}
+             "particle_xenon": "nrf52840", "esp32_romfs": "esp32"}
+# A twin playing a firmware other than its board's default: the board, and the build
+# (boards/twins/<port>/firmware.json). "esp32_romfs": an ESP32 whose MicroPython has
+# ROMFS, so that Keel's code runs in place from its slots (docs/boards/esp32.md).
+TWIN_BUILDS = {"esp32_romfs": ("esp32_generic", "v1.28-romfs")}
 # A test that matters on hardware runs on the ESP32 twin too.
 on_twins = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic"], indirect=True)
+# ... and one about installing, on both of the ESP32's paths: code extracted to the
+# filesystem (stock firmware) and run in place (a firmware with ROMFS).
+on_both_paths = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic", "esp32_romfs"],
+                                        indirect=True)
+
+
+def board_of(board_name):
+    """The board.json name a `board_name` is made with."""
+    return TWIN_BUILDS.get(board_name, (board_name, None))[0]
 
 
 @pytest.fixture
@@ -99,6 +112,14 @@ def make_app(_app_builds, platform):
 @pytest.fixture
 def hello_app(make_app):
     return lambda target="1.1.0": make_app("hello", target=target, src_dir=ROOT / "examples/hello")
+
+
+def fs_names(path, folder):
+    """The names in a folder of the device's filesystem (read from its flash)."""
+    device = vdev.VirtualDevice(path)
+    fs = device.open_fs(device.read_flash(), device.board())
+    fs.mount()
+    return sorted(fs.listdir(folder))
 
 
 class Device:
@@ -209,15 +230,17 @@ class Running:
 @pytest.fixture
 def device(tmp_path, board_systems, board_name):
     """device(system_version) -> a fresh device of the board with that system installed
-    (firmware: for an nRF52840 twin, the MicroPython build it plays)."""
+    (firmware: for a twin, the MicroPython build it plays)."""
 
     count = 0
+
+    board, build = TWIN_BUILDS.get(board_name, (board_name, None))
 
     def make(version="1.1.0", system_dir=None, firmware=None):
         nonlocal count
         count += 1
         path = tmp_path / f"dev{count}"
-        vdev.create(path, system_dir or board_systems[version], board_name, firmware=firmware)
+        vdev.create(path, system_dir or board_systems[version], board, firmware=firmware or build)
         return Device(path)
 
     yield make

@@ -7,12 +7,12 @@ import pytest
 
 from keel import vdev
 
-from conftest import on_twins
+from conftest import board_of, fs_names, on_both_paths, on_twins
 
 HELLO = "hello from keel"
 
 
-@on_twins
+@on_both_paths
 def test_normal_boot_runs_the_app(device, hello_app, board_name):
     dev = device("1.1.0")
     dev.flash(hello_app("1.1.0"))
@@ -32,11 +32,19 @@ def test_normal_boot_runs_the_app(device, hello_app, board_name):
     assert all(m["valid"] and m["crc_ok"] and m["sha256_ok"] for m in found.values())
     assert found[("system-part", 2)]["version"] == "1.1.0"
     assert {m["platform"] for m in found.values()} == {dev.board().platform}
-    # The virtual board and stock ESP32 firmware cannot run code in place: it is extracted.
-    assert {m["in_place"] for m in found.values()} == {False}
+    # The virtual board and stock ESP32 firmware cannot run code in place: it is
+    # extracted. An ESP32 firmware with ROMFS runs the system parts' and the app's
+    # from their slots (the bootloader's is always extracted: stage 0 imports it).
+    in_place = {m["function"]: m["in_place"] for m in found.values()}
+    if board_name == "esp32_romfs":
+        assert in_place == {"bootloader": False, "system-part": True, "user-part": True}
+        names = fs_names(dev.path, "/keel/m")  # the code is stored once: in its slot
+        assert not {"s1", "s2", "app"} & set(names), names
+    else:
+        assert set(in_place.values()) == {False}
     # The board it ran on, and the id it would connect to the cloud as: the uid the
     # board was made with, as its port reads it (hal/device_id.py).
-    assert st["board"] == board_name
+    assert st["board"] == board_of(board_name)
     assert st["device_id"] == (dev.path / "uid").read_text().strip()
 
 
@@ -77,7 +85,7 @@ def test_the_boot_code_leaves_the_heap_before_the_app_starts(device, make_app):
     assert console.split("VERSIONS", 1)[1].split()[:3] == ["1.1.0", "1.0.0", "1.1.0"]
 
 
-@on_twins
+@on_both_paths
 def test_app_for_newer_system_enters_safe_mode_then_heals(device, hello_app, board_systems):
     dev = device("1.0.0")
     dev.flash(hello_app("1.1.0"))

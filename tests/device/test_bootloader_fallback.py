@@ -19,6 +19,8 @@ import hostile_images as hostile
 from keel import build, vdev
 from keel import module_format as mf
 
+from conftest import fs_names
+
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = "hello from keel"
 GOING_BACK = "did not prove itself"
@@ -38,12 +40,6 @@ def digest(data: bytes) -> str:
     info = mf.parse_header(data)
     return hashlib.sha256(data[:info.header_size + info.payload_size]).hexdigest()
 
-
-def fs_names(path, folder):
-    device = vdev.VirtualDevice(path)
-    fs = device.open_fs(device.read_flash(), device.board())
-    fs.mount()
-    return sorted(fs.listdir(folder))
 
 
 def read_text(path, name):

@@ -14,7 +14,7 @@ from test_cloud_session import (  # noqa: F401 (fixtures)
 from keel import build, vdev, vio, wifi
 from keel import module_format as mf
 
-from conftest import on_twins
+from conftest import on_both_paths, on_twins
 
 pytestmark = pytest.mark.skipif(not MOSQUITTO.is_file(), reason="needs Mosquitto")
 
@@ -243,16 +243,16 @@ def test_update_over_the_air(device, broker, cloud, pki, images, systems):  # no
                 vdev.read_file(dev.path, f"/keel/ota/{name}")
 
 
-@pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
+@pytest.mark.parametrize("board_name", ["esp32_romfs"], indirect=True)
 def test_an_update_survives_the_access_point_going_away(device, broker, cloud, pki,  # noqa: F811
                                                          board_images, platform, tmp_path):
     """Half a transfer over WiFi, then the access point goes (keel vdev io --ap-down):
     the connection manager sees the link lost and the session drops; when it is back the
     board joins again, the cloud offers the update again and the transfer goes on from
     where it was (every chunk acknowledged before the drop kept), and installs. On the
-    ESP32 twin with its heap raised by 64 KB: at the board's own the session runs, but
-    the OTA receiver (and the module format it loads) does not fit beside it yet with
-    the code extracted (issue 14)."""
+    ESP32 twin at the board's own heap, playing a firmware with ROMFS (Keel's code runs
+    in place); with stock firmware the receiver does not fit beside the session (the
+    next test)."""
     dev = _with_old_app(device, board_images)
     src = tmp_path / "big"
     src.mkdir()
@@ -264,8 +264,7 @@ def test_an_update_survives_the_access_point_going_away(device, broker, cloud, p
     sent = []
     chunk = up.chunk
     up.chunk = lambda n: (sent.append(n), chunk(n))
-    heap = dev.board().data["heap"] + 64 * 1024
-    with dev.start(seconds=150, heap=heap) as running:
+    with dev.start(seconds=150) as running:
         running.wait_for("keel: network: joined home", timeout=30)
         running.wait_for("OLD-APP-RUNNING", timeout=30)
         service.describes(uid, timeout=30)
@@ -312,9 +311,10 @@ def _online_over_wifi(dev, broker, cloud, pki):
 @pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
 def test_an_offer_that_does_not_fit_is_refused_and_the_session_stays(device, broker, cloud,  # noqa: F811
                                                                       pki, board_images, platform):
-    """On the ESP32 twin at the board's own heap the session runs over WiFi, but the OTA
-    receiver does not fit beside it (issue 14): the offer is refused with no-memory, the
-    session stays up (no reconnect) and the old app runs on."""
+    """On the ESP32 twin with stock firmware (no ROMFS: the code extracted) at the
+    board's own heap the session runs over WiFi, but the OTA receiver does not fit
+    beside it: the offer is refused with no-memory, the session stays up (no reconnect)
+    and the old app runs on."""
     dev = _with_old_app(device, board_images)
     service, uid, up = _online_over_wifi(dev, broker, cloud, pki)
     with dev.start(seconds=90) as running:
@@ -347,7 +347,7 @@ def _stage(dev, image: bytes, copied: int, damage_slot: bool):
     vdev.write_files(dev.path, {k: v.encode() for k, v in files.items()})
 
 
-@on_twins
+@on_both_paths
 def test_power_cut_during_the_bootloaders_copy(device, board_images):
     dev = _with_old_app(device, board_images, boot=True)
     image = board_images["new"]
@@ -361,7 +361,7 @@ def test_power_cut_during_the_bootloaders_copy(device, board_images):
         vdev.read_file(dev.path, "/keel/ota/pending.json")
 
 
-@on_twins
+@on_both_paths
 def test_damaged_staged_image_keeps_the_old_firmware(device, board_images):
     # Booted once, as a device that received an update has (on the ESP32 twin a first
     # boot's installs and this check together leave the system too little heap: issue 14)

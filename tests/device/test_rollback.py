@@ -18,7 +18,7 @@ from keel import build, vdev
 from keel import module_format as mf
 from keel.paths import source_root
 
-from conftest import on_twins
+from conftest import on_both_paths
 
 ROOT = source_root()
 HELLO = "hello from keel"
@@ -139,7 +139,7 @@ def test_a_part_that_never_reaches_the_cloud_goes_back(device, hello_app, next_s
             vdev.read_file(dev.path, f"/keel/ota/{name}")
 
 
-@on_twins
+@on_both_paths
 def test_a_part_that_fails_to_start_goes_back_at_once(device, hello_app, broken_system):
     dev = old_device(device, hello_app)
     stage(dev, part(broken_system, 1))
@@ -187,7 +187,7 @@ def test_app_crashes_do_not_count_against_the_part(device, make_app, next_system
     assert status["trial"] == {"slot": "system1", "version": "1.1.1", "previous": "1.1.0"}
 
 
-@on_twins
+@on_both_paths
 def test_an_unprovisioned_device_keeps_a_part_that_boots(device, hello_app, next_system):
     dev = old_device(device, hello_app)
     stage(dev, part(next_system, 1))

@@ -24,16 +24,10 @@ import pytest
 
 from keel import vdev, vio
 
+from conftest import fs_names
 from test_twin_acceptance import HELLO, ROOT, _boot, keel, ok
 from test_vdev_pty import Board
 
-
-def fs_names(path, folder):
-    """The names in a folder of the device's filesystem (read from its flash)."""
-    device = vdev.VirtualDevice(path)
-    fs = device.open_fs(device.read_flash(), device.board())
-    fs.mount()
-    return sorted(fs.listdir(folder))
 
 DK = pytest.mark.parametrize("board_name", ["nrf52840_dk"], indirect=True)
 XENON = pytest.mark.parametrize("board_name", ["particle_xenon"], indirect=True)

@@ -58,6 +58,27 @@ assert buf[10:14] == bytes(c & 0x0f for c in b"keel"), buf
 st.writeblocks(1, b"\xf0" * 4096)          # a whole block, no offset: erased first
 st.readblocks(1, buf)
 assert buf == b"\xf0" * 16, buf
+# A slot is a window on the romfs partition: nothing reaches past its end (the next
+# slot), which esp32.Partition would allow (it checks only the partition's bounds).
+romfs = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="romfs")[0]
+assert romfs.info()[2] < st.info()[1] < romfs.info()[2] + romfs.info()[3]
+last = st.ioctl(4, 0) - 1
+for call in (lambda: st.readblocks(last, bytearray(8), 4092), lambda: st.ioctl(6, last + 1),
+             lambda: st.writeblocks(last + 1, b"x" * 4096), lambda: st.readblocks(-1, buf),
+             lambda: st.writeblocks(last, b"x", 4096)):
+    try:
+        call()
+        raise AssertionError("reached past the slot")
+    except OSError as e:
+        assert e.errno == 22, e
+head = bytearray(4)
+port.Partition.find("bootloader").readblocks(0, head)
+assert head == mf.MAGIC, head
+print("view", [port.rom_view(s.label) is not None for s in slots])
+v = port.rom_view("system1")
+if v is not None:                           # the slot's flash as memory: the same bytes
+    p.readblocks(0, buf)
+    assert len(v) == %(s1_size)d and bytes(v[:16]) == bytes(buf), (bytes(v[:16]), buf)
 print("cause", port.reset_cause())
 print("OK")
 """
@@ -70,12 +91,15 @@ def esp32_twin(tmp_path_factory):
     return make_twin(tmp_path_factory.mktemp("esp32-twin"))
 
 
-def test_esp32_port(esp32_twin):
-    from twins import run_on
+@pytest.mark.parametrize("firmware", [None, "v1.28-romfs"])
+def test_esp32_port(esp32_twin, firmware, tmp_path):
+    from twins import make_twin, run_on
 
+    twin = esp32_twin if firmware is None else make_twin(
+        tmp_path, system_dir=next(esp32_twin.parent.glob("system-esp32-*")), firmware=firmware)
     board = load_board("esp32_generic")
     s1 = board.partition("system1")
-    proc = run_on(esp32_twin, ESP32_TWIN_CHECKS % {"s1_offset": s1.offset, "s1_size": s1.size})
+    proc = run_on(twin, ESP32_TWIN_CHECKS % {"s1_offset": s1.offset, "s1_size": s1.size})
     out = proc.stdout.splitlines()
     assert out and out[-1] == "OK", proc.stdout + proc.stderr
     slots = json.loads(out[0])
@@ -85,6 +109,43 @@ def test_esp32_port(esp32_twin):
     assert slots["user"][:2] == [False, "empty"]
     assert slots["system1"][2:] == [s1.size, 4096]
     assert "cause power-on" in out
+    # Stock firmware has no ROMFS: no slot can run in place. With it, every slot is a
+    # view of the mapped romfs partition (boot_check still extracts the bootloader's).
+    views = json.loads(out[1].split(" ", 1)[1].lower())
+    assert views == [firmware is not None] * 4, views
+
+
+def test_esp32_port_on_a_table_from_before_the_romfs_partition(esp32_twin, tmp_path):
+    """A board set up with a partition per slot (Keel's table before the romfs
+    partition, and a /keel/board.json without "in"): the port finds each slot by its
+    label, as it did then, and nothing runs in place."""
+    import shutil
+
+    from keel import esp32image, vdev
+    from keel.boards import board_from_dict
+    from twins import run_on
+
+    path = Path(shutil.copytree(esp32_twin, tmp_path / "old"))
+    data = json.loads((path / "board.json").read_text())
+    for p in data["flash"]["partitions"]:
+        if p.pop("in", None):
+            p["idf"] = {"type": "data", "subtype": "0x40"}
+    data["flash"]["partitions"] = [p for p in data["flash"]["partitions"] if p["label"] != "romfs"]
+    (path / "board.json").write_text(json.dumps(data))
+    device = vdev.VirtualDevice(path)
+    flash = device.read_flash()
+    table = esp32image.partition_table(board_from_dict(data))
+    flash[esp32image.TABLE_OFFSET : esp32image.TABLE_OFFSET + len(table)] = table
+    device.write_flash(flash)
+    vdev.write_files(path, {"/keel/board.json": json.dumps(data).encode()})
+    s1 = load_board("esp32_generic").partition("system1")
+    proc = run_on(path, ESP32_TWIN_CHECKS.replace(
+        'romfs = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="romfs")[0]\n'
+        'assert romfs.info()[2] < st.info()[1] < romfs.info()[2] + romfs.info()[3]\n', "")
+        % {"s1_offset": s1.offset, "s1_size": s1.size})
+    out = proc.stdout.splitlines()
+    assert out and out[-1] == "OK", proc.stdout + proc.stderr
+    assert json.loads(out[0])["system1"][:2] == [True, None]
 
 
 # What started the boot -> what port_esp32 says, through machine.reset_cause() as the

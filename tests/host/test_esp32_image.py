@@ -44,15 +44,17 @@ def _section(name: str, addr: int, data: bytes) -> ELFSection:
     return ELFSection(name.encode(), addr, data, 0)
 
 
-def app_image(extra: int = 0, cls=ESP32FirmwareImage) -> bytes:
+def app_image(extra: int = 0, cls=ESP32FirmwareImage, names: bytes = b"") -> bytes:
     """An ESP-IDF app as MicroPython's build makes one, small: the app description
-    first in DROM, then DRAM, IRAM and IROM segments. extra pads DROM (size tests)."""
+    first in DROM, then DRAM, IRAM and IROM segments. extra pads DROM (size tests);
+    names go in DROM after it (interned names, NUL-terminated, as the build's are)."""
     desc = struct.pack(
         "<II8s32s32s16s16s32s32sHHB3s72s", 0xABCD5432, 0, b"", b"v1.25.0", b"micropython",
         b"12:00:00", b"Apr 15 2025", b"v5.2.2", bytes(32), 0, 0, 0, b"", b"")
     image = cls()
     image.segments = [
-        _section(".flash.appdesc", 0x3F400020, desc + bytes(range(256)) * 4 + b"\x5a" * extra),
+        _section(".flash.appdesc", 0x3F400020,
+                 desc + bytes(range(256)) * 4 + b"\x5a" * extra + names),
         _section(".dram0.data", 0x3FFB0000, b"\x33" * 512),
         _section(".iram0.text", 0x40080000, b"\x90" * 1024),
         _section(".flash.text", 0x400D0020, b"\x22" * 4096),
@@ -209,8 +211,7 @@ def test_partition_table(built):
     table = read_table(data)
     by_name = {e["name"]: e for e in table}
     assert [e["name"] for e in table] == ["nvs", "otadata", "phy_init", "ota_0", "ota_1",
-                                          "bootloader", "system1", "system2", "user",
-                                          "staging", "vfs"]
+                                          "romfs", "vfs"]
     # The app slots MicroPython's OTA uses, where ESP-IDF wants them.
     assert (by_name["ota_0"]["type"], by_name["ota_0"]["subtype"]) == (0, 0x10)
     assert (by_name["ota_1"]["type"], by_name["ota_1"]["subtype"]) == (0, 0x11)
@@ -221,10 +222,15 @@ def test_partition_table(built):
     # Stock MicroPython mounts the data partition labelled "vfs": Keel's fs.
     assert by_name["vfs"]["type"] == 1
     assert by_name["vfs"]["offset"] == board.partition("fs").offset
+    # Keel's slots in one data partition labelled romfs, which a firmware built with
+    # MICROPY_VFS_ROM maps as memory (esp32_partition.c mp_vfs_rom_ioctl): every slot
+    # inside it, 64 KiB-aligned as the MMU maps pages.
+    romfs = by_name["romfs"]
+    assert (romfs["type"], romfs["subtype"]) == (1, 0x8F) and romfs["offset"] % 0x10000 == 0
     for p in board.partitions:
         if p.function is not None or p.label == "staging":
-            e = by_name[p.label]
-            assert (e["type"], e["offset"], e["size"]) == (1, p.offset, p.size)
+            assert p.label not in by_name
+            assert romfs["offset"] <= p.offset and p.offset + p.size <= romfs["offset"] + romfs["size"]
     end = 0x9000
     for e in sorted(table, key=lambda e: e["offset"]):
         assert e["offset"] >= end and e["offset"] % 0x1000 == 0 and e["flags"] == 0
@@ -334,6 +340,22 @@ def test_merged_from_zero_accepted_as_firmware(built, tmp_path, system_dir):
     result = esp32image.build_image(BOARD, out / "merged.bin", tmp_path / "again", system_dir)
     assert result.firmware.source == "full-flash image from 0x0"
     assert (tmp_path / "again" / "merged.bin").read_bytes() == (out / "merged.bin").read_bytes()
+
+
+def test_the_firmware_says_whether_code_runs_in_place(built, tmp_path, system_dir, keel_cli):
+    """A stock build (no vfs.rom_ioctl among its names): extracted, and said; a build
+    with MICROPY_VFS_ROM: in place. The table is the same for both (Keel's slots in
+    the romfs partition); only the firmware decides."""
+    _, stdout = built
+    assert "ROMFS           no (a stock build)" in stdout
+    names = b"\0mount\0umount\0VfsRom\0rom_ioctl\0VfsLfs2\0"
+    fw = tmp_path / "ESP32_GENERIC_ROMFS.bin"
+    fw.write_bytes(full_flash(app_image(names=names)))
+    out = keel_cli("image", "esp32", "--board", BOARD, "--firmware", fw, "--system", system_dir,
+                   "-o", tmp_path / "o")
+    assert "ROMFS           yes (vfs.rom_ioctl)" in out.stdout, out.stdout + out.stderr
+    assert (tmp_path / "o" / "partition-table.bin").read_bytes() == \
+        (built[0] / "partition-table.bin").read_bytes()
 
 
 def test_with_an_app(tmp_path, firmware, system_dir):

@@ -313,12 +313,23 @@ def test_board_flash_layout(board_file):
     # Offsets count from the flash's start, or (nRF52840) from the start of a region
     # the firmware places: "keel" (the Keel region, keel_region bytes long) or "fs" (the
     # firmware's filesystem, of which the partition's size is the least Keel needs).
+    # A partition "in" another (ESP32: the slots inside the romfs partition, which the
+    # firmware maps as one) lies wholly inside it; the rest are apart.
     regions = {}
     for p in flash["partitions"]:
-        regions.setdefault(p.get("region"), []).append(p)
-    assert set(regions) <= {None, "keel", "fs"}, set(regions)
+        if p.get("in"):
+            outer = next(q for q in flash["partitions"] if q["label"] == p["in"])
+            assert not outer.get("in") and outer.get("region") == p.get("region")
+            assert outer["offset"] <= p["offset"] and \
+                p["offset"] + p["size"] <= outer["offset"] + outer["size"], \
+                f"{p['label']} is not inside {outer['label']}"
+            regions.setdefault((p["in"], p.get("region")), []).append(p)
+        else:
+            regions.setdefault(p.get("region"), []).append(p)
+    assert {r[1] if isinstance(r, tuple) else r for r in regions} <= {None, "keel", "fs"}
     for region, parts in regions.items():
-        limit = {None: flash["size"], "keel": flash.get("keel_region"), "fs": None}[region]
+        inside = region[1] if isinstance(region, tuple) else region
+        limit = {None: flash["size"], "keel": flash.get("keel_region"), "fs": None}[inside]
         parts.sort(key=lambda p: p["offset"])
         end = 0
         for p in parts:

@@ -144,6 +144,11 @@ def cmd_image_esp32(args) -> int:
     desc = fw.app_image.app_desc or {}
     print(f"firmware        {args.firmware} ({fw.source}; {desc.get('project') or 'app'} "
           f"{desc.get('version') or ''}, {len(fw.app)} bytes)".replace(" ,", ","))
+    if fw.has_romfs:
+        print("ROMFS           yes (vfs.rom_ioctl): Keel's code runs in place from the romfs partition")
+    else:
+        print("ROMFS           no (a stock build): Keel extracts its code to the filesystem, and an "
+              "update over the air may not fit beside the cloud session (docs/boards/esp32.md)")
     for f in result.files:
         print(f"  0x{f.offset:06x}  {f.name:<24} {len(f.data):>8} bytes  {f.what}")
     print(f"wrote {result.out_dir}/: the files above, {esp32image.MERGED_FILE} (the whole "
@@ -451,8 +456,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the board installs only modules signed by this key (repeatable); "
                    "without it, it is in development mode")
     p.add_argument("--firmware", metavar="BUILD",
-                   help="nRF52840 twins: the MicroPython build it plays "
-                   "(boards/twins/nrf/firmware.json; default: the one Keel documents)")
+                   help="nRF52840 and ESP32 twins: the MicroPython build it plays "
+                   "(boards/twins/<port>/firmware.json, e.g. v1.28-romfs on an ESP32; "
+                   "default: the one Keel documents)")
     p.set_defaults(func=cmd_vdev_create)
     p = vdevs.add_parser("flash", help="write modules into a virtual device's flash")
     p.add_argument("dir", metavar="DIR")

@@ -156,6 +156,14 @@ class Firmware:
     app_image: EspImage
     source: str = ""
 
+    @property
+    def has_romfs(self) -> bool:
+        """Whether the firmware was built with MICROPY_VFS_ROM: its interned names then
+        hold "rom_ioctl" (vfs.rom_ioctl), a NUL-terminated string among the others in
+        its read-only data; a build without it never names it (qstrs are collected
+        from the sources the build compiles). Read from the bytes, not run."""
+        return b"\0rom_ioctl\0" in self.app
+
 
 def _sniff(data: bytes, what: str) -> None:
     """A clear word for the usual wrong files, before the generic one."""

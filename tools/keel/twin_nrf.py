@@ -1,5 +1,7 @@
 """The host side of the nRF52840 twin: which MicroPython nrf firmware build it plays,
-and the flash that build leaves (boards/twins/nrf/firmware.json).
+and the flash that build leaves (boards/twins/nrf/firmware.json). The ESP32 twin's
+choice of build (boards/twins/esp32/firmware.json: with ROMFS or without) is read
+here too; there the partition table, not the build, places Keel's flash.
 
 On an nRF52840 the firmware decides where Keel's flash is: its code at the bottom, its
 filesystem at the top, and (1.28 and later) a ROMFS segment directly below the
@@ -20,16 +22,20 @@ FIRMWARE_FILE = "firmware.json"  # in the device directory: the build the twin p
 IMAGE_FILL = b"MicroPython nrf firmware image (nRF52840 twin)\n"
 
 
-def builds() -> dict:
-    return json.loads((source_root() / "boards" / "twins" / "nrf" / FIRMWARE_FILE).read_text())
+CHIPS = {"nrf": "nRF52840", "esp32": "ESP32"}
 
 
-def choose(name: str | None) -> dict:
+def builds(port: str = "nrf") -> dict:
+    """The firmware builds a port's twin can play (boards/twins/<port>/firmware.json)."""
+    return json.loads((source_root() / "boards" / "twins" / port / FIRMWARE_FILE).read_text())
+
+
+def choose(name: str | None, port: str = "nrf") -> dict:
     """The build `name` (None: the default, the one Keel documents), with its name."""
-    table = builds()
+    table = builds(port)
     name = name or table["default"]
     if name not in table["builds"]:
-        raise KeelError(f"no nRF52840 firmware build {name!r} for the twin "
+        raise KeelError(f"no {CHIPS[port]} firmware build {name!r} for the twin "
                         f"(known: {', '.join(table['builds'])})")
     return dict(table["builds"][name], build=name)
 

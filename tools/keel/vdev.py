@@ -58,7 +58,7 @@ class VirtualDevice:
             raise KeelError(f"{self.path}: not a virtual device (make one with 'keel vdev create')")
         data = json.loads((self.path / BOARD_FILE).read_text())
         build = self.path / twin_nrf.FIRMWARE_FILE  # a twin whose firmware places Keel's flash
-        if build.is_file():
+        if data["port"] == "nrf" and build.is_file():
             return board_from_dict(data, twin_nrf.regions(data, json.loads(build.read_text())))
         return board_from_dict(data)
 
@@ -147,12 +147,15 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     """Make a virtual device with the bootloader and system parts from system_dir.
     trusted: the raw public keys the board trusts (keel vdev create --trust); none
     leaves it in development mode, unless its bootloader module brings keys.
-    firmware: the MicroPython build an nRF52840 twin plays (boards/twins/nrf/
-    firmware.json; none: the one Keel documents)."""
+    firmware: the MicroPython build a twin plays (boards/twins/<port>/firmware.json;
+    none: the one Keel documents)."""
     device = VirtualDevice(path)
     if device.exists():
         raise KeelError(f"{device.path}: a virtual device is already there")
     board = load_board(board_name)
+    if firmware and board.port not in twin_nrf.CHIPS:
+        raise KeelError(f"board {board_name}: no firmware to choose (--firmware is for the "
+                        f"ESP32 and nRF52840 twins)")
     if board.port != "virtual" and not twin_dir(board.port).is_dir():
         raise KeelError(f"board {board_name} has no twin on the VM yet "
                         f"(its port {board.port} has no boards/twins/{board.port}/)")
@@ -180,8 +183,8 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
         build = twin_nrf.choose(firmware)
         twin_nrf.write_firmware(build, flash)
         board = board_from_dict(board.data, twin_nrf.regions(board.data, build))
-    elif firmware:
-        raise KeelError(f"board {board_name}: its twin plays one firmware (no --firmware)")
+    elif board.port == "esp32":  # with ROMFS or without: where the code runs from
+        build = twin_nrf.choose(firmware, "esp32")
     for image in images:
         _place(flash, board, image)
     part = board.partition("fs")
@@ -216,14 +219,17 @@ BOARD_HEAP_ENV = "KEEL_BOARD_HEAP"
 
 def twin_firmware_room(device_dir: Path) -> int:
     """The VM's heap a twin's firmware needs beyond the board's: TWIN_FIRMWARE_ROOM, and
-    the memory image of an nRF52840 firmware's ROMFS segment, which on the chip is
-    memory-mapped flash (boards/twins/nrf/nrf.py _MappedFlash)."""
+    the memory image of a ROMFS firmware's segment (nRF52840: the one its build
+    places; ESP32: the romfs partition), which on the chip is memory-mapped flash
+    (boards/twins/vm_twin.py MappedFlash)."""
     room = TWIN_FIRMWARE_ROOM
     build = Path(device_dir) / twin_nrf.FIRMWARE_FILE
     if build.is_file():
         doc = json.loads(build.read_text())
-        if doc.get("vfs_rom"):
+        if doc.get("vfs_rom") and "layout" in doc:
             room += doc["layout"]["romfs"][1]
+        elif doc.get("vfs_rom"):
+            room += VirtualDevice(device_dir).board().partition("romfs").size
     return room
 
 

@@ -169,6 +169,52 @@ def _new(entry, block_size):
     return obj
 
 
+class _RomfsPartition(vm_twin.MappedFlash):
+    """The static esp32_partition_romfs_obj of a firmware built with MICROPY_VFS_ROM:
+    the first data partition labelled romfs, with 4 KiB blocks, whose buffer (read
+    only: esp32_partition_get_buffer) is the whole partition memory-mapped by
+    esp_partition_mmap on first use. VfsRom mounts it and code runs from it; writes go
+    through the block calls. On the twin the mapping is made at start-up (it is the
+    firmware's memory, not the heap's)."""
+
+    def setup(self, entry):
+        part = _new(entry, _SECTOR)
+        self.map(entry.address)
+        for name in ("info", "readblocks", "writeblocks", "ioctl"):
+            setattr(self, name, getattr(part, name))
+        self._repr = repr(part)
+
+    def __repr__(self):
+        return self._repr
+
+
+_romfs = []  # the romfs partition object, once made
+
+
+def romfs_partition():
+    """vfs.rom_ioctl's segment: the data partition labelled romfs, or None."""
+    if not _romfs:
+        entry = _first(Partition.TYPE_DATA, 0xFF, "romfs")
+        if entry is None:
+            _romfs.append(None)
+        else:
+            seg = _RomfsPartition(entry.size)
+            seg.setup(entry)
+            _romfs.append(seg)
+    return _romfs[0]
+
+
+def rom_ioctl(op, *args):
+    # esp32_partition.c mp_vfs_rom_ioctl: 1, the number of segments (0 or 1); 2, the
+    # segment (-EINVAL without a romfs partition); anything else -EINVAL
+    seg = romfs_partition()
+    if op == 1:
+        return 0 if seg is None else 1
+    if op == 2 and seg is not None:
+        return seg
+    return -22
+
+
 def _first(ptype, subtype, label):
     for e in _entries:
         if e.type == ptype and (subtype == 0xFF or e.subtype == subtype) and \

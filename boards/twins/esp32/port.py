@@ -5,6 +5,7 @@
 import sys
 import os
 import vfs
+import json
 import vm_twin
 
 BANNER = "Keel twin of an ESP32"
@@ -13,13 +14,30 @@ PLATFORM = "esp32"  # mpconfigport.h MICROPY_PY_SYS_PLATFORM
 
 def install():
     # The port's modules that Keel or its apps import. vfs as esp32_common.cmake builds
-    # it: FAT and LittleFS v2, no VfsRom and no vfs.rom_ioctl (stock ESP32_GENERIC has
-    # no MICROPY_VFS_ROM), no VfsPosix.
+    # it: FAT and LittleFS v2, no VfsPosix; VfsRom and vfs.rom_ioctl only in a build
+    # with MICROPY_VFS_ROM (stock ESP32_GENERIC has none; DEVICE_DIR/firmware.json says
+    # which build the twin plays, as keel vdev create --firmware chose it).
     sys.modules["sys"] = vm_twin.SysProxy(PLATFORM)
-    sys.modules["vfs"] = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2"))
     for name in ("machine", "esp32", "network", "neopixel", "socket", "tls"):
         vm_twin.register(name)
     vm_twin.done_registering()
+    if _vfs_rom():
+        import esp32
+
+        view = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2", "VfsRom"))
+        view.rom_ioctl = esp32.rom_ioctl
+        esp32.romfs_partition()  # (its memory image is the firmware's: made before the heap is counted)
+    else:
+        view = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2"))
+    sys.modules["vfs"] = view
+
+
+def _vfs_rom():
+    try:
+        with open(vm_twin.hw.device_dir + "/firmware.json") as f:
+            return json.load(f)["vfs_rom"]
+    except OSError:  # a device made before the twin had a choice: the stock build
+        return False
 
 
 def boot():

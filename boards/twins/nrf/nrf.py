@@ -77,47 +77,20 @@ def Flash(*, start=-1, len=-1):  # noqa: A002 - the port's keyword names
     return _Flash(start, len)
 
 
-class _MappedFlash(bytearray):
+class _MappedFlash(vm_twin.MappedFlash):
     """The ROMFS segment's nrf.Flash: the same block device as any other, and also
     the flash itself as memory (flashbdev.c nrf_flashbdev_get_buffer: the CPU reads
-    the flash at its address), which VfsRom mounts and runs code from. On the twin the
-    memory is this bytearray, a copy of the region kept in step with every write to
-    the flash (_mirror); it is the firmware's, left out of the board's heap. (The
-    chip's buffer is read-only; this one is not: Keel never writes through it.)"""
+    the flash at its address), which VfsRom mounts and runs code from."""
 
     def setup(self, start):
         self._dev = _Flash(start, len(self))
-        self._start = start
-        _flash().read(start, self)
+        self.map(start)
         self.readblocks = self._dev.readblocks
         self.writeblocks = self._dev.writeblocks
         self.ioctl = self._dev.ioctl
 
     def __repr__(self):
         return repr(self._dev)
-
-
-def _mirror(segment):
-    # Every write and erase of the flash that falls in the segment reaches its memory.
-    flash = _flash()
-    write, erase = flash.write, flash.erase
-    start, end = segment._start, segment._start + len(segment)
-
-    def mirrored_write(addr, buf):
-        write(addr, buf)
-        if addr < end and addr + len(buf) > start:
-            lo, hi = max(addr, start), min(addr + len(buf), end)
-            view = memoryview(segment)[lo - start : hi - start]
-            flash.read(lo, view)  # what the chip holds now (NOR: old AND new)
-
-    def mirrored_erase(addr):
-        erase(addr)
-        if start <= addr < end:
-            n = min(flash.erase_size, end - addr)
-            flash.read(addr, memoryview(segment)[addr - start : addr - start + n])
-
-    flash.write = mirrored_write
-    flash.erase = mirrored_erase
 
 
 def romfs_segment():
@@ -128,7 +101,6 @@ def romfs_segment():
         Flash()
         segment = _MappedFlash(_layout[2])
         segment.setup(_layout[1])
-        _mirror(segment)
         _objs.append(segment)
     return _objs[1]
 
