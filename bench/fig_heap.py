@@ -2,8 +2,8 @@
 board's heap (boards/virtual/board.json: 192 KB), without and with an open cloud
 session (TLS 1.2, mutual authentication, MQTT); and the same on the board twins at their
 boards' heaps (twin_rows): the ESP32 (111,936 bytes; with the session: WiFi to the
-twin's access point) playing stock firmware (code extracted) and a firmware with ROMFS
-(code in place from the romfs partition), and the nRF52840 DK (244,224 bytes, code in
+twin's access point) playing the firmware Keel documents, built with ROMFS (code in
+place from the romfs partition), and stock firmware (code extracted), and the nRF52840 DK (244,224 bytes, code in
 place from its ROMFS segment; no network, so no session).
 
 One app measures it: it imports keel at its top (as apps do: the core of the API, the
@@ -318,7 +318,7 @@ def _idle_row(where, idle, runs):
 
 # (board, platform, label, the firmware build the twin plays: boards/twins/<port>/firmware.json)
 TWINS = (("esp32_generic", "esp32", "ESP32 twin", None),
-         ("esp32_generic", "esp32", "ESP32 twin, ROMFS firmware", "v1.28-romfs"),
+         ("esp32_generic", "esp32", "ESP32 twin, stock firmware", "v1.28-generic"),
          ("nrf52840_dk", "nrf52840", "nRF52840 DK twin", None))
 
 
@@ -377,8 +377,8 @@ def twin_rows(ctx):
             if r["met"] is False:
                 r["limits"] = (f"Keel holds {kb(k0 - b0) if b0 is not None else '?'} KB more than bare "
                                f"MicroPython on this twin. "
-                               f"{IN_PLACE_LIMITS if firmware or platform != 'esp32' else TWIN_LIMITS}")
-                if platform == "esp32" and not firmware:  # (extracted: the instrumented run's paths are the code's)
+                               f"{TWIN_LIMITS if firmware else IN_PLACE_LIMITS}")
+                if firmware:  # (extracted: the instrumented run's paths are the code's)
                     modules = next((g["modules"] for g in [got] if "modules" in g), [])
                     split, total, start = breakdown(ctx, path, modules, "HEAP-START",
                                                     heap + vdev.twin_firmware_room(path))
@@ -387,7 +387,7 @@ def twin_rows(ctx):
             if platform == "esp32" and not ctx.smoke:  # (the session's path: the full run only)
                 if cloud is None:
                     cloud = Cloud(ctx.work / "cloud-twins")
-                rows += _esp32_session_rows(ctx, cloud, path, k0, runs, label, bool(firmware))
+                rows += _esp32_session_rows(ctx, cloud, path, k0, runs, label, not firmware)
     finally:
         if cloud is not None:
             cloud.stop()

@@ -617,8 +617,9 @@ def test_the_healer_heals_an_esp32_twin_over_wifi(tmp_path):
     """The same heal on the ESP32 twin, online through its WiFi (keel device provision
     --wifi, an access point on the air): an app for 1.1.0 on system 1.0.0, safe mode,
     the two parts sent over the air one at a time, the app runs. At the board's own
-    heap, the twin playing a firmware with ROMFS (Keel's code runs in place: with stock
-    firmware the OTA receiver does not fit beside the session, docs/boards/esp32.md)."""
+    heap, the twin playing the firmware Keel documents, with ROMFS (Keel's code runs in
+    place: with stock firmware the OTA receiver does not fit beside the session,
+    docs/boards/esp32.md)."""
     esp32 = {}
     for version in ("1.0.0", "1.1.0"):
         esp32[version] = tmp_path / f"esp32-{version}"
@@ -635,7 +636,7 @@ def _heal_an_esp32_twin(tmp_path, cloud, esp32):
     for version in ("1.0.0", "1.1.0"):
         assert "released" in cloud.keel("release", "system", esp32[version]).stdout
     path = tmp_path / "e1"
-    vdev.create(path, esp32["1.0.0"], "esp32_generic", firmware="v1.28-romfs")
+    vdev.create(path, esp32["1.0.0"], "esp32_generic")
     vdev.flash(path, [build.build_app(ROOT / "examples" / "hello", "esp32", None,
                                       tmp_path / "hello-esp32.bin")])
     out = cloud.keel("device", "provision", path, "--name", "e1", "--wifi", "home",

@@ -22,16 +22,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The boards devices are made for, and the platform their modules are built for.
 PLATFORMS = {"virtual": "virtual", "esp32_generic": "esp32", "nrf52840_dk": "nrf52840",
-             "particle_xenon": "nrf52840", "esp32_romfs": "esp32"}
+             "particle_xenon": "nrf52840", "esp32_stock": "esp32"}
 # A twin playing a firmware other than its board's default: the board, and the build
-# (boards/twins/<port>/firmware.json). "esp32_romfs": an ESP32 whose MicroPython has
-# ROMFS, so that Keel's code runs in place from its slots (docs/boards/esp32.md).
-TWIN_BUILDS = {"esp32_romfs": ("esp32_generic", "v1.28-romfs")}
+# (boards/twins/<port>/firmware.json). "esp32_stock": an ESP32 with MicroPython as
+# micropython.org releases it, without ROMFS, so that Keel's code is extracted to the
+# filesystem ("esp32_generic" plays the build Keel documents, whose code runs in place:
+# docs/boards/esp32.md).
+TWIN_BUILDS = {"esp32_stock": ("esp32_generic", "v1.28-generic")}
 # A test that matters on hardware runs on the ESP32 twin too.
 on_twins = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic"], indirect=True)
-# ... and one about installing, on both of the ESP32's paths: code extracted to the
-# filesystem (stock firmware) and run in place (a firmware with ROMFS).
-on_both_paths = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic", "esp32_romfs"],
+# ... and one about installing, on both of the ESP32's paths: code run in place (a
+# firmware with ROMFS) and extracted to the filesystem (stock firmware).
+on_both_paths = pytest.mark.parametrize("board_name", ["virtual", "esp32_generic", "esp32_stock"],
                                         indirect=True)
 
 

@@ -33,10 +33,11 @@ def test_normal_boot_runs_the_app(device, hello_app, board_name):
     assert found[("system-part", 2)]["version"] == "1.1.0"
     assert {m["platform"] for m in found.values()} == {dev.board().platform}
     # The virtual board and stock ESP32 firmware cannot run code in place: it is
-    # extracted. An ESP32 firmware with ROMFS runs the system parts' and the app's
-    # from their slots (the bootloader's is always extracted: stage 0 imports it).
+    # extracted. An ESP32 firmware with ROMFS (the twin's default) runs the system
+    # parts' and the app's from their slots (the bootloader's is always extracted:
+    # stage 0 imports it).
     in_place = {m["function"]: m["in_place"] for m in found.values()}
-    if board_name == "esp32_romfs":
+    if board_name == "esp32_generic":
         assert in_place == {"bootloader": False, "system-part": True, "user-part": True}
         names = fs_names(dev.path, "/keel/m")  # the code is stored once: in its slot
         assert not {"s1", "s2", "app"} & set(names), names

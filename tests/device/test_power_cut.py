@@ -237,12 +237,12 @@ def one_in_four(k, n):
     return {1: (False,), 3: (True,)}.get(k % 4, ())
 
 
-@pytest.mark.parametrize("board_name", ["esp32_generic", "esp32_romfs"], indirect=True)
+@pytest.mark.parametrize("board_name", ["esp32_generic", "esp32_stock"], indirect=True)
 def test_power_cut_during_an_update_install_on_the_esp32_twin(tmp_path, device, platform):
     """The same install on the ESP32 twin, through esp32.Partition over the ESP-IDF
     partition table, cut on the twin's NOR flash (a write over unerased bytes ANDs):
-    a sample of its operations, clean and torn, at the board's own heap; with stock
-    firmware (the code extracted) and with ROMFS (the code in place)."""
+    a sample of its operations, clean and torn, at the board's own heap; with ROMFS
+    (the code in place) and with stock firmware (the code extracted)."""
     apps = _build_apps(tmp_path, platform)
     dev = device("1.1.0")
     dev.flash(apps["old"])

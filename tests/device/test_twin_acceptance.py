@@ -58,8 +58,8 @@ def test_the_cli_builds_and_runs_keel_on_the_esp32_twin(tmp_path):
 
 
 ESP32_TWIN = pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)
-# Both of the ESP32's paths: stock firmware (code extracted), a firmware with ROMFS (in place)
-ESP32_PATHS = pytest.mark.parametrize("board_name", ["esp32_generic", "esp32_romfs"], indirect=True)
+# Both of the ESP32's paths: a firmware with ROMFS (code in place), stock firmware (extracted)
+ESP32_PATHS = pytest.mark.parametrize("board_name", ["esp32_generic", "esp32_stock"], indirect=True)
 
 
 @ESP32_TWIN
@@ -152,7 +152,7 @@ def test_a_power_cut_during_the_install_leaves_a_bootable_twin(device, board_sys
 
     console, n, state = _boot(copy("count"), {"count_only": True})
     assert HELLO in console and "keel: installing system1 1.1.0" in console, console
-    in_place = board_name == "esp32_romfs"
+    in_place = board_name == "esp32_generic"
     assert state == "-" * 10 and n > (3 if in_place else 20), (n, state)
     points = [(k, j % 2 == 1) for j, k in enumerate(range(2, n, 3) if in_place else range(12, n, 17))]
     points += [(k, torn) for k in (1, n) for torn in (False, True)]

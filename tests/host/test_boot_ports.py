@@ -91,7 +91,7 @@ def esp32_twin(tmp_path_factory):
     return make_twin(tmp_path_factory.mktemp("esp32-twin"))
 
 
-@pytest.mark.parametrize("firmware", [None, "v1.28-romfs"])
+@pytest.mark.parametrize("firmware", [None, "v1.28-generic"])
 def test_esp32_port(esp32_twin, firmware, tmp_path):
     from twins import make_twin, run_on
 
@@ -109,10 +109,11 @@ def test_esp32_port(esp32_twin, firmware, tmp_path):
     assert slots["user"][:2] == [False, "empty"]
     assert slots["system1"][2:] == [s1.size, 4096]
     assert "cause power-on" in out
-    # Stock firmware has no ROMFS: no slot can run in place. With it, every slot is a
-    # view of the mapped romfs partition (boot_check still extracts the bootloader's).
+    # The default build has ROMFS: every slot is a view of the mapped romfs partition
+    # (boot_check still extracts the bootloader's). Stock firmware has none: no slot
+    # can run in place.
     views = json.loads(out[1].split(" ", 1)[1].lower())
-    assert views == [firmware is not None] * 4, views
+    assert views == [firmware is None] * 4, views
 
 
 def test_esp32_port_on_a_table_from_before_the_romfs_partition(esp32_twin, tmp_path):

@@ -457,7 +457,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "without it, it is in development mode")
     p.add_argument("--firmware", metavar="BUILD",
                    help="nRF52840 and ESP32 twins: the MicroPython build it plays "
-                   "(boards/twins/<port>/firmware.json, e.g. v1.28-romfs on an ESP32; "
+                   "(boards/twins/<port>/firmware.json, e.g. v1.28-generic on an ESP32; "
                    "default: the one Keel documents)")
     p.set_defaults(func=cmd_vdev_create)
     p = vdevs.add_parser("flash", help="write modules into a virtual device's flash")

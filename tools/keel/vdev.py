@@ -228,8 +228,9 @@ def twin_firmware_room(device_dir: Path) -> int:
         doc = json.loads(build.read_text())
         if doc.get("vfs_rom") and "layout" in doc:
             room += doc["layout"]["romfs"][1]
-        elif doc.get("vfs_rom"):
-            room += VirtualDevice(device_dir).board().partition("romfs").size
+        elif doc.get("vfs_rom"):  # (a table without a romfs partition maps nothing)
+            room += sum(p.size for p in VirtualDevice(device_dir).board().partitions
+                        if p.label == "romfs")
     return room
 
 
