@@ -118,3 +118,26 @@ def test_deep_sleep_restarts_after_the_time(device, make_app):
     out = dev.run(until="WOKE UP")
     assert "deep sleep for 700 ms" in out
     assert dev.status()["reset_reason"] == "deep-sleep"
+
+
+def _breath(rgb):
+    return [[c * level // 255 for c in rgb] for level in range(0, 256, 10)]
+
+
+@pytest.mark.parametrize("frames, seen", [
+    (_breath((0, 255, 255)), ("cyan", "breathing")),  # the session up (Device OS)
+    (_breath((0, 255, 0)), ("green", "breathing")),
+    ([[0, 0, 255], [0, 0, 0]] * 8, ("blue", "blinking")),  # listening mode
+    ([[255, 255, 255]] * 12, ("white", "solid")),
+    ([[255, 0, 0], [0, 255, 0]] * 8, None),  # a mix: no one colour
+    ([[0, 0, 0]] * 12, None),
+    ([[0, 0, 255]] * 3, None),  # too few frames to tell
+])
+def test_a_twins_led_frames_read_as_a_colour_and_pattern(frames, seen):
+    """A twin whose system draws the LED frame by frame (an ESP32's NeoPixel): keel vdev
+    io names what its last second of frames shows, as a person would see it."""
+    from keel import vio
+
+    assert vio.led_from_frames(frames) == seen
+    state = vio.fold([{"k": "led", "rgb": f, "pattern": "frames"} for f in frames])
+    assert state["status_led"]["seen"] == seen and state["status_led"]["rgb"] == frames[-1]

@@ -41,25 +41,12 @@ def network(dev):
     return vdev.status(dev.path).get("network")
 
 
-_RGB = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
-
-
 def led(dev):
     """(colour, pattern) the last second of the NeoPixel's frames show (on the ESP32
-    the system draws the LED's frames: blinking is full colour and off, breathing a
-    changing level of one colour), or None."""
-    frames = [tuple(r["rgb"]) for r in vio.read_records(dev.path)
-              if r.get("k") == "led" and r.get("rgb") is not None][-25:]
-    if len(frames) < 10:
-        return None
-    lit = {f for f in frames if f != (0, 0, 0)}
-    for name, rgb in _RGB.items():
-        if lit == {rgb} and (0, 0, 0) in frames:
-            return name, "blinking"
-        channel = rgb.index(255)
-        if lit and all(f[channel] > 0 and sum(f) == f[channel] for f in frames) and len(lit) > 3:
-            return name, "breathing"
-    return None
+    the system draws the LED's frames), as keel vdev io reads them, or None."""
+    frames = [r["rgb"] for r in vio.read_records(dev.path)
+              if r.get("k") == "led" and r.get("rgb") is not None]
+    return vio.led_from_frames(frames)
 
 
 def red_flashes(dev):
@@ -104,6 +91,7 @@ def test_no_credentials_listening_then_joined_over_the_console(esp32, tmp_path):
         board.wait_for("listening mode")
         assert wait(lambda: (network(esp32) or {}).get("state") == "listening", what="listening")
         assert wait(lambda: led(esp32) == ("blue", "blinking"), what="the LED")
+        assert "status LED      blue blinking (its pixel now" in ok(keel("vdev", "io", esp32.path))
         out = ok(keel("device", "wifi", "--port", board.tty, "--ssid", "home",
                       "--password", "pw-secret-1"))
         assert "stored home" in out and "pw-secret-1" not in out

@@ -349,7 +349,12 @@ def cmd_vdev_io(args) -> int:
         return 0
     print(f"running         {'yes' if running else 'no'}")
     led = state["status_led"] or {}
-    print(f"status LED      {led.get('color')} {led.get('pattern')}")
+    if led.get("pattern") == "frames":  # a twin's LED drawn by the system, frame by frame
+        seen = led.get("seen")
+        print(f"status LED      {' '.join(seen) if seen else 'changing'} (its pixel now "
+              f"{tuple(led['rgb'])})")
+    else:
+        print(f"status LED      {led.get('color')} {led.get('pattern')}")
     for name, pin in sorted(state["pins"].items()):
         print(f"pin {name:<11} {pin.get('mode', 'in')} {pin.get('value')}")
     for name, pwm in sorted(state["pwm"].items()):

@@ -32,8 +32,39 @@ def read_records(device_dir: Path) -> list[dict]:
     return records
 
 
+# The status LED's colours as the system draws them (system/core/led.py COLORS).
+LED_COLORS = {"white": (255, 255, 255), "green": (0, 255, 0), "cyan": (0, 255, 255),
+              "magenta": (255, 0, 255), "yellow": (255, 255, 0), "red": (255, 0, 0),
+              "blue": (0, 0, 255)}
+LED_FRAMES = 25  # about a second of a twin's frames (only changes are reported)
+
+
+def _shade_of(frame, rgb) -> bool:
+    level = max(frame)
+    return all(c == (level if on else 0) for c, on in zip(frame, rgb))
+
+
+def led_from_frames(frames: list) -> tuple[str, str] | None:
+    """(colour, pattern) that the last frames of a twin's LED show, where the system
+    draws them (an ESP32's NeoPixel): blinking is one colour at full level and dark,
+    breathing one colour at changing levels, solid one level; None when they show
+    none of these (too few frames, or a mix)."""
+    frames = [tuple(f) for f in frames[-LED_FRAMES:]]
+    lit = {f for f in frames if any(f)}
+    if len(frames) < 10 or not lit:
+        return None
+    for name, rgb in LED_COLORS.items():
+        if all(_shade_of(f, rgb) for f in lit):
+            if lit == {rgb}:
+                return name, "blinking" if (0, 0, 0) in frames else "solid"
+            if len(lit) > 3:
+                return name, "breathing"
+    return None
+
+
 def fold(records: list[dict]) -> dict:
     """The current state, from the records of this boot."""
+    frames = []
     state: dict = {
         "pins": {},
         "pwm": {},
@@ -65,9 +96,13 @@ def fold(records: list[dict]) -> dict:
             if "rgb" in rec:
                 # the app's RGB ("solid"), or a twin's LED as its pixels show it, frame by
                 # frame ("frames": the system animates it; the colour's name is not seen)
-                frames = rec.get("pattern") == "frames"
-                led = {"color": None if frames else "app", "pattern": rec.get("pattern", "solid"),
+                drawn = rec.get("pattern") == "frames"
+                led = {"color": None if drawn else "app", "pattern": rec.get("pattern", "solid"),
                        "rgb": rec["rgb"]}
+                if drawn:  # what the last second of frames shows, as a person would see it
+                    frames.append(rec["rgb"])
+                    del frames[:-LED_FRAMES]
+                    led["seen"] = led_from_frames(frames)
             state["status_led"] = led
         elif kind == "button":
             state["button"]["presses"] += 1
