@@ -119,7 +119,9 @@ main(*sys.argv[1:])
 
 # The breakdown: a copy of a device whose /main.py imports, before starting Keel as
 # stage 0 does, the modules the system holds at the measurement one by one (leaves
-# first), printing gc.mem_alloc() after each; Keel then finds them loaded.
+# first), printing gc.mem_alloc() after each; Keel then finds them loaded. Where the
+# code runs in place, the copy first mounts the modules' payloads as the bootloader does
+# (its scan and mount: boot_check and the module format are then in the start figure).
 ORDER = ("flashfs", "handover", "module_format", "boot_check", "keel_boot", "hal", "hal.device", "hal.ports", "hal.ports.virtual",
          "hal.ports.virtual.link", "hal.status_led", "hal.ports.virtual.status_led", "hal.button",
          "hal.ports.virtual.button", "events", "led", "runtime", "app_loader", "trial", "mqtt", "ota",
@@ -128,6 +130,7 @@ INSTRUMENTED_MAIN = '''\
 import gc
 import sys
 sys.path[:] = ["/keel/m/s1", "/keel/m/s2", "/keel/m/bl", ".frozen", "/lib"]
+%s
 gc.collect()
 print("IMP (start)", gc.mem_alloc())
 for name in %r:
@@ -144,7 +147,23 @@ keel_boot.main()
 '''
 
 
-def breakdown(ctx, device, modules, label, heap) -> tuple[list, int | None]:
+MOUNT_IN_PLACE = '''\
+sys.path[:] = ["/keel/m/bl"]
+import json
+import boot_check
+import module_format
+with open("/keel/board.json") as f:
+    board = json.load(f)
+slots = boot_check.load_slots(board)
+for s in slots:
+    boot_check.scan(s, module_format.platform_id(board["platform"]))
+boot_check.mount_in_place(slots)
+sys.path[:] = [s.code_dir for s in slots if s.view is not None] + ["/keel/m/bl", ".frozen", "/lib"]
+del f, board, slots, s
+'''
+
+
+def breakdown(ctx, device, modules, label, heap, in_place=False) -> tuple[list, int | None]:
     """[(module, bytes its import added)], the total at the same measurement point, and
     what the heap held when /main.py began (the VM, vm_startup's vboard, the mount)."""
     import shutil
@@ -155,7 +174,8 @@ def breakdown(ctx, device, modules, label, heap) -> tuple[list, int | None]:
     shutil.copytree(device, copy)
     order = [m for m in ORDER if m in modules] + sorted(
         m for m in modules if m not in ORDER and m not in ("main", "vboard", "__main__") and "." not in m)
-    vdev.write_files(copy, {"/main.py": (INSTRUMENTED_MAIN % (order,)).encode()})
+    vdev.write_files(copy, {"/main.py": (INSTRUMENTED_MAIN % (MOUNT_IN_PLACE if in_place else "",
+                                                              order)).encode()})
     console = time_to_marker(keel_vm_command(copy, heap), "HEAP-DONE", timeout=60)[1]
     steps, last, start = [], None, None
     for line in console.splitlines():
@@ -176,6 +196,8 @@ _VIRTUAL_START = ("the VM and the virtual board's start-up, vm_startup.py: vboar
                   "the mounted filesystem; a real port does this in C")
 _TWIN_START = ("on the twin, what the port's start-up allocates after the heap is counted: the "
                "filesystem mounted, sys.path; on the board the same")
+_MOUNTED = ("; and here the bootloader's scan and mount of the payloads (boot_check, the module "
+            "format, the slots), which a boot releases before the app")
 
 
 def _split_text(split, total, start, startup):
@@ -378,11 +400,13 @@ def twin_rows(ctx):
                 r["limits"] = (f"Keel holds {kb(k0 - b0) if b0 is not None else '?'} KB more than bare "
                                f"MicroPython on this twin. "
                                f"{TWIN_LIMITS if firmware else IN_PLACE_LIMITS}")
-                if firmware:  # (extracted: the instrumented run's paths are the code's)
+                if platform == "esp32":
                     modules = next((g["modules"] for g in [got] if "modules" in g), [])
                     split, total, start = breakdown(ctx, path, modules, "HEAP-START",
-                                                    heap + vdev.twin_firmware_room(path))
-                    r["limits"] += " " + _split_text(split, total, start, _TWIN_START)
+                                                    heap + vdev.twin_firmware_room(path),
+                                                    in_place=not firmware)
+                    r["limits"] += " " + _split_text(split, total, start, _TWIN_START if firmware else
+                                                     _TWIN_START + _MOUNTED)
             rows.append(r)
             if platform == "esp32" and not ctx.smoke:  # (the session's path: the full run only)
                 if cloud is None:

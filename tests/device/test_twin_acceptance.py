@@ -55,6 +55,10 @@ def test_the_cli_builds_and_runs_keel_on_the_esp32_twin(tmp_path):
     assert abs(status["mem"]["heap_total"] - board["heap"]) <= board["heap"] * 0.02
     assert status["mode"] == "normal" and status["app"] == "running"
     assert {m["platform"] for m in status["modules"]} == {"esp32"}
+    # The build Keel documents by default: ROMFS, the system parts and the app in place.
+    text = ok(keel("vdev", "status", "D", cwd=tmp_path))
+    assert "twin firmware   v1.28-romfs (ROMFS: Keel's code can run in place)" in text
+    assert "module          system-part 1 1.0.0  valid  (in place)" in text
 
 
 ESP32_TWIN = pytest.mark.parametrize("board_name", ["esp32_generic"], indirect=True)

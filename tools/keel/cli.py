@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from keel import build, images, vdev, vio
+from keel import build, images, twin_nrf, vdev, vio
 from keel.errors import KeelError
 
 
@@ -265,6 +265,12 @@ def cmd_vdev_status(args) -> int:
     print(f"app             {doc['app']}")
     print(f"reset reason    {doc['reset_reason']}")
     print(f"vm              {doc['vm']['name']} {doc['vm']['version']}")
+    build = Path(args.dir) / twin_nrf.FIRMWARE_FILE  # the MicroPython build a twin plays
+    if build.is_file():
+        played = json.loads(build.read_text())
+        print(f"twin firmware   {played.get('build', '?')} ("
+              + ("ROMFS: Keel's code can run in place)" if played.get("vfs_rom")
+                 else "no ROMFS: Keel's code is extracted)"))
     mem = doc["mem"]
     free = mem["heap_free_at_app_start"]
     connected = mem.get("heap_free_connected")
