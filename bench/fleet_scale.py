@@ -722,12 +722,9 @@ class KeelSubscribe:
                 self.bad += 1
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        from keel_cloud.supervisor import end_process
+
+        end_process(self.proc)
 
 
 # --- the servers ------------------------------------------------------------------

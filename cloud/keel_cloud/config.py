@@ -7,6 +7,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from keel_cloud import pki
 
@@ -36,12 +37,30 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+EMBEDDED, MOSQUITTO = "embedded", "mosquitto"
+
+
+def broker_kind(broker: str | None) -> str:
+    """"embedded" (amqtt behind the gate: the default), "mosquitto" (run and watched by
+    keel cloud serve) or "external" (mqtts://HOST:PORT, run by someone else)."""
+    if broker in (None, "", EMBEDDED):
+        return EMBEDDED
+    if broker == MOSQUITTO:
+        return MOSQUITTO
+    url = urlparse(broker)
+    if url.scheme != "mqtts" or not url.hostname:
+        raise CloudError(f"--broker must be embedded, mosquitto or mqtts://HOST:PORT, not '{broker}'")
+    return "external"
+
+
 @dataclass
 class CloudConfig:
     mqtt: str = DEFAULT_MQTT  # where devices connect (the gate, or the external broker)
     http: str = DEFAULT_HTTP
     server_name: str = SERVER_NAME  # the broker certificate's name devices check
-    broker: str | None = None  # mqtts://HOST:PORT of an external broker, else embedded
+    # "mosquitto" (run by keel cloud serve), mqtts://HOST:PORT of an external broker, or
+    # None / "embedded" (amqtt behind the gate)
+    broker: str | None = None
     database: str | None = None  # a URL (postgresql://…) instead of the SQLite registry
     keepalive: int = 30  # seconds, given to devices at provisioning
     # seconds a device on a new system part has to reach the cloud before its bootloader
@@ -113,6 +132,7 @@ class CloudDir:
             parse_address(http, 8780)
             config.http = http
         if broker is not None:
+            broker_kind(broker)  # refused here when it is none of the three
             config.broker = broker or None
         self.save_config(config)
         return config

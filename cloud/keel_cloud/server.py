@@ -1,8 +1,11 @@
-"""keel cloud serve: the broker (embedded amqtt behind the gate, or an external
-broker), the fleet service and the HTTP API, in one process."""
+"""keel cloud serve: the broker (embedded amqtt behind the gate, Mosquitto run and
+watched by this process, or an external broker), the fleet service and the HTTP API, in
+one process. What runs is recorded in CLOUD_DIR/serve.json for `keel cloud status`."""
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import ssl
 import threading
@@ -10,7 +13,7 @@ import time
 from urllib.parse import urlparse
 
 from keel_cloud import pki
-from keel_cloud.config import CloudDir, CloudError, parse_address
+from keel_cloud.config import EMBEDDED, MOSQUITTO, CloudDir, CloudError, broker_kind, parse_address
 from keel_cloud.http_api import ApiServer
 from keel_cloud.registry import Registry
 from keel_cloud.service import FleetService
@@ -20,8 +23,7 @@ log = logging.getLogger("keel.cloud")
 
 # The addresses the broker's certificate names (keel_cloud.config.CloudDir.init).
 CERTIFIED_HOSTS = {"localhost", "127.0.0.1", "::1"}
-
-
+SERVE_FILE = "serve.json"  # what this directory's `keel cloud serve` runs, while it runs
 def service_tls(cloud_dir: CloudDir, check_hostname: bool) -> ssl.SSLContext:
     """The fleet service's TLS: its certificate, and the broker's verified against the
     cloud's CA (and its name too, with check_hostname)."""
@@ -57,6 +59,7 @@ class Cloud:
         self.config = cloud_dir.init(mqtt, http, broker)
         self.registry = None
         self.broker = None
+        self.supervisor = None
         self.loop = None
         self.service = None
         self.api = None
@@ -66,12 +69,19 @@ class Cloud:
         self.registry = Registry(config.database or self.dir.registry_path)
         for device in self.registry.devices():  # fresh session: devices will say again
             self.registry.set_online(device["id"], False)
-        if config.broker:
+        kind = broker_kind(config.broker)
+        if kind == "external":
             url = urlparse(config.broker)
-            if url.scheme != "mqtts" or not url.hostname:
-                raise CloudError(f"--broker must be mqtts://HOST:PORT, not '{config.broker}'")
             host, port = url.hostname, url.port or 8883
             tls = service_tls(self.dir, config.server_name is not None)
+        elif kind == MOSQUITTO:
+            from keel_cloud.supervisor import MosquittoSupervisor
+
+            listen, port = parse_address(config.mqtt, 8883)
+            self.supervisor = MosquittoSupervisor(self.dir, listen, port)
+            self.supervisor.start()
+            host = "127.0.0.1" if listen in ("0.0.0.0", "") else listen
+            tls = service_tls(self.dir, host in CERTIFIED_HOSTS)
         else:
             from keel_cloud.broker import EmbeddedBroker
 
@@ -100,20 +110,47 @@ class Cloud:
         if self.broker:
             self.loop.run(self.broker.stop())
             self.loop.stop()
+        if self.supervisor:
+            self.supervisor.stop()
         if self.registry:
             self.registry.close()
+
+
+    def record(self) -> dict:
+        """What runs, for keel cloud status (CLOUD_DIR/serve.json)."""
+        config = self.config
+        kind = broker_kind(config.broker)
+        return {"pid": os.getpid(), "started": time.time(), "broker": kind,
+                "address": config.broker if kind == "external" else f"mqtts://{config.mqtt}",
+                "http": f"http://{config.http}/api/",
+                "broker_log": str(self.supervisor.log_path) if self.supervisor else None}
 
 
 def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> None:
     cloud = Cloud(cloud_dir, mqtt, http, broker)
     try:
         cloud.start()
-    except OSError as e:
+    except (OSError, CloudError) as e:
         cloud.stop()
         raise CloudError(f"cannot start the cloud: {e}") from None
     config = cloud.config
-    where = config.broker or f"mqtts://{config.mqtt} (embedded broker)"
+    record = cloud.record()
+    where = {EMBEDDED: f"mqtts://{config.mqtt} (the embedded broker)",
+             MOSQUITTO: f"mqtts://{config.mqtt} (Mosquitto, run by this service: "
+                        f"{cloud.supervisor.binary if cloud.supervisor else ''})",
+             "external": config.broker}[record["broker"]]
     out(f"Keel Cloud: devices connect to {where}; API on http://{config.http}/api/; data in {cloud_dir.path}")
+    if record["broker"] == EMBEDDED:
+        from keel_cloud.supervisor import find_mosquitto
+
+        out("Keel Cloud: the embedded broker suits development and small fleets; for more, "
+            + ("--broker mosquitto runs the Mosquitto found here" if find_mosquitto() else
+               "install Mosquitto (apt-get install mosquitto) and serve with --broker mosquitto")
+            + " (docs/cloud.md)")
+    serve_file = cloud_dir.path / SERVE_FILE
+    tmp = serve_file.with_name(SERVE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(serve_file)
     # A plain flag: the handler must not take a lock the main thread may hold.
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -121,4 +158,9 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
     while not stop:
         time.sleep(0.2)
     out("Keel Cloud: stopping")
+    try:
+        if json.loads(serve_file.read_text()).get("pid") == os.getpid():
+            serve_file.unlink()
+    except (OSError, ValueError):
+        pass
     cloud.stop()

@@ -60,6 +60,56 @@ def cmd_cloud_serve(args) -> int:
     return 0
 
 
+def cmd_cloud_status(args) -> int:
+    """What `keel cloud serve` runs for this cloud directory (CLOUD_DIR/serve.json, while it
+    runs) and what the registry says of the devices."""
+    import os
+
+    from keel_cloud.config import broker_kind
+    from keel_cloud.registry import Registry
+    from keel_cloud.server import SERVE_FILE
+
+    directory = cloud_dir(args).require()
+    config = directory.config()
+    try:
+        record = json.loads((directory.path / SERVE_FILE).read_text())
+        os.kill(record["pid"], 0)  # (signal 0: only whether it is alive)
+    except (OSError, ValueError, KeyError, TypeError):
+        record = None
+    registry = Registry(config.database or directory.registry_path)
+    try:
+        devices = registry.devices()
+    finally:
+        registry.close()
+    kind = record["broker"] if record else broker_kind(config.broker)
+    doc = {
+        "running": record is not None,
+        "pid": record["pid"] if record else None,
+        "broker": kind,
+        "address": record["address"] if record else (
+            config.broker if kind == "external" else f"mqtts://{config.mqtt}"),
+        "http": f"http://{config.http}/api/",
+        "devices": {"connected": sum(1 for d in devices if d.get("online")) if record else 0,
+                    "known": len(devices)},
+        "instances": [{"pid": record["pid"], "started": record["started"]}] if record else [],
+        "broker_log": record.get("broker_log") if record else None,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if record else 1
+    if record:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
+        print(f"Keel Cloud      running (keel cloud serve, pid {record['pid']}, since {started})")
+    else:
+        print(f"Keel Cloud      not running here (start it: keel cloud serve --cloud {directory.path})")
+    print(f"broker          {kind}, devices connect to {doc['address']}"
+          + (f" (log {doc['broker_log']})" if doc["broker_log"] else ""))
+    print(f"API             {doc['http']}")
+    print(f"devices         {doc['devices']['connected']} connected, {doc['devices']['known']} known")
+    print(f"instances       {len(doc['instances'])}")
+    return 0 if record else 1
+
+
 def cmd_cloud_mosquitto_config(args) -> int:
     from keel_cloud.mosquitto import write_config
 
@@ -593,9 +643,16 @@ def add_commands(commands) -> None:
     cloud_option(p)
     p.add_argument("--mqtt", metavar="HOST:PORT", help="where devices connect (default 127.0.0.1:8883)")
     p.add_argument("--http", metavar="HOST:PORT", help="the HTTP API (default 127.0.0.1:8780)")
-    p.add_argument("--broker", metavar="mqtts://HOST:PORT", help="use an external broker (Mosquitto)")
+    p.add_argument("--broker", metavar="BROKER",
+                   help="embedded (amqtt behind the gate; the default), mosquitto (run and watch "
+                   "the Mosquitto installed here, on --mqtt), or mqtts://HOST:PORT of a broker run "
+                   "elsewhere; remembered in the cloud directory")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_cloud_serve)
+    p = clouds.add_parser("status", help="what the cloud here runs: its broker, address, devices")
+    cloud_option(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cloud_status)
     p = clouds.add_parser("mosquitto-config", help="write a Mosquitto configuration and ACL")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--port", type=int, default=8883)

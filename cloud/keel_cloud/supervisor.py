@@ -1,0 +1,139 @@
+"""Mosquitto run and watched by `keel cloud serve --broker mosquitto`: the configuration
+keel_cloud.mosquitto writes (in CLOUD_DIR/mosquitto/), on the address devices connect to,
+started with the service, started again when it dies (after 1 s, doubling to 30 s while
+it keeps dying at once), and stopped with the service. Its log is CLOUD_DIR/mosquitto/
+mosquitto.log."""
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from keel_cloud.config import CloudDir, CloudError
+from keel_cloud.mosquitto import write_config
+
+log = logging.getLogger("keel.cloud.mosquitto")
+
+FOLDER = "mosquitto"
+LOG_FILE = "mosquitto.log"
+START_WAIT_S = 10.0  # for it to listen
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+STEADY_S = 10.0  # up this long: the next death restarts it after RESTART_FIRST_S again
+# Where Debian's package puts it, when PATH does not have it (/usr/sbin: a user's PATH)
+KNOWN_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+ENV = "KEEL_MOSQUITTO"  # the binary to run, when set; set and empty: none
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary: $KEEL_MOSQUITTO, on PATH, else where Debian installs it;
+    None without one."""
+    if ENV in os.environ:
+        return os.environ[ENV] or None
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in KNOWN_PATHS if os.access(p, os.X_OK)), None)
+
+
+class MosquittoSupervisor:
+    def __init__(self, cloud_dir: CloudDir, host: str, port: int, binary: str | None = None):
+        self.dir = cloud_dir
+        self.host, self.port = host, port
+        self.binary = binary or find_mosquitto()
+        if not self.binary:
+            raise CloudError("--broker mosquitto: no mosquitto binary found (install Debian's: "
+                             "apt-get install mosquitto, or make mosquitto)")
+        self.folder = cloud_dir.path / FOLDER
+        self.restarts = 0
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / LOG_FILE
+
+    def start(self) -> None:
+        # Started as root, Mosquitto would switch to the 'mosquitto' account, which cannot
+        # read a key in a root-owned cloud directory (0700): it stays root, as we are.
+        user = "root" if os.geteuid() == 0 else None
+        self.conf = write_config(self.dir, self.folder, port=self.port, listen=self.host, user=user)
+        self._launch()
+        self._thread = threading.Thread(target=self._watch, name="keel-mosquitto", daemon=True)
+        self._thread.start()
+
+    def _launch(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_WAIT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise CloudError(f"mosquitto exited at start ({self.proc.returncode}): "
+                                 f"{self._log_tail()}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.proc.kill()
+        raise CloudError(f"mosquitto did not listen on {self.host}:{self.port} within "
+                         f"{START_WAIT_S:.0f} s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1] if lines else "(an empty log)"
+
+    def _watch(self) -> None:
+        delay = RESTART_FIRST_S
+        started = time.monotonic()
+        while not self._stop.is_set():
+            if self.proc.poll() is None:
+                if time.monotonic() - started > STEADY_S:
+                    delay = RESTART_FIRST_S
+                self._stop.wait(0.2)
+                continue
+            log.warning("mosquitto exited (%s); starting it again in %.0f s: %s",
+                        self.proc.returncode, delay, self._log_tail())
+            if self._stop.wait(delay):
+                return
+            try:
+                self._launch()
+                self.restarts += 1
+                started = time.monotonic()
+                log.warning("mosquitto started again (restart %d)", self.restarts)
+            except CloudError as e:
+                log.warning("%s", e)
+            delay = min(delay * 2, RESTART_MAX_S)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        if self.proc:
+            end_process(self.proc)
+
+
+def end_process(proc: subprocess.Popen, wait_s: float = 5) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within wait_s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(wait_s)

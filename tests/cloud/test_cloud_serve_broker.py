@@ -1,0 +1,100 @@
+"""keel cloud serve's broker choice (issue 15, its first part): --broker mosquitto runs
+the Mosquitto installed here and watches it, the embedded broker stays the default and
+says how to get Mosquitto, and keel cloud status says what runs."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from keel import build, vdev, vio
+
+from test_cloud_e2e import ROOT, Cloud, RunningDevice, wait_until
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+def status(cloud):
+    proc = cloud.keel("cloud", "status", "--json", check=False)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def broker_pids(cloud):
+    conf = str(cloud.data / "mosquitto" / "mosquitto.conf")
+    out = subprocess.run(["pgrep", "-f", f"mosquitto -c {conf}"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_serve_runs_mosquitto_restarts_it_and_stops_it(tmp_path):
+    if not os.access(MOSQUITTO, os.X_OK):
+        pytest.fail(f"{MOSQUITTO} is missing: install Debian's mosquitto (make mosquitto)")
+    system = tmp_path / "system"
+    build.build_system("virtual", "1.1.0", system)
+    cloud = Cloud(tmp_path / "cloud", broker="mosquitto")
+    cloud.start()
+    device = None
+    try:
+        code, doc = status(cloud)
+        assert code == 0 and doc["running"] and doc["broker"] == "mosquitto", doc
+        assert doc["address"] == f"mqtts://{cloud.mqtt}" and len(doc["instances"]) == 1
+        [pid] = broker_pids(cloud)
+        path = tmp_path / "d1"
+        vdev.create(path, system)
+        vdev.flash(path, [build.build_app(ROOT / "examples" / "hello", "virtual", None,
+                                          tmp_path / "hello.bin")])
+        cloud.keel("device", "provision", path, "--name", "d1")
+        device = RunningDevice(path)
+        wait_until(lambda: cloud.devices()["d1"]["online"], what="d1 online")
+        assert status(cloud)[1]["devices"] == {"connected": 1, "known": 1}
+        # Mosquitto dies: the service starts it again, and the device comes back to it.
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: broker_pids(cloud) not in ([], [pid]), timeout=15, what="a new mosquitto")
+        log = (cloud.data / "mosquitto" / "mosquitto.log").read_text()
+        assert log.count("mosquitto version") >= 2, log[-2000:]
+        console = path / vio.CONSOLE_LOG
+        wait_until(lambda: console.read_text().count("keel: cloud connected") >= 2
+                   and cloud.devices()["d1"]["online"], timeout=30, what="d1 back on the new broker")
+    finally:
+        if device:
+            device.stop()
+        cloud.stop()
+    # Stopped with the service; the record goes with it.
+    assert broker_pids(cloud) == []
+    code, doc = status(cloud)
+    assert code == 1 and not doc["running"] and doc["broker"] == "mosquitto" and doc["instances"] == []
+    assert not (cloud.data / "serve.json").exists()
+
+
+def test_the_embedded_broker_says_how_to_get_mosquitto(tmp_path):
+    cloud = Cloud(tmp_path / "cloud")
+    cloud.env["KEEL_MOSQUITTO"] = ""  # (as on a machine without it)
+    proc = subprocess.Popen(["keel", "cloud", "serve", "--data", str(cloud.data), "--mqtt", cloud.mqtt,
+                             "--http", cloud.http], env=cloud.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+        assert "(the embedded broker)" in first, first
+        assert "install Mosquitto (apt-get install mosquitto) and serve with --broker mosquitto" \
+            in second, second
+        code, doc = status(cloud)
+        assert code == 0 and doc["broker"] == "embedded" and doc["broker_log"] is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+
+
+@pytest.mark.parametrize("broker, env, message", [
+    ("mosquitto", {"KEEL_MOSQUITTO": ""}, "--broker mosquitto: no mosquitto binary found"),
+    ("mosquitto", {"KEEL_MOSQUITTO": "/bin/false"}, "mosquitto exited at start (1)"),
+    ("rabbit", {}, "--broker must be embedded, mosquitto or mqtts://HOST:PORT, not 'rabbit'"),
+])
+def test_a_broker_that_cannot_run_is_one_clear_error(tmp_path, broker, env, message):
+    cloud = Cloud(tmp_path / "cloud", broker=broker)
+    cloud.env.update(env)
+    proc = subprocess.run(["keel", "cloud", "serve", "--data", str(cloud.data), "--mqtt", cloud.mqtt,
+                           "--http", cloud.http, "--broker", broker], env=cloud.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
