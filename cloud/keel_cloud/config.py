@@ -37,19 +37,23 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
-EMBEDDED, MOSQUITTO = "embedded", "mosquitto"
+AUTO, EMBEDDED, MOSQUITTO = "auto", "embedded", "mosquitto"
 
 
 def broker_kind(broker: str | None) -> str:
-    """"embedded" (amqtt behind the gate: the default), "mosquitto" (run and watched by
-    keel cloud serve) or "external" (mqtts://HOST:PORT, run by someone else)."""
-    if broker in (None, "", EMBEDDED):
+    """"auto" (none chosen: Mosquitto where it is installed, else the embedded broker),
+    "embedded" (amqtt behind the gate), "mosquitto" (run and watched by keel cloud
+    serve) or "external" (mqtts://HOST:PORT, run by someone else)."""
+    if broker in (None, "", AUTO):
+        return AUTO
+    if broker == EMBEDDED:
         return EMBEDDED
     if broker == MOSQUITTO:
         return MOSQUITTO
     url = urlparse(broker)
     if url.scheme != "mqtts" or not url.hostname:
-        raise CloudError(f"--broker must be embedded, mosquitto or mqtts://HOST:PORT, not '{broker}'")
+        raise CloudError(f"--broker must be auto, embedded, mosquitto or mqtts://HOST:PORT, "
+                         f"not '{broker}'")
     return "external"
 
 
@@ -58,8 +62,8 @@ class CloudConfig:
     mqtt: str = DEFAULT_MQTT  # where devices connect (the gate, or the external broker)
     http: str = DEFAULT_HTTP
     server_name: str = SERVER_NAME  # the broker certificate's name devices check
-    # "mosquitto" (run by keel cloud serve), mqtts://HOST:PORT of an external broker, or
-    # None / "embedded" (amqtt behind the gate)
+    # None (auto: Mosquitto where installed, else embedded), "embedded" (amqtt behind the
+    # gate), "mosquitto" (run by keel cloud serve), mqtts://HOST:PORT of an external broker
     broker: str | None = None
     database: str | None = None  # a URL (postgresql://…) instead of the SQLite registry
     keepalive: int = 30  # seconds, given to devices at provisioning
@@ -132,8 +136,7 @@ class CloudDir:
             parse_address(http, 8780)
             config.http = http
         if broker is not None:
-            broker_kind(broker)  # refused here when it is none of the three
-            config.broker = broker or None
+            config.broker = None if broker_kind(broker) == AUTO else broker
         self.save_config(config)
         return config
 

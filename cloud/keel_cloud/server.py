@@ -13,7 +13,7 @@ import time
 from urllib.parse import urlparse
 
 from keel_cloud import pki
-from keel_cloud.config import EMBEDDED, MOSQUITTO, CloudDir, CloudError, broker_kind, parse_address
+from keel_cloud.config import AUTO, EMBEDDED, MOSQUITTO, CloudDir, CloudError, broker_kind, parse_address
 from keel_cloud.http_api import ApiServer
 from keel_cloud.registry import Registry
 from keel_cloud.service import FleetService
@@ -69,7 +69,7 @@ class Cloud:
         self.registry = Registry(config.database or self.dir.registry_path)
         for device in self.registry.devices():  # fresh session: devices will say again
             self.registry.set_online(device["id"], False)
-        kind = broker_kind(config.broker)
+        kind = self.kind = self.chosen_broker()
         if kind == "external":
             url = urlparse(config.broker)
             host, port = url.hostname, url.port or 8883
@@ -116,10 +116,19 @@ class Cloud:
             self.registry.close()
 
 
+    def chosen_broker(self) -> str:
+        """The broker to run: the one chosen, or (auto) Mosquitto where it is installed."""
+        kind = broker_kind(self.config.broker)
+        if kind == AUTO:
+            from keel_cloud.supervisor import find_mosquitto
+
+            kind = MOSQUITTO if find_mosquitto() else EMBEDDED
+        return kind
+
     def record(self) -> dict:
         """What runs, for keel cloud status (CLOUD_DIR/serve.json)."""
         config = self.config
-        kind = broker_kind(config.broker)
+        kind = self.kind
         return {"pid": os.getpid(), "started": time.time(), "broker": kind,
                 "address": config.broker if kind == "external" else f"mqtts://{config.mqtt}",
                 "http": f"http://{config.http}/api/",
@@ -140,13 +149,11 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
                         f"{cloud.supervisor.binary if cloud.supervisor else ''})",
              "external": config.broker}[record["broker"]]
     out(f"Keel Cloud: devices connect to {where}; API on http://{config.http}/api/; data in {cloud_dir.path}")
-    if record["broker"] == EMBEDDED:
-        from keel_cloud.supervisor import find_mosquitto
-
-        out("Keel Cloud: the embedded broker suits development and small fleets; for more, "
-            + ("--broker mosquitto runs the Mosquitto found here" if find_mosquitto() else
-               "install Mosquitto (apt-get install mosquitto) and serve with --broker mosquitto")
-            + " (docs/cloud.md)")
+    if record["broker"] == EMBEDDED and broker_kind(config.broker) == AUTO:
+        out("Keel Cloud: no mosquitto found (on PATH, or $KEEL_MOSQUITTO), so the embedded "
+            "broker runs: it suits development and small fleets. For more, install Mosquitto "
+            "(apt-get install mosquitto; Debian puts it in /usr/sbin) and start again "
+            "(docs/cloud.md)")
     serve_file = cloud_dir.path / SERVE_FILE
     tmp = serve_file.with_name(SERVE_FILE + ".tmp")
     tmp.write_text(json.dumps(record) + "\n")

@@ -24,22 +24,17 @@ START_WAIT_S = 10.0  # for it to listen
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 STEADY_S = 10.0  # up this long: the next death restarts it after RESTART_FIRST_S again
-# Where Debian's package puts it, when PATH does not have it (/usr/sbin: a user's PATH)
-KNOWN_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
 ENV = "KEEL_MOSQUITTO"  # the binary to run, when set; set and empty: none
 
 
 def find_mosquitto() -> str | None:
-    """The mosquitto binary: $KEEL_MOSQUITTO, on PATH, else where Debian installs it;
-    None without one."""
+    """The mosquitto binary: $KEEL_MOSQUITTO, else `mosquitto` on PATH; None without
+    one (Debian's package puts it in /usr/sbin, on root's PATH, not on a user's)."""
     if ENV in os.environ:
         return os.environ[ENV] or None
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return next((p for p in KNOWN_PATHS if os.access(p, os.X_OK)), None)
+    return shutil.which("mosquitto")
 
 
 class MosquittoSupervisor:
@@ -48,8 +43,9 @@ class MosquittoSupervisor:
         self.host, self.port = host, port
         self.binary = binary or find_mosquitto()
         if not self.binary:
-            raise CloudError("--broker mosquitto: no mosquitto binary found (install Debian's: "
-                             "apt-get install mosquitto, or make mosquitto)")
+            raise CloudError("--broker mosquitto: no mosquitto on PATH (install Debian's: "
+                             "apt-get install mosquitto, which puts it in /usr/sbin; or name it "
+                             "in $KEEL_MOSQUITTO)")
         self.folder = cloud_dir.path / FOLDER
         self.restarts = 0
         self.proc: subprocess.Popen | None = None

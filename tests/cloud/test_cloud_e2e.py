@@ -145,7 +145,7 @@ def fleet_story(tmp_path, system, cloud):
 
 
 def test_fleet_on_the_embedded_broker(tmp_path, system):
-    cloud = Cloud(tmp_path / "cloud")
+    cloud = Cloud(tmp_path / "cloud", broker="embedded")
     cloud.start()
     sensor = None
     try:

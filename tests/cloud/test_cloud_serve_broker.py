@@ -1,6 +1,6 @@
-"""keel cloud serve's broker choice (issue 15, its first part): --broker mosquitto runs
-the Mosquitto installed here and watches it, the embedded broker stays the default and
-says how to get Mosquitto, and keel cloud status says what runs."""
+"""keel cloud serve's broker (issue 15, its first part): where Mosquitto is installed it
+runs it and watches it (the default, or --broker mosquitto); without it, the embedded
+broker, and a line that says how to get Mosquitto; keel cloud status says what runs."""
 
 import json
 import os
@@ -28,11 +28,14 @@ def broker_pids(cloud):
 
 
 def test_serve_runs_mosquitto_restarts_it_and_stops_it(tmp_path):
+    """The default, with a mosquitto on PATH (Debian's, in /usr/sbin)."""
     if not os.access(MOSQUITTO, os.X_OK):
         pytest.fail(f"{MOSQUITTO} is missing: install Debian's mosquitto (make mosquitto)")
     system = tmp_path / "system"
     build.build_system("virtual", "1.1.0", system)
-    cloud = Cloud(tmp_path / "cloud", broker="mosquitto")
+    cloud = Cloud(tmp_path / "cloud")
+    cloud.env["PATH"] += os.pathsep + os.path.dirname(MOSQUITTO)
+    cloud.env.pop("KEEL_MOSQUITTO", None)
     cloud.start()
     device = None
     try:
@@ -63,21 +66,25 @@ def test_serve_runs_mosquitto_restarts_it_and_stops_it(tmp_path):
     # Stopped with the service; the record goes with it.
     assert broker_pids(cloud) == []
     code, doc = status(cloud)
-    assert code == 1 and not doc["running"] and doc["broker"] == "mosquitto" and doc["instances"] == []
+    # (not running: the choice remembered, none here: auto)
+    assert code == 1 and not doc["running"] and doc["broker"] == "auto" and doc["instances"] == []
     assert not (cloud.data / "serve.json").exists()
 
 
-def test_the_embedded_broker_says_how_to_get_mosquitto(tmp_path):
+def test_without_mosquitto_the_embedded_broker_says_how_to_get_it(tmp_path):
     cloud = Cloud(tmp_path / "cloud")
-    cloud.env["KEEL_MOSQUITTO"] = ""  # (as on a machine without it)
+    # PATH without it, as on a machine without Mosquitto (or a user's PATH on Debian)
+    cloud.env["PATH"] = os.pathsep.join(p for p in cloud.env["PATH"].split(os.pathsep)
+                                        if not os.path.exists(os.path.join(p, "mosquitto")))
+    cloud.env.pop("KEEL_MOSQUITTO", None)
     proc = subprocess.Popen(["keel", "cloud", "serve", "--data", str(cloud.data), "--mqtt", cloud.mqtt,
                              "--http", cloud.http], env=cloud.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         first, second = proc.stdout.readline(), proc.stdout.readline()
         assert "(the embedded broker)" in first, first
-        assert "install Mosquitto (apt-get install mosquitto) and serve with --broker mosquitto" \
-            in second, second
+        assert "no mosquitto found (on PATH, or $KEEL_MOSQUITTO), so the embedded broker runs" \
+            in second and "install Mosquitto (apt-get install mosquitto" in second, second
         code, doc = status(cloud)
         assert code == 0 and doc["broker"] == "embedded" and doc["broker_log"] is None
     finally:
@@ -86,9 +93,9 @@ def test_the_embedded_broker_says_how_to_get_mosquitto(tmp_path):
 
 
 @pytest.mark.parametrize("broker, env, message", [
-    ("mosquitto", {"KEEL_MOSQUITTO": ""}, "--broker mosquitto: no mosquitto binary found"),
+    ("mosquitto", {"KEEL_MOSQUITTO": ""}, "--broker mosquitto: no mosquitto on PATH"),
     ("mosquitto", {"KEEL_MOSQUITTO": "/bin/false"}, "mosquitto exited at start (1)"),
-    ("rabbit", {}, "--broker must be embedded, mosquitto or mqtts://HOST:PORT, not 'rabbit'"),
+    ("rabbit", {}, "--broker must be auto, embedded, mosquitto or mqtts://HOST:PORT, not 'rabbit'"),
 ])
 def test_a_broker_that_cannot_run_is_one_clear_error(tmp_path, broker, env, message):
     cloud = Cloud(tmp_path / "cloud", broker=broker)

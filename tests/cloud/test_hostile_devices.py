@@ -178,7 +178,7 @@ def setup(request, tmp_path_factory):
     devices = []
     if request.param == "embedded":
         address = cloud_dir.config().mqtt.rsplit(":", 1)
-        made = Setup("embedded", cloud_dir, None, lambda: (address[0], int(address[1])))
+        made = Setup("embedded", cloud_dir, "embedded", lambda: (address[0], int(address[1])))
         context = None
     else:
         context = running_mosquitto(cloud_dir, out)

@@ -36,7 +36,7 @@ def serve(request, tmp_path):
     mqtt, http = f"{request.param}:{free_port()}", f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(["keel", "cloud", "serve", "--data", str(data), "--mqtt", mqtt,
-                             "--http", http], env=env, stdout=subprocess.PIPE,
+                             "--http", http, "--broker", "embedded"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         line = proc.stdout.readline()

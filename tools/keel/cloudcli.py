@@ -102,7 +102,8 @@ def cmd_cloud_status(args) -> int:
         print(f"Keel Cloud      running (keel cloud serve, pid {record['pid']}, since {started})")
     else:
         print(f"Keel Cloud      not running here (start it: keel cloud serve --cloud {directory.path})")
-    print(f"broker          {kind}, devices connect to {doc['address']}"
+    print(f"broker          {'auto (Mosquitto where installed, else embedded)' if kind == 'auto' else kind}"
+          f", devices connect to {doc['address']}"
           + (f" (log {doc['broker_log']})" if doc["broker_log"] else ""))
     print(f"API             {doc['http']}")
     print(f"devices         {doc['devices']['connected']} connected, {doc['devices']['known']} known")
@@ -644,8 +645,9 @@ def add_commands(commands) -> None:
     p.add_argument("--mqtt", metavar="HOST:PORT", help="where devices connect (default 127.0.0.1:8883)")
     p.add_argument("--http", metavar="HOST:PORT", help="the HTTP API (default 127.0.0.1:8780)")
     p.add_argument("--broker", metavar="BROKER",
-                   help="embedded (amqtt behind the gate; the default), mosquitto (run and watch "
-                   "the Mosquitto installed here, on --mqtt), or mqtts://HOST:PORT of a broker run "
+                   help="auto (the default: Mosquitto where it is installed, else the embedded "
+                   "broker), embedded (amqtt behind the gate), mosquitto (run and watch the "
+                   "Mosquitto installed here, on --mqtt), or mqtts://HOST:PORT of a broker run "
                    "elsewhere; remembered in the cloud directory")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_cloud_serve)
