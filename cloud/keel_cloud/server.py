@@ -115,7 +115,6 @@ class Cloud:
         if self.registry:
             self.registry.close()
 
-
     def chosen_broker(self) -> str:
         """The broker to run: the one chosen, or (auto) Mosquitto where it is installed."""
         kind = broker_kind(self.config.broker)
@@ -144,6 +143,11 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
         raise CloudError(f"cannot start the cloud: {e}") from None
     config = cloud.config
     record = cloud.record()
+    # Recorded before the first line is printed: whoever waits for that line finds it.
+    serve_file = cloud_dir.path / SERVE_FILE
+    tmp = serve_file.with_name(SERVE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(serve_file)
     where = {EMBEDDED: f"mqtts://{config.mqtt} (the embedded broker)",
              MOSQUITTO: f"mqtts://{config.mqtt} (Mosquitto, run by this service: "
                         f"{cloud.supervisor.binary if cloud.supervisor else ''})",
@@ -154,10 +158,6 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
             "broker runs: it suits development and small fleets. For more, install Mosquitto "
             "(apt-get install mosquitto; Debian puts it in /usr/sbin) and start again "
             "(docs/cloud.md)")
-    serve_file = cloud_dir.path / SERVE_FILE
-    tmp = serve_file.with_name(SERVE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(serve_file)
     # A plain flag: the handler must not take a lock the main thread may hold.
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
