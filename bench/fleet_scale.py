@@ -722,9 +722,7 @@ class KeelSubscribe:
                 self.bad += 1
 
     def stop(self):
-        from keel_cloud.supervisor import end_process
-
-        end_process(self.proc)
+        stop_process(self.proc, 5)
 
 
 # --- the servers ------------------------------------------------------------------
@@ -858,7 +856,8 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
         if setup == "bare":
             sub = Subscriber(host, port, cloud.path / pki.CA_CERT, cloud.path / pki.SERVICE_PEM)
         else:
-            broker = f"mqtts://127.0.0.1:{mosquitto.port}" if mosquitto else None
+            # (the embedded setup asks for it: the default is Mosquitto where installed)
+            broker = f"mqtts://127.0.0.1:{mosquitto.port}" if mosquitto else "embedded"
             serve = CloudServe(cloud, broker)
             out["cloud_start_s"] = round(serve.start_s, 2)
             ksub = KeelSubscribe(cloud.path)
