@@ -29,6 +29,20 @@ STEADY_S = 10.0  # up this long: the next death restarts it after RESTART_FIRST_
 ENV = "KEEL_MOSQUITTO"  # the binary to run, when set; set and empty: none
 
 
+def _die_with_parent() -> None:
+    # In the child, before exec: Linux sends it SIGTERM when the service that started it
+    # dies, however it dies (a SIGKILL, the OOM killer), so no Mosquitto is left holding
+    # the port for the next start (prctl PR_SET_PDEATHSIG, tied to the starting thread;
+    # elsewhere nothing is done).
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def find_mosquitto() -> str | None:
     """The mosquitto binary: $KEEL_MOSQUITTO, else `mosquitto` on PATH; None without
     one (Debian's package puts it in /usr/sbin, on root's PATH, not on a user's)."""
@@ -50,6 +64,8 @@ class MosquittoSupervisor:
         self.restarts = 0
         self.proc: subprocess.Popen | None = None
         self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: CloudError | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -61,14 +77,29 @@ class MosquittoSupervisor:
         # read a key in a root-owned cloud directory (0700): it stays root, as we are.
         user = "root" if os.geteuid() == 0 else None
         self.conf = write_config(self.dir, self.folder, port=self.port, listen=self.host, user=user)
-        self._launch()
-        self._thread = threading.Thread(target=self._watch, name="keel-mosquitto", daemon=True)
+        # Started, and started again, from one thread that lives as long as the service:
+        # Linux ties the parent-death signal to the thread that started the child.
+        self._thread = threading.Thread(target=self._run, name="keel-mosquitto", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            self._launch()
+        except CloudError as e:
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        self._watch()
 
     def _launch(self) -> None:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_WAIT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

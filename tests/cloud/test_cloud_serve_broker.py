@@ -105,3 +105,20 @@ def test_a_broker_that_cannot_run_is_one_clear_error(tmp_path, broker, env, mess
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_mosquitto_goes_with_a_service_that_is_killed(tmp_path):
+    """However the service dies (here SIGKILL: no handler runs), its Mosquitto goes too,
+    and the port is free for the next start."""
+    cloud = Cloud(tmp_path / "cloud", broker="mosquitto")
+    cloud.start()
+    try:
+        assert broker_pids(cloud)
+        cloud.proc.kill()
+        cloud.proc.wait(10)
+        wait_until(lambda: broker_pids(cloud) == [], timeout=10, what="mosquitto gone")
+        cloud.start()  # the same port again
+        assert status(cloud)[1]["running"]
+    finally:
+        cloud.stop()
+    assert broker_pids(cloud) == []
