@@ -218,7 +218,7 @@ def boot():
     board = flashfs.read_json(BOARD_FILE)
     platform = mf.platform_id(board["platform"])
     reset_reason = take_reset_reason(port)
-    if hasattr(port, "layout_error"):  # nrf: the firmware may leave no room for the slots
+    if hasattr(port, "layout_error"):  # the firmware or the table may leave no room for the slots
         why = port.layout_error(board)
         if why:
             halt([], reset_reason, "layout", [], why)

@@ -27,16 +27,30 @@ _CAUSES = {
 _romfs = []  # once read: {slot label: (offset in the romfs partition, size)}, the partition
 
 
-def _slot(label):
+def layout_error(board=None):
+    """Why this flash cannot hold Keel's slots (the bootloader halts with it), or None:
+    board.json puts them in a romfs partition the partition table does not have. The
+    boot gives the board it has read; other callers read /keel/board.json once."""
     if not _romfs:
-        import json
+        if board is None:
+            import json
 
-        with open(BOARD_FILE) as f:
-            parts = json.load(f)["flash"]["partitions"]
+            with open(BOARD_FILE) as f:
+                board = json.load(f)
+        parts = board["flash"]["partitions"]
         base = [p["offset"] for p in parts if p["label"] == "romfs"]
         _romfs.append({p["label"]: (p["offset"] - base[0], p["size"]) for p in parts if p.get("in")})
         found = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="romfs")
         _romfs.append(found[0] if found else None)
+    if _romfs[0] and _romfs[1] is None:
+        return ("keel: no room for Keel on this board: the partition table has no romfs "
+                "partition for its slots (write it with keel image esp32: docs/boards/esp32.md)")
+    return None
+
+
+def _slot(label):
+    if not _romfs:
+        layout_error()
     return _romfs[0].get(label)
 
 

@@ -65,6 +65,18 @@ class _NorFlash:
 _ERASED = b"\xff" * 256
 
 
+def firmware_build():
+    """The MicroPython build the twin plays (DEVICE_DIR/firmware.json, written by keel
+    vdev create), or None for a device made before there was a choice."""
+    import json
+
+    try:
+        with open(hw.device_dir + "/firmware.json") as f:
+            return json.load(f)
+    except OSError:
+        return None
+
+
 class MappedFlash(bytearray):
     """Flash that the chip maps into the CPU's address space (nRF52840: all of it; ESP32:
     a partition the IDF maps with esp_partition_mmap): code runs from it in place. On

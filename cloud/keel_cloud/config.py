@@ -37,7 +37,7 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
-AUTO, EMBEDDED, MOSQUITTO = "auto", "embedded", "mosquitto"
+AUTO, EMBEDDED, MOSQUITTO, EXTERNAL = "auto", "embedded", "mosquitto", "external"
 
 
 def broker_kind(broker: str | None) -> str:
@@ -54,7 +54,15 @@ def broker_kind(broker: str | None) -> str:
     if url.scheme != "mqtts" or not url.hostname:
         raise CloudError(f"--broker must be auto, embedded, mosquitto or mqtts://HOST:PORT, "
                          f"not '{broker}'")
-    return "external"
+    return EXTERNAL
+
+
+def device_address(config: "CloudConfig") -> tuple[str, int]:
+    """(host, port) devices connect to: the external broker's, else --mqtt's."""
+    if broker_kind(config.broker) == EXTERNAL:
+        url = urlparse(config.broker)
+        return url.hostname, url.port or 8883
+    return parse_address(config.mqtt, 8883)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from /keel/cloud/. The device is registered under its name at the same time."""
 import json
 import re
 
-from keel_cloud.config import CloudDir, CloudError, broker_kind, parse_address
+from keel_cloud.config import CloudDir, CloudError, device_address
 from keel_cloud.registry import Registry, RegistryError
 
 DEVICE_DIR = "/keel/cloud"
@@ -32,13 +32,7 @@ def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str
         registry.close()
     ca = cloud_dir.ca()
     identity = ca.issue(device_id)
-    if broker_kind(config.broker) == "external":
-        from urllib.parse import urlparse
-
-        url = urlparse(config.broker)
-        host, port = url.hostname, url.port or 8883
-    else:
-        host, port = parse_address(config.mqtt, 8883)
+    host, port = device_address(config)
     settings = {"host": host, "port": port, "server_name": config.server_name,
                 "keepalive": config.keepalive}
     return {

@@ -10,10 +10,10 @@ import signal
 import ssl
 import threading
 import time
-from urllib.parse import urlparse
 
 from keel_cloud import pki
-from keel_cloud.config import AUTO, EMBEDDED, MOSQUITTO, CloudDir, CloudError, broker_kind, parse_address
+from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, MOSQUITTO, CloudDir, CloudError, broker_kind,
+                               device_address, parse_address)
 from keel_cloud.http_api import ApiServer
 from keel_cloud.registry import Registry
 from keel_cloud.service import FleetService
@@ -70,9 +70,8 @@ class Cloud:
         for device in self.registry.devices():  # fresh session: devices will say again
             self.registry.set_online(device["id"], False)
         kind = self.kind = self.chosen_broker()
-        if kind == "external":
-            url = urlparse(config.broker)
-            host, port = url.hostname, url.port or 8883
+        if kind == EXTERNAL:
+            host, port = device_address(config)
             tls = service_tls(self.dir, config.server_name is not None)
         elif kind == MOSQUITTO:
             from keel_cloud.supervisor import MosquittoSupervisor
@@ -129,7 +128,7 @@ class Cloud:
         config = self.config
         kind = self.kind
         return {"pid": os.getpid(), "started": time.time(), "broker": kind,
-                "address": config.broker if kind == "external" else f"mqtts://{config.mqtt}",
+                "address": "mqtts://%s:%d" % device_address(config),
                 "http": f"http://{config.http}/api/",
                 "broker_log": str(self.supervisor.log_path) if self.supervisor else None}
 
@@ -151,7 +150,7 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
     where = {EMBEDDED: f"mqtts://{config.mqtt} (the embedded broker)",
              MOSQUITTO: f"mqtts://{config.mqtt} (Mosquitto, run by this service: "
                         f"{cloud.supervisor.binary if cloud.supervisor else ''})",
-             "external": config.broker}[record["broker"]]
+             EXTERNAL: config.broker}[record["broker"]]
     out(f"Keel Cloud: devices connect to {where}; API on http://{config.http}/api/; data in {cloud_dir.path}")
     if record["broker"] == EMBEDDED and broker_kind(config.broker) == AUTO:
         out("Keel Cloud: no mosquitto found (on PATH, or $KEEL_MOSQUITTO), so the embedded "

@@ -1,4 +1,5 @@
-"""Mosquitto run and watched by `keel cloud serve --broker mosquitto`: the configuration
+"""Mosquitto run and watched by `keel cloud serve` (the default where it is installed,
+or --broker mosquitto): the configuration
 keel_cloud.mosquitto writes (in CLOUD_DIR/mosquitto/), on the address devices connect to,
 started with the service, started again when it dies (after 1 s, doubling to 30 s while
 it keeps dying at once), and stopped with the service. Its log is CLOUD_DIR/mosquitto/

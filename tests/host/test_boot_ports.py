@@ -91,6 +91,32 @@ def esp32_twin(tmp_path_factory):
     return make_twin(tmp_path_factory.mktemp("esp32-twin"))
 
 
+def test_esp32_port_says_when_the_table_has_no_romfs_partition(esp32_twin, tmp_path):
+    """board.json puts the slots in romfs, the table on the flash has no such partition
+    (an old table, or one written by hand): the port says why, for the bootloader to
+    halt with, and finds no slot; with the table keel image writes it says nothing."""
+    import shutil
+
+    from keel import esp32image, vdev
+    from keel.boards import board_from_dict
+    from twins import run_on
+
+    code = ("import sys\nsys.path.insert(0, '/keel/m/bl')\nimport port_esp32\n"
+            "print('WHY', port_esp32.layout_error())\nprint('S1', port_esp32.Partition.find('system1'))\n")
+    assert "WHY None" in run_on(esp32_twin, code).stdout
+    path = Path(shutil.copytree(esp32_twin, tmp_path / "no-romfs"))
+    data = json.loads((path / "board.json").read_text())
+    data["flash"]["partitions"] = [p for p in data["flash"]["partitions"] if p["label"] != "romfs"]
+    device = vdev.VirtualDevice(path)
+    flash = device.read_flash()
+    table = esp32image.partition_table(board_from_dict(data))
+    flash[esp32image.TABLE_OFFSET : esp32image.TABLE_OFFSET + len(table)] = table
+    device.write_flash(flash)
+    out = run_on(path, code).stdout
+    assert "WHY keel: no room for Keel on this board: the partition table has no romfs " \
+           "partition for its slots" in out and "S1 None" in out, out
+
+
 @pytest.mark.parametrize("firmware", [None, "v1.28-generic"])
 def test_esp32_port(esp32_twin, firmware, tmp_path):
     from twins import make_twin, run_on

@@ -65,7 +65,7 @@ def cmd_cloud_status(args) -> int:
     runs) and what the registry says of the devices."""
     import os
 
-    from keel_cloud.config import broker_kind
+    from keel_cloud.config import broker_kind, device_address
     from keel_cloud.registry import Registry
     from keel_cloud.server import SERVE_FILE
 
@@ -86,8 +86,7 @@ def cmd_cloud_status(args) -> int:
         "running": record is not None,
         "pid": record["pid"] if record else None,
         "broker": kind,
-        "address": record["address"] if record else (
-            config.broker if kind == "external" else f"mqtts://{config.mqtt}"),
+        "address": record["address"] if record else "mqtts://%s:%d" % device_address(config),
         "http": f"http://{config.http}/api/",
         "devices": {"connected": sum(1 for d in devices if d.get("online")) if record else 0,
                     "known": len(devices)},

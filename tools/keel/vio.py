@@ -99,10 +99,8 @@ def fold(records: list[dict]) -> dict:
                 drawn = rec.get("pattern") == "frames"
                 led = {"color": None if drawn else "app", "pattern": rec.get("pattern", "solid"),
                        "rgb": rec["rgb"]}
-                if drawn:  # what the last second of frames shows, as a person would see it
+                if drawn:
                     frames.append(rec["rgb"])
-                    del frames[:-LED_FRAMES]
-                    led["seen"] = led_from_frames(frames)
             state["status_led"] = led
         elif kind == "button":
             state["button"]["presses"] += 1
@@ -120,6 +118,9 @@ def fold(records: list[dict]) -> dict:
             state["cloud"]["variables"] = rec.get("variables", [])
         elif kind == "error":
             state["errors"].append(rec.get("message"))
+    led = state["status_led"]
+    if led and led.get("pattern") == "frames":  # what the last second shows, as a person sees it
+        led["seen"] = led_from_frames(frames)
     return state
 
 

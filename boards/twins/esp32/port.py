@@ -5,7 +5,6 @@
 import sys
 import os
 import vfs
-import json
 import vm_twin
 
 BANNER = "Keel twin of an ESP32"
@@ -21,7 +20,8 @@ def install():
     for name in ("machine", "esp32", "network", "neopixel", "socket", "tls"):
         vm_twin.register(name)
     vm_twin.done_registering()
-    if _vfs_rom():
+    build = vm_twin.firmware_build()  # (none: a device made before the choice, stock)
+    if build and build["vfs_rom"]:
         import esp32
 
         view = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2", "VfsRom"))
@@ -30,14 +30,6 @@ def install():
     else:
         view = vm_twin.ModuleView(vfs, ("mount", "umount", "VfsFat", "VfsLfs2"))
     sys.modules["vfs"] = view
-
-
-def _vfs_rom():
-    try:
-        with open(vm_twin.hw.device_dir + "/firmware.json") as f:
-            return json.load(f)["vfs_rom"]
-    except OSError:  # a device made before the twin had a choice: the stock build
-        return False
 
 
 def boot():

@@ -7,7 +7,6 @@
 import sys
 import os
 import vfs
-import json
 import micropython
 import vm_twin
 
@@ -66,8 +65,7 @@ _firmware = {}
 
 def install():
     board = BOARDS[vm_twin.hw.board["name"]]
-    with open(vm_twin.hw.device_dir + "/firmware.json") as f:
-        _firmware.update(json.load(f))
+    _firmware.update(vm_twin.firmware_build())
     proxy = vm_twin.SysProxy(board["platform"])
     proxy.implementation = _Implementation(sys.implementation, board["name"] + " with NRF52840")
     sys.modules["sys"] = proxy
