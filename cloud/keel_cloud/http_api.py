@@ -436,7 +436,7 @@ class ApiServer(ThreadingHTTPServer):
                 if device_name:
                     device_id = self._device(device_name)["id"]
                 if after < 0:  # "from now on"
-                    return {"events": [], "last": self.registry.last_event_seq()}
+                    return {"events": [], "last": self.service.last_event_seq()}
                 events = self.service.wait_events(after, device_id, wait)
                 return {"events": events, "last": events[-1]["seq"] if events else after}
             case "POST", ["devices", name, "flash"]:

@@ -235,14 +235,18 @@ class OtaSender:
 
     # From paho's thread
 
-    def on_status(self, device_id: str, status: dict) -> None:
+    def on_status(self, device_id: str, status: dict) -> bool:
+        """False when the status is for no transfer of this sender's (with several
+        service instances, another one's)."""
         with self._lock:
             transfer = self._transfers.get(device_id)
         if transfer is None:
             if status.get("state") == "installed":
                 log.info("device %s installed version %s", device_id, status.get("version"))
-            return
+                return True
+            return False
         transfer.statuses.put(status)
+        return True
 
     def on_online(self, device_id: str) -> None:
         """The device (re)connected: what was in flight on its old connection is lost."""

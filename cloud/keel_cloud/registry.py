@@ -15,6 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from keel_cloud import protocol
 
@@ -77,6 +78,7 @@ SCHEMA = (
     )""",
 )
 KEEP_EVENTS = 1000  # per device
+EVENT_LOCK = 0x4B45454C  # PostgreSQL advisory lock taken to number events ("KEEL")
 MAX_ID, MAX_NAME, MAX_PLATFORM, MAX_REASON = 32, 64, 32, 200  # the column widths above
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -87,6 +89,14 @@ _FLEET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class RegistryError(Exception):
     pass
+
+
+class Write(NamedTuple):
+    """One message's change to the registry (Registry.write_batch)."""
+    kind: str
+    device_id: str
+    value: object
+    ts: float
 
 
 class Registry:
@@ -236,18 +246,23 @@ class Registry:
         """One more message from the device dropped, for reason; also sets last_seen (it
         was heard from). Returns the device's count of dropped messages."""
         now = time.time()
-        reason = _text(reason, MAX_REASON)
         with self._transaction() as run:
-            rows = run("SELECT count FROM dropped_messages WHERE device_id = ?", (device_id,))
-            if rows:
-                count = rows[0][0] + 1
-                run("UPDATE dropped_messages SET count = ?, reason = ?, ts = ? WHERE device_id = ?",
-                    (count, reason, now, device_id))
-            else:
-                count = 1
-                run("INSERT INTO dropped_messages (device_id, count, reason, ts) VALUES (?, ?, ?, ?)",
-                    (device_id, count, reason, now))
+            count = self._count_drop(run, device_id, reason, now)
             run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
+        return count
+
+    @staticmethod
+    def _count_drop(run, device_id: str, reason: str, now: float) -> int:
+        reason = _text(reason, MAX_REASON)
+        rows = run("SELECT count FROM dropped_messages WHERE device_id = ?", (device_id,))
+        if rows:
+            count = rows[0][0] + 1
+            run("UPDATE dropped_messages SET count = ?, reason = ?, ts = ? WHERE device_id = ?",
+                (count, reason, now, device_id))
+        else:
+            count = 1
+            run("INSERT INTO dropped_messages (device_id, count, reason, ts) VALUES (?, ?, ?, ?)",
+                (device_id, count, reason, now))
         return count
 
     def drops(self, device_id: str) -> dict:
@@ -259,6 +274,67 @@ class Registry:
             return {"count": 0, "reason": None, "ts": None}
         count, reason, ts = rows[0]
         return {"count": count, "reason": reason, "ts": ts}
+
+    def set_all_offline(self) -> None:
+        """Every device offline (a broker that starts anew has no connections)."""
+        self._query("UPDATE devices SET online = 0")
+
+    def write_batch(self, writes: list) -> list:
+        """What devices sent, in order, in one transaction (the fleet service's ingest):
+        writes are Write(kind, device_id, value, ts) with kind one of status (value: bool),
+        describe ((a describe, the rollback it reports or None: healer.rollback_of)),
+        event ((name, data)), seen and drop (value: the reason). Returns one result per write: None for a device the registry does not
+        know (nothing written); for an event {"seq", "device", "id", "name", "data",
+        "ts"}; for a describe, the rollback it reports when that is new, else False; for
+        a drop the device's count of dropped messages; else True.
+
+        Events take their sequence numbers under a lock held to the commit (PostgreSQL:
+        an advisory lock), so numbers become visible in order even with several service
+        instances writing: a reader going by `seq > last` misses none."""
+        with self._transaction() as run:
+            ids = sorted({w.device_id for w in writes})
+            names = {}
+            for start in range(0, len(ids), 500):
+                part = ids[start:start + 500]
+                marks = ", ".join("?" * len(part))
+                names.update(run(f"SELECT id, name FROM devices WHERE id IN ({marks})", part))
+            if self._pg and any(w.kind == "event" for w in writes):
+                run("SELECT pg_advisory_xact_lock(?)", (EVENT_LOCK,))
+            results, last_seen, trim = [], {}, set()
+            for w in writes:
+                device_id = w.device_id
+                if device_id not in names:
+                    results.append(None)
+                    continue
+                last_seen[device_id] = max(w.ts, last_seen.get(device_id, 0.0))
+                if w.kind == "status":
+                    run("UPDATE devices SET online = ? WHERE id = ?", (1 if w.value else 0, device_id))
+                    results.append(True)
+                elif w.kind == "describe":
+                    describe, rollback = w.value
+                    protocol.check_describe(describe)
+                    run("UPDATE devices SET describe = ?, platform = ? WHERE id = ?",
+                        (json.dumps(describe), _text(describe.get("platform"), MAX_PLATFORM),
+                         device_id))
+                    results.append(self._add_rollback(run, device_id, rollback, w.ts))
+                elif w.kind == "event":
+                    name, data = w.value
+                    name, data = _text(name, MAX_NAME), _text(data)
+                    seq = run("INSERT INTO events (device_id, name, data, ts) VALUES (?, ?, ?, ?) "
+                              "RETURNING seq", (device_id, name, data, w.ts))[0][0]
+                    trim.add(device_id)
+                    results.append({"seq": seq, "device": names[device_id], "id": device_id,
+                                    "name": name, "data": data, "ts": w.ts})
+                elif w.kind == "drop":
+                    results.append(self._count_drop(run, device_id, w.value, w.ts))
+                else:  # seen
+                    results.append(True)
+            for device_id, ts in last_seen.items():
+                run("UPDATE devices SET last_seen = ? WHERE id = ? AND (last_seen IS NULL OR "
+                    "last_seen < ?)", (ts, device_id, ts))
+            for device_id in trim:
+                self._trim_events(run, device_id)
+        return results
 
     def seen(self, device_id: str) -> None:
         """last_seen = now (set_online, set_describe and add_event write it themselves, in
@@ -383,17 +459,26 @@ class Registry:
     def add_rollback(self, device_id: str, rollback: dict) -> bool:
         """Record a rollback a device reported (its describe's `rollback`); False when it
         was known already (a device reports it on every describe)."""
+        with self._transaction() as run:
+            return bool(self._add_rollback(run, device_id, rollback, time.time()))
+
+    @staticmethod
+    def _add_rollback(run, device_id: str, rollback, now: float):
+        """The rollback, checked (healer.rollback_of's fields), when it is new and now
+        recorded; False when there is none or it was known."""
+        if not isinstance(rollback, dict) or not isinstance(rollback.get("function"), str) \
+                or not isinstance(rollback.get("index"), int) \
+                or not isinstance(rollback.get("version"), str):
+            return False
         key = (device_id, _text(rollback.get("function"), 32), int(rollback.get("index") or 0),
                _text(rollback.get("version"), 32), _text(rollback.get("sha256") or "", 64))
-        with self._transaction() as run:
-            if run("SELECT 1 FROM rollbacks WHERE device_id = ? AND function = ? AND "
-                   "module_index = ? AND version = ? AND sha256 = ?", key):
-                return False
-            run("INSERT INTO rollbacks (device_id, function, module_index, version, sha256, "
-                "restored, reason, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, _text(rollback.get("restored"), 32), _text(rollback.get("reason"), 64),
-                 time.time()))
-        return True
+        if run("SELECT 1 FROM rollbacks WHERE device_id = ? AND function = ? AND "
+               "module_index = ? AND version = ? AND sha256 = ?", key):
+            return False
+        run("INSERT INTO rollbacks (device_id, function, module_index, version, sha256, "
+            "restored, reason, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (*key, _text(rollback.get("restored"), 32), _text(rollback.get("reason"), 64), now))
+        return rollback
 
     def rollbacks(self, device_id: str) -> list[dict]:
         """Oldest first: {function, index, version, sha256 (None if unknown), restored,
@@ -410,19 +495,25 @@ class Registry:
         """Stores the event and sets the device's last_seen, in one transaction."""
         now = time.time()
         with self._transaction() as run:
+            if self._pg:
+                run("SELECT pg_advisory_xact_lock(?)", (EVENT_LOCK,))
             seq = run(
                 "INSERT INTO events (device_id, name, data, ts) VALUES (?, ?, ?, ?) RETURNING seq",
                 (device_id, _text(name, MAX_NAME), _text(data), now),
             )[0][0]
             run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
-            # The device's last KEEP_EVENTS stay (counted: other devices' events
-            # take sequence numbers in between).
-            run(
-                "DELETE FROM events WHERE device_id = ? AND seq <= ("
-                "SELECT seq FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (device_id, device_id, KEEP_EVENTS),
-            )
+            self._trim_events(run, device_id)
         return seq
+
+    @staticmethod
+    def _trim_events(run, device_id: str) -> None:
+        # The device's last KEEP_EVENTS stay (counted: other devices' events take
+        # sequence numbers in between).
+        run(
+            "DELETE FROM events WHERE device_id = ? AND seq <= ("
+            "SELECT seq FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (device_id, device_id, KEEP_EVENTS),
+        )
 
     def events(self, after: int = 0, device_id: str | None = None, limit: int = 100) -> list[dict]:
         sql = (

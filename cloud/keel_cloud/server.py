@@ -67,8 +67,7 @@ class Cloud:
     def start(self) -> None:
         config = self.config
         self.registry = Registry(config.database or self.dir.registry_path)
-        for device in self.registry.devices():  # fresh session: devices will say again
-            self.registry.set_online(device["id"], False)
+        self.registry.set_all_offline()  # fresh session: devices will say again
         kind = self.kind = self.chosen_broker()
         if kind == EXTERNAL:
             host, port = device_address(config)

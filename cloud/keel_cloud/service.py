@@ -14,8 +14,9 @@ import paho.mqtt.client as mqtt
 from keel_cloud import pki, protocol
 from keel_cloud.fleets import Fleets
 from keel_cloud.healer import Healer, SharedCatalog, rollback_of
+from keel_cloud.ingest import READ_LIMIT, EventStream, Ingest
 from keel_cloud.ota import TRIAL_S, OtaSender
-from keel_cloud.registry import Registry
+from keel_cloud.registry import Registry, Write
 
 log = logging.getLogger("keel.cloud.service")
 PREFIX = "devices/"
@@ -38,7 +39,6 @@ class FleetService:
         # on the reply topic of the device the request went to.
         self._pending: dict[tuple[str, str], dict] = {}
         self._pending_lock = threading.Lock()
-        self._events = threading.Condition()
         self._connected = threading.Event()
         self._stopping = False
         self.client = mqtt.Client(
@@ -65,6 +65,9 @@ class FleetService:
         self._fleet_print: dict[str, tuple] = {}
         self._fleet_lock = threading.Lock()
         self._stop = threading.Event()
+        self._unknown: set[str] = set()
+        self.events = EventStream(registry.last_event_seq())
+        self.ingest = Ingest(registry, self._committed)
 
     # Life cycle
 
@@ -80,9 +83,11 @@ class FleetService:
     def stop(self) -> None:
         self._stopping = True
         self._stop.set()
-        self.healer.stop()
         self.client.disconnect()
         self.client.loop_stop()
+        self.ingest.stop()
+        self.events.stop()
+        self.healer.stop()
 
     def _on_connect(self, client, userdata, flags, reason, properties=None):
         if reason.is_failure:
@@ -114,57 +119,73 @@ class FleetService:
                           getattr(msg, "_topic", b"?")[:120])
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        """Check the message and queue its registry write (ingest.Ingest): what it leads
+        to (the healer, subscribers) happens once the write is committed, in order."""
         device_id = protocol.device_of(topic)
         if device_id is None:
             log.warning("message on %r ignored: not a device topic", topic[:120])
             return
-        if not self.registry.known(device_id):
-            log.warning("message from unregistered device %s ignored", device_id)
-            return
+        now = time.time()
         try:
             message = protocol.parse(topic, payload)
         except protocol.Invalid as e:
-            count = self.registry.count_drop(device_id, str(e))
-            if count <= LOGGED_DROPS or count % 100 == 0:  # a device cannot flood the log
-                log.warning("device %s: dropped a message (%s); %d dropped so far", device_id, e,
-                            count)
+            self.ingest.put(Write("drop", device_id, str(e), now))
             return
-        # set_online, set_describe and add_event set last_seen in their own transaction;
-        # the other kinds set it here.
         if message.kind == "status":
-            self.registry.set_online(device_id, message.value)
             if message.value:
-                self.ota.on_online(device_id)
-            else:
-                self.healer.on_offline(device_id)
+                self.ota.on_online(device_id)  # at once: a transfer re-offers after a reconnect
+            self.ingest.put(Write("status", device_id, message.value, now))
         elif message.kind == "describe":
             describe = message.value
-            self.registry.set_describe(device_id, describe)
-            rollback = rollback_of(describe)
-            if rollback and self.registry.add_rollback(device_id, rollback):
-                log.warning("device %s rolled back %s %s %s (%s)", device_id, rollback["function"],
-                            rollback["index"], rollback["version"], rollback.get("reason"))
-            self.healer.on_describe(device_id, describe)  # only schedules: its own threads work
+            self.ingest.put(Write("describe", device_id, (describe, rollback_of(describe)), now))
         elif message.kind == "event":
-            name, data = message.value
-            self.registry.add_event(device_id, name, data)
-            with self._events:
-                self._events.notify_all()
+            self.ingest.put(Write("event", device_id, message.value, now))
         elif message.kind == "reply":
-            self._on_reply(device_id, message.value)
-            self.registry.seen(device_id)
+            if self._on_reply(device_id, message.value):
+                self.ingest.put(Write("seen", device_id, None, now))
         elif message.kind == "ota_status":
-            self.ota.on_status(device_id, message.value)
-            self.registry.seen(device_id)
+            if self.ota.on_status(device_id, message.value):
+                self.ingest.put(Write("seen", device_id, None, now))
 
-    def _on_reply(self, device_id: str, reply: dict) -> None:
+    def _committed(self, writes: list, results: list) -> None:
+        """After a batch's commit (the ingest thread): the healer, the event stream."""
+        events = []
+        for write, result in zip(writes, results):
+            device_id = write.device_id
+            if result is None:
+                if device_id not in self._unknown:  # logged once per device
+                    self._unknown.add(device_id)
+                    log.warning("message from unregistered device %s ignored", device_id)
+                continue
+            if write.kind == "status":
+                if not write.value:
+                    self.healer.on_offline(device_id)
+            elif write.kind == "describe":
+                if result:
+                    log.warning("device %s rolled back %s %s %s (%s)", device_id, result["function"],
+                                result["index"], result["version"], result.get("reason"))
+                self.healer.on_describe(device_id, write.value[0])  # only schedules
+            elif write.kind == "event":
+                events.append(result)
+            elif write.kind == "drop":
+                if result <= LOGGED_DROPS or result % 100 == 0:  # a device cannot flood the log
+                    log.warning("device %s: dropped a message (%s); %d dropped so far", device_id,
+                                write.value, result)
+        if self.events.following:
+            if events:
+                self.events.poke()
+        else:
+            self.events.add(events)
+
+    def _on_reply(self, device_id: str, reply: dict) -> bool:
         with self._pending_lock:
             waiter = self._pending.get((device_id, reply["id"]))
         if waiter is None:  # late (after its timeout), or not a request of this device
             log.debug("device %s: a reply to no request of its own waiting, ignored", device_id)
-            return
+            return False
         waiter["reply"] = reply
         waiter["done"].set()
+        return True
 
     # Fleets
 
@@ -224,13 +245,19 @@ class FleetService:
         return len(device_ids)
 
     def wait_events(self, after: int, device_id: str | None, timeout: float) -> list[dict]:
+        """Events after `after` (of one device), waiting up to timeout for one: from the
+        stream of recent events, or from the registry for older ones."""
         if not 0 <= timeout < float("inf"):  # NaN too: it would never end
             raise ValueError(f"wait must be a finite number of seconds >= 0, not {timeout!r}")
         deadline = time.monotonic() + timeout
-        with self._events:
-            while True:
-                found = self.registry.events(after, device_id)
-                left = deadline - time.monotonic()
-                if found or left <= 0:
-                    return found
-                self._events.wait(min(left, 1.0))
+        while True:
+            found = self.events.read(after, device_id)
+            if found is None:  # older than the stream keeps
+                found = self.registry.events(after, device_id, READ_LIMIT)
+            left = deadline - time.monotonic()
+            if found or left <= 0:
+                return found
+            self.events.wait(self.events.last(), min(left, 1.0))  # for one newer than these
+
+    def last_event_seq(self) -> int:
+        return self.events.last()

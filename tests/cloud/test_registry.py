@@ -19,7 +19,7 @@ import pytest
 
 from keel_cloud import protocol
 from keel_cloud import registry as registry_module
-from keel_cloud.registry import Registry, RegistryError
+from keel_cloud.registry import Registry, RegistryError, Write
 
 WAIT = 30  # seconds: bound for initdb, and for the server to start and stop
 DEVICE_KEYS = {"name", "id", "platform", "online", "mode", "system_version", "last_seen", "describe",
@@ -422,6 +422,46 @@ def test_events_from_many_threads(reg):
     assert len(set(seqs)) == 100
     assert len(reg.events(limit=1000)) == 100
     assert reg.last_event_seq() == max(seqs)
+
+
+def test_a_batch_of_device_messages_is_one_transaction_in_order(reg):
+    """Registry.write_batch, the fleet service's ingest: each write in order, a device the
+    registry does not know skipped, a rollback recorded once, drops counted, events
+    numbered, last_seen the newest message's time."""
+    a, b = new_id(), new_id()
+    reg.add_device(a, "a")
+    reg.add_device(b, "b")
+    stranger = new_id()
+    rollback = {"function": "system-part", "index": 2, "version": "1.1.0", "sha256": None,
+                "restored": "1.0.0", "reason": "no-cloud"}
+    writes = [
+        Write("status", a, True, 100.0),
+        Write("describe", a, (describe("1.0.0"), None), 101.0),
+        Write("describe", a, (describe("1.1.0"), rollback), 102.0),
+        Write("describe", a, (describe("1.1.0"), rollback), 103.0),  # said again: not new
+        Write("event", b, ("temp", "21"), 104.0),
+        Write("event", stranger, ("temp", "99"), 104.5),
+        Write("drop", b, "bad json", 105.0),
+        Write("drop", b, "too long", 106.0),
+        Write("status", b, True, 107.0),
+        Write("status", b, False, 108.0),
+        Write("seen", a, None, 109.0),
+        Write("event", b, ("temp", "22"), 99.0),  # an older clock: last_seen stays newest
+    ]
+    results = reg.write_batch(writes)
+    assert results[0] is True
+    assert results[1] is False and results[2]["version"] == "1.1.0" and results[3] is False
+    assert results[4]["device"] == "b" and results[4]["data"] == "21"
+    assert results[5] is None
+    assert results[6:8] == [1, 2]
+    assert results[11]["seq"] > results[4]["seq"]
+    dev_a, dev_b = reg.device("a"), reg.device("b")
+    assert (dev_a["online"], dev_a["system_version"], dev_a["last_seen"]) == (True, "1.1.0", 109.0)
+    assert (dev_b["online"], dev_b["last_seen"]) == (False, 108.0)
+    assert len(reg.rollbacks(a)) == 1
+    assert reg.drops(b)["count"] == 2 and reg.drops(b)["reason"] == "too long"
+    assert [e["data"] for e in reg.events(0, b)] == ["21", "22"]
+    assert not reg.events(0, stranger)
 
 
 def test_data_kept_after_close_and_reopen(target):
