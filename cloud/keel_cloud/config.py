@@ -4,6 +4,7 @@ Found in this order: an explicit path (--cloud DIR), $KEEL_CLOUD, ~/.keel/cloud.
 
 import json
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,10 +119,27 @@ class CloudDir:
     def ca(self) -> pki.CertificateAuthority:
         return pki.CertificateAuthority.load(self.path)
 
+    def instances(self) -> list[str]:
+        """The names of the fleet service instances issued a certificate here."""
+        folder = self.path / pki.INSTANCES_DIR
+        return sorted(p.stem for p in folder.glob("*.pem")) if folder.is_dir() else []
+
+    def instance_pem(self, name: str) -> Path:
+        """Instance NAME's certificate and key (issued by the cloud's CA on first use)."""
+        if not INSTANCE_NAME.match(name or ""):
+            raise CloudError(f"invalid instance name '{name}' (1 to 32 lowercase letters, digits "
+                             "and '-', a letter or digit first)")
+        path = self.path / pki.INSTANCES_DIR / f"{name}.pem"
+        if not path.is_file():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            _write_private(path, self.ca().issue(pki.instance_cn(name)).pem)
+        return path
+
     def init(self, mqtt: str | None = None, http: str | None = None,
-             broker: str | None = None) -> CloudConfig:
+             broker: str | None = None, save: bool = True) -> CloudConfig:
         """Create the directory on first start (CA, broker and service certificates,
-        API token); later starts keep them and only update the addresses given."""
+        API token); later starts keep them and only update the addresses given (in
+        the returned config only, with save=False: an instance's own options)."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.path.chmod(0o700)
         if not (self.path / pki.CA_KEY).is_file():
@@ -145,8 +163,12 @@ class CloudDir:
             config.http = http
         if broker is not None:
             config.broker = None if broker_kind(broker) == AUTO else broker
-        self.save_config(config)
+        if save:
+            self.save_config(config)
         return config
+
+
+INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from keel_cloud import signatures
-from keel_cloud.ota import OtaError
+from keel_cloud.ota import LeaseElsewhere, OtaError
 from keel_cloud.releases import SCHEMA as RELEASES_SCHEMA, RELEASES_DIR, Catalog, version_key
 
 log = logging.getLogger("keel.cloud.healer")
@@ -313,8 +313,11 @@ class Healer:
 
     def __init__(self, ota, catalog, fleets=None, workers: int = WORKERS,
                  install_grace: float = INSTALL_GRACE, recheck: float = RECHECK,
-                 send_timeout: float = 600.0):
+                 send_timeout: float = 600.0, describe_of=None):
         self.ota = ota
+        # With several service instances, a device's describes reach any of them: each
+        # look starts from the registry's (describe_of(device_id)), the latest committed.
+        self.describe_of = describe_of
         self.catalog = catalog
         self.fleets = fleets
         self.install_grace = install_grace
@@ -357,9 +360,17 @@ class Healer:
 
     def poke(self, device_id: str) -> None:
         """Decide again from the device's last describe: its fleet, or its fleet's
-        release, changed. A device not heard from since the start waits for its describe."""
+        release, changed, or (several instances) the instance that was sending it an update
+        died. A device not heard from since the start waits for its describe, unless the
+        registry has it (describe_of)."""
         with self._lock:
             dev = self._devices.get(device_id)
+        if dev is None and self.describe_of is not None and not self._stop.is_set():
+            describe = self.describe_of(device_id)
+            if describe:
+                self.on_describe(device_id, describe)
+            return
+        with self._lock:
             if dev is None or self._stop.is_set():
                 return
             dev.seq += 1
@@ -415,8 +426,15 @@ class Healer:
             while True:
                 with self._lock:
                     dev = self._devices[device_id]
-                    describe, seq = dev.describe, dev.seq
+                    seq = dev.seq
                 try:
+                    if self.describe_of is not None:
+                        latest = self.describe_of(device_id)
+                        with self._lock:
+                            if latest and latest != dev.describe:
+                                dev.describe, dev.online = latest, True
+                    with self._lock:
+                        describe = dev.describe
                     self._evaluate(device_id, dev, describe)
                 except Exception as e:  # noqa: BLE001 - reported in the status, and logged
                     log.exception("healer: %s", device_id)
@@ -483,7 +501,7 @@ class Healer:
         mode, reason = describe.get("mode"), describe.get("safe_mode_reason")
         needs_app = release is not None and not app_matches(installed_app(describe), release)
         if not needs_app and (mode != "safe" or reason != "dependency"):
-            return self._settled(dev, mode)
+            return self._settled(device_id, dev, mode)
         if not dev.online:
             return  # its describe, when it is back, says where it stands
 
@@ -524,9 +542,19 @@ class Healer:
                               f"the catalog lost the image of {labels[0]}", prints)
         self._send(device_id, dev, describe, module, image, labels, prints, "healing")
 
-    def _settled(self, dev: _Device, mode) -> None:
+    def _leases(self):
+        return getattr(self.ota, "leases", None)
+
+    def _release(self, device_id: str) -> None:
+        """Done with the device for now: another instance may send it the next update."""
+        leases = self._leases()
+        if leases:
+            leases.release(device_id)
+
+    def _settled(self, device_id: str, dev: _Device, mode) -> None:
         """Nothing to send: the device runs (its fleet's app, if it has a fleet), or is in
         safe mode for a reason the healer cannot help with."""
+        self._release(device_id)
         with self._lock:
             dev.parked = None
             dev.failures = 0
@@ -542,6 +570,7 @@ class Healer:
         name = label(*awaiting["key"], awaiting["version"])
         if self._arrived(describe, awaiting):
             log.info("healer: %s installed %s", device_id, name)
+            self._release(device_id)
             dev.awaiting = None
             dev.failures = 0
             return True
@@ -550,6 +579,7 @@ class Healer:
                 (*awaiting["key"], awaiting["version"]):
             # Installed, and undone by the bootloader: plan() will not choose it again.
             log.warning("healer: %s rolled back %s (%s)", device_id, name, rollback.get("reason"))
+            self._release(device_id)
             dev.awaiting = None
             return True
         if time.monotonic() - awaiting["at"] < self.install_grace:
@@ -560,6 +590,7 @@ class Healer:
             timer.daemon = True
             timer.start()
             return False
+        self._release(device_id)
         dev.awaiting = None
         dev.failures += 1
         log.warning("healer: %s did not install %s", device_id, name)
@@ -597,6 +628,7 @@ class Healer:
         self._send(device_id, dev, describe, module, image, [name], prints, "updating", release)
 
     def _park(self, device_id, dev, describe, state, reason, prints=None) -> None:
+        self._release(device_id)
         dev.parked = prints or self._prints(device_id, describe)
         self._set(dev, state, reason=reason, plan=[])
 
@@ -622,7 +654,12 @@ class Healer:
                     dev.sending["acknowledged"] = done
 
         try:
-            self.ota.send(device_id, image, module, progress, timeout=self.send_timeout)
+            self.ota.send(device_id, image, module, progress, timeout=self.send_timeout,
+                          **({"keep_lease": True} if self._leases() else {}))
+        except LeaseElsewhere as e:  # another instance got there first: its work
+            log.info("healer: %s: %s", device_id, e)
+            self._set(dev, state, reason=str(e), plan=labels)
+            return
         except OtaError as e:
             with self._lock:
                 dev.failures += 1

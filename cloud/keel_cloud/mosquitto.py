@@ -17,6 +17,7 @@ The same contract as the embedded broker's gate (docs/protocol.md):
 
 import os
 import pwd
+import signal
 from pathlib import Path
 
 from cryptography import x509
@@ -27,21 +28,44 @@ from keel_cloud.config import CloudDir
 
 CONFIG_FILE = "mosquitto.conf"
 ACL_FILE = "acl"
+PID_FILE = "mosquitto.pid"  # written by keel_cloud.supervisor for the one it runs
 CA_FILE = "ca.pem"
 CERT_FILE = "server.crt"
 KEY_FILE = "server.key"
 
 
-def acl_text(service_cn: str = pki.SERVICE_CN) -> str:
-    return (
-        "# Keel Cloud topic ACL (written by keel_cloud.mosquitto).\n"
-        "# Every client: its own prefix only (%u is its certificate's CN).\n"
-        "pattern readwrite devices/%u/#\n"
-        "\n"
-        "# The fleet service: everything.\n"
-        f"user {service_cn}\n"
-        "topic readwrite #\n"
-    )
+def acl_text(service_cns=(pki.SERVICE_CN,)) -> str:
+    """The ACL: devices their own prefix, the fleet service (and each of its instances,
+    keel cloud serve --instance) everything."""
+    if isinstance(service_cns, str):
+        service_cns = [service_cns]
+    text = ("# Keel Cloud topic ACL (written by keel_cloud.mosquitto).\n"
+            "# Every client: its own prefix only (%u is its certificate's CN).\n"
+            "pattern readwrite devices/%u/#\n")
+    for cn in service_cns:
+        text += f"\n# The fleet service{' instance' if cn != pki.SERVICE_CN else ''}: everything.\n"
+        text += f"user {cn}\ntopic readwrite #\n"
+    return text
+
+
+def service_cns(cloud_dir: CloudDir, service_cn: str = pki.SERVICE_CN) -> list[str]:
+    return [service_cn] + [pki.instance_cn(name) for name in cloud_dir.instances()]
+
+
+def update_acl(cloud_dir: CloudDir, out_dir: Path | str) -> bool:
+    """Rewrite out_dir's ACL (a configuration write_config wrote) with the instances the
+    cloud directory has now, and tell the Mosquitto running it to read it again
+    (SIGHUP, to the pid in out_dir/mosquitto.pid). True when one was told."""
+    out = Path(out_dir)
+    if not (out / ACL_FILE).is_file():
+        return False
+    _write(out / ACL_FILE, acl_text(service_cns(cloud_dir)).encode(), 0o644)
+    try:
+        pid = int((out / PID_FILE).read_text())
+        os.kill(pid, signal.SIGHUP)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def split_server_pem(pem: bytes) -> tuple[bytes, bytes]:
@@ -77,7 +101,7 @@ def write_config(cloud_dir: CloudDir | Path | str, out_dir: Path | str, port: in
     _write(out / CA_FILE, (src / pki.CA_CERT).read_bytes(), 0o644)
     _write(out / CERT_FILE, chain, 0o644)
     _write(out / KEY_FILE, key_pem, 0o600)
-    _write(out / ACL_FILE, acl_text(service_cn).encode(), 0o644)
+    _write(out / ACL_FILE, acl_text(service_cns(cloud_dir, service_cn)).encode(), 0o644)
 
     lines = [
         "# Keel Cloud broker (written by keel_cloud.mosquitto; see docs/protocol.md).",

@@ -62,6 +62,14 @@ class OtaError(Exception):
     """A transfer the device refused or failed, or that did not finish in time."""
 
 
+class LeaseElsewhere(OtaError):
+    """Another fleet service instance is sending the device an update (keel_cloud.leases)."""
+
+    def __init__(self, owner: str):
+        super().__init__(f"instance {owner} is sending it an update")
+        self.owner = owner
+
+
 def transfer_name(image: bytes) -> str:
     """The transfer's name: the SHA-256 of the image's bytes (64 hex digits)."""
     return hashlib.sha256(image).hexdigest()
@@ -222,11 +230,13 @@ class PathEstimate:
 class OtaSender:
     """publish(topic, payload, qos) is the fleet service's MQTT client's publish.
     in_flight: None, the limit adapts to the path (PathEstimate); or a fixed number of
-    bytes (a comparison, a test)."""
+    bytes (a comparison, a test). leases: with several service instances, a
+    keel_cloud.leases.Leases: a transfer holds the device's lease while it runs."""
 
     def __init__(self, publish, silence: float = SILENCE, trial_s: int = TRIAL_S,
-                 in_flight: int | None = None):
+                 in_flight: int | None = None, leases=None):
         self._publish = publish
+        self.leases = leases
         self.silence = silence
         self.in_flight = in_flight
         self.trial_s = trial_s
@@ -256,13 +266,17 @@ class OtaSender:
             transfer.statuses.put({"state": "_online"})
 
     def busy(self, device_id: str) -> bool:
+        """A transfer to the device runs, here or (with leases) in another instance."""
         with self._lock:
-            return device_id in self._transfers
+            if device_id in self._transfers:
+                return True
+        return bool(self.leases and self.leases.owner(device_id))
 
     # The transfer
 
     def send(self, device_id: str, image: bytes, module: dict, progress_cb=None,
-             timeout: float = DEFAULT_TIMEOUT, chunk_size: int = CHUNK_SIZE) -> dict:
+             timeout: float = DEFAULT_TIMEOUT, chunk_size: int = CHUNK_SIZE,
+             keep_lease: bool = False) -> dict:
         """Send image to the device; module: {function, index, version, platform}.
         Returns {"state": "pending", "sha256", "size", "bytes_sent", "offers",
         "resent", "duplicates", "path"}; raises OtaError on refused, failed, silence or timeout.
@@ -270,7 +284,10 @@ class OtaSender:
         "gap": missing below a later one, "late": unacknowledged for RESEND_AFTER);
         duplicates: chunks the device got more than once, as it reported (None: it
         did not say), i.e. chunks that were sent again needlessly; path: the estimate
-        at the end (PathEstimate.summary(): rate, min_rtt, limit, startup)."""
+        at the end (PathEstimate.summary(): rate, min_rtt, limit, startup). With
+        leases, the device's lease is held while it runs (LeaseElsewhere when another
+        instance holds it), and after a success too with keep_lease (the healer holds
+        it until the device shows the module installed)."""
         if not image:
             raise OtaError("the image is empty")
         transfer = _Transfer()
@@ -279,7 +296,17 @@ class OtaSender:
                 raise OtaError("another update to this device is in progress")
             self._transfers[device_id] = transfer
         try:
-            return self._run(device_id, image, module, transfer, progress_cb, timeout, chunk_size)
+            if self.leases:  # LeaseElsewhere when another instance sends it one
+                self.leases.take(device_id, "%s %s %s" % (module.get("function"), module.get("index"),
+                                                          module.get("version")))
+            done = False
+            try:
+                result = self._run(device_id, image, module, transfer, progress_cb, timeout, chunk_size)
+                done = True
+                return result
+            finally:
+                if self.leases and not (done and keep_lease):
+                    self.leases.release(device_id)
         finally:
             with self._lock:
                 self._transfers.pop(device_id, None)

@@ -19,6 +19,13 @@ CA_KEY = "ca.key.pem"
 CA_CERT = "ca.pem"
 SERVER_PEM = "server.pem"  # broker certificate + key
 SERVICE_PEM = "service.pem"  # the fleet service's client certificate + key
+INSTANCES_DIR = "instances"  # NAME.pem: a fleet service instance's (serve --instance NAME)
+
+
+def instance_cn(name: str) -> str:
+    """The CN of fleet service instance NAME's certificate (never a device id: those are
+    hex digits only)."""
+    return f"{SERVICE_CN}-{name}"
 
 
 @dataclass

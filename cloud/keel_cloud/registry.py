@@ -70,6 +70,24 @@ SCHEMA = (
     )""",
     # Messages from a device that the protocol does not allow (keel_cloud.protocol): how
     # many were dropped, the last one's reason and when.
+    # Fleet service instances sharing this registry (keel cloud serve --instance): each
+    # writes its row at start and beats every few seconds.
+    """CREATE TABLE IF NOT EXISTS instances (
+        name VARCHAR(64) PRIMARY KEY,
+        host VARCHAR(255),
+        pid INTEGER,
+        http VARCHAR(255),
+        started DOUBLE PRECISION NOT NULL,
+        beat DOUBLE PRECISION NOT NULL
+    )""",
+    # An update being sent to a device, and which instance sends it: one at a time per
+    # device, taken over when the owner stops renewing it (keel_cloud.leases).
+    """CREATE TABLE IF NOT EXISTS leases (
+        device_id VARCHAR(32) PRIMARY KEY,
+        owner VARCHAR(64) NOT NULL,
+        work VARCHAR(200),
+        expires DOUBLE PRECISION NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS dropped_messages (
         device_id VARCHAR(32) PRIMARY KEY,
         count BIGINT NOT NULL,
@@ -284,7 +302,8 @@ class Registry:
         writes are Write(kind, device_id, value, ts) with kind one of status (value: bool),
         describe ((a describe, the rollback it reports or None: healer.rollback_of)),
         event ((name, data)), seen and drop (value: the reason). Returns one result per write: None for a device the registry does not
-        know (nothing written); for an event {"seq", "device", "id", "name", "data",
+        know (nothing written); last_seen of every device heard from is the commit's time;
+        for an event {"seq", "device", "id", "name", "data",
         "ts"}; for a describe, the rollback it reports when that is new, else False; for
         a drop the device's count of dropped messages; else True.
 
@@ -306,7 +325,7 @@ class Registry:
                 if device_id not in names:
                     results.append(None)
                     continue
-                last_seen[device_id] = max(w.ts, last_seen.get(device_id, 0.0))
+                last_seen[device_id] = True
                 if w.kind == "status":
                     run("UPDATE devices SET online = ? WHERE id = ?", (1 if w.value else 0, device_id))
                     results.append(True)
@@ -329,9 +348,11 @@ class Registry:
                     results.append(self._count_drop(run, device_id, w.value, w.ts))
                 else:  # seen
                     results.append(True)
-            for device_id, ts in last_seen.items():
-                run("UPDATE devices SET last_seen = ? WHERE id = ? AND (last_seen IS NULL OR "
-                    "last_seen < ?)", (ts, device_id, ts))
+            # last_seen: when the registry learned it (the commit's time, not the
+            # message's: what a reader sees is then never dated before it was there).
+            now = time.time()
+            for device_id in last_seen:
+                run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
             for device_id in trim:
                 self._trim_events(run, device_id)
         return results
@@ -534,6 +555,66 @@ class Registry:
     def last_event_seq(self) -> int:
         rows = self._query("SELECT MAX(seq) FROM events")
         return rows[0][0] or 0
+
+
+    # Instances and leases (several fleet service instances: keel_cloud.leases)
+
+    def beat(self, instance: dict, ttl: float) -> None:
+        """The instance is alive: its row written, and its leases renewed for ttl s."""
+        now = time.time()
+        with self._transaction() as run:
+            if run("SELECT 1 FROM instances WHERE name = ?", (instance["name"],)):
+                run("UPDATE instances SET host = ?, pid = ?, http = ?, started = ?, beat = ? "
+                    "WHERE name = ?", (instance.get("host"), instance.get("pid"), instance.get("http"),
+                                       instance["started"], now, instance["name"]))
+            else:
+                run("INSERT INTO instances (name, host, pid, http, started, beat) VALUES "
+                    "(?, ?, ?, ?, ?, ?)", (instance["name"], instance.get("host"), instance.get("pid"),
+                                           instance.get("http"), instance["started"], now))
+            run("UPDATE leases SET expires = ? WHERE owner = ?", (now + ttl, instance["name"]))
+
+    def instances(self) -> list[dict]:
+        rows = self._query("SELECT name, host, pid, http, started, beat FROM instances ORDER BY name")
+        return [{"name": n, "host": h, "pid": p, "http": u, "started": s, "beat": b}
+                for n, h, p, u, s, b in rows]
+
+    def forget_instance(self, name: str) -> None:
+        """A stopped instance: its row and its leases go (another takes its work at once)."""
+        with self._transaction() as run:
+            run("DELETE FROM leases WHERE owner = ?", (name,))
+            run("DELETE FROM instances WHERE name = ?", (name,))
+
+    def take_lease(self, device_id: str, owner: str, ttl: float, work: str) -> str:
+        """The device's lease for owner, if it is free, expired or owner's already: returns
+        the owner after the attempt (owner itself when it got it)."""
+        now = time.time()
+        with self._transaction() as run:
+            run("INSERT INTO leases (device_id, owner, work, expires) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET owner = excluded.owner, work = excluded.work, "
+                "expires = excluded.expires WHERE leases.owner = excluded.owner OR leases.expires < ?",
+                (device_id, owner, _text(work, 200), now + ttl, now))
+            return run("SELECT owner FROM leases WHERE device_id = ?", (device_id,))[0][0]
+
+    def lease(self, device_id: str) -> dict | None:
+        rows = self._query("SELECT owner, work, expires FROM leases WHERE device_id = ?", (device_id,))
+        return {"owner": rows[0][0], "work": rows[0][1], "expires": rows[0][2]} if rows else None
+
+    def release_lease(self, device_id: str, owner: str) -> None:
+        self._query("DELETE FROM leases WHERE device_id = ? AND owner = ?", (device_id, owner))
+
+    def expired_leases(self) -> list[tuple[str, str]]:
+        """Leases whose owner stopped renewing them, removed (by one instance only: it
+        gets them): [(device id, owner)]."""
+        return [tuple(r) for r in self._query(
+            "DELETE FROM leases WHERE expires < ? RETURNING device_id, owner", (time.time(),))]
+
+    def describe_of(self, device_id: str) -> dict | None:
+        """The device's stored describe (None when there is none, or it is unusable)."""
+        rows = self._query("SELECT describe FROM devices WHERE id = ?", (device_id,))
+        if not rows:
+            return None
+        describe, _ = stored_describe(rows[0][0])
+        return describe or None
 
 
 def _device(row) -> dict:

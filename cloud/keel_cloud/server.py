@@ -10,6 +10,7 @@ import signal
 import ssl
 import threading
 import time
+from pathlib import Path
 
 from keel_cloud import pki
 from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, MOSQUITTO, CloudDir, CloudError, broker_kind,
@@ -24,12 +25,13 @@ log = logging.getLogger("keel.cloud")
 # The addresses the broker's certificate names (keel_cloud.config.CloudDir.init).
 CERTIFIED_HOSTS = {"localhost", "127.0.0.1", "::1"}
 SERVE_FILE = "serve.json"  # what this directory's `keel cloud serve` runs, while it runs
-def service_tls(cloud_dir: CloudDir, check_hostname: bool) -> ssl.SSLContext:
-    """The fleet service's TLS: its certificate, and the broker's verified against the
-    cloud's CA (and its name too, with check_hostname)."""
+def service_tls(cloud_dir: CloudDir, check_hostname: bool, instance: str | None = None) -> ssl.SSLContext:
+    """The fleet service's TLS: its certificate (instance NAME's own, with one), and the
+    broker's verified against the cloud's CA (and its name too, with check_hostname)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cloud_dir.path / pki.CA_CERT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cloud_dir.path / pki.SERVICE_PEM))
+    ctx.load_cert_chain(str(cloud_dir.instance_pem(instance) if instance
+                            else cloud_dir.path / pki.SERVICE_PEM))
     ctx.check_hostname = check_hostname
     return ctx
 
@@ -54,9 +56,11 @@ class Cloud:
     """A running Keel Cloud (what `keel cloud serve` starts)."""
 
     def __init__(self, cloud_dir: CloudDir, mqtt: str | None = None, http: str | None = None,
-                 broker: str | None = None):
+                 broker: str | None = None, instance: str | None = None):
         self.dir = cloud_dir
-        self.config = cloud_dir.init(mqtt, http, broker)
+        self.instance = instance
+        # An instance's addresses and broker are its own: the cloud directory's stay.
+        self.config = cloud_dir.init(mqtt, http, broker, save=instance is None)
         self.registry = None
         self.broker = None
         self.supervisor = None
@@ -66,12 +70,19 @@ class Cloud:
 
     def start(self) -> None:
         config = self.config
-        self.registry = Registry(config.database or self.dir.registry_path)
-        self.registry.set_all_offline()  # fresh session: devices will say again
         kind = self.kind = self.chosen_broker()
+        instance = self.instance
+        if instance:
+            if kind == EMBEDDED:
+                raise CloudError("--instance needs Mosquitto or an external broker (mqtts://): the "
+                                 "embedded broker has no shared subscriptions")
+            add_instance(self.dir, instance)
+        self.registry = Registry(config.database or self.dir.registry_path)
+        if kind != EXTERNAL:
+            self.registry.set_all_offline()  # a broker of its own, fresh: devices will say again
         if kind == EXTERNAL:
             host, port = device_address(config)
-            tls = service_tls(self.dir, config.server_name is not None)
+            tls = service_tls(self.dir, config.server_name is not None, instance)
         elif kind == MOSQUITTO:
             from keel_cloud.supervisor import MosquittoSupervisor
 
@@ -79,7 +90,7 @@ class Cloud:
             self.supervisor = MosquittoSupervisor(self.dir, listen, port)
             self.supervisor.start()
             host = "127.0.0.1" if listen in ("0.0.0.0", "") else listen
-            tls = service_tls(self.dir, host in CERTIFIED_HOSTS)
+            tls = service_tls(self.dir, host in CERTIFIED_HOSTS, instance)
         else:
             from keel_cloud.broker import EmbeddedBroker
 
@@ -93,7 +104,8 @@ class Cloud:
             host, port = self.broker.service_address
             tls = service_tls(self.dir, host in CERTIFIED_HOSTS)
         self.service = FleetService(self.registry, host, port, tls, cloud_path=self.dir.path,
-                                    trial_s=config.trial_s)
+                                    trial_s=config.trial_s, instance=instance,
+                                    http=f"http://{config.http}/api/")
         self.service.start()
         http_host, http_port = parse_address(config.http, 8780)
         self.api = ApiServer((http_host, http_port), self.service, self.dir.token())
@@ -126,14 +138,33 @@ class Cloud:
         """What runs, for keel cloud status (CLOUD_DIR/serve.json)."""
         config = self.config
         kind = self.kind
-        return {"pid": os.getpid(), "started": time.time(), "broker": kind,
+        return {"pid": os.getpid(), "started": time.time(), "broker": kind, "instance": self.instance,
                 "address": "mqtts://%s:%d" % device_address(config),
                 "http": f"http://{config.http}/api/",
                 "broker_log": str(self.supervisor.log_path) if self.supervisor else None}
 
 
-def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> None:
-    cloud = Cloud(cloud_dir, mqtt, http, broker)
+def serve_file(cloud_dir: CloudDir, instance: str | None = None) -> Path:
+    """What a running `keel cloud serve` (of instance NAME) runs: serve.json (serve-NAME.json)."""
+    return cloud_dir.path / (f"serve-{instance}.json" if instance else SERVE_FILE)
+
+
+def add_instance(cloud_dir: CloudDir, name: str) -> bool:
+    """Instance NAME's certificate (issued if new); a Mosquitto this cloud directory runs
+    learns it (its ACL gives instances every topic). True when it was new."""
+    new = not (cloud_dir.path / pki.INSTANCES_DIR / f"{name}.pem").is_file()
+    cloud_dir.instance_pem(name)
+    if new:
+        from keel_cloud.mosquitto import update_acl
+        from keel_cloud.supervisor import FOLDER
+
+        if update_acl(cloud_dir, cloud_dir.path / FOLDER):
+            time.sleep(0.5)  # Mosquitto reads it again at its next loop: before we connect
+    return new
+
+
+def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print, instance=None) -> None:
+    cloud = Cloud(cloud_dir, mqtt, http, broker, instance)
     try:
         cloud.start()
     except (OSError, CloudError) as e:
@@ -142,15 +173,16 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
     config = cloud.config
     record = cloud.record()
     # Recorded before the first line is printed: whoever waits for that line finds it.
-    serve_file = cloud_dir.path / SERVE_FILE
-    tmp = serve_file.with_name(SERVE_FILE + ".tmp")
+    record_file = serve_file(cloud_dir, instance)
+    tmp = record_file.with_name(record_file.name + ".tmp")
     tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(serve_file)
+    tmp.replace(record_file)
     where = {EMBEDDED: f"mqtts://{config.mqtt} (the embedded broker)",
              MOSQUITTO: f"mqtts://{config.mqtt} (Mosquitto, run by this service: "
                         f"{cloud.supervisor.binary if cloud.supervisor else ''})",
              EXTERNAL: config.broker}[record["broker"]]
-    out(f"Keel Cloud: devices connect to {where}; API on http://{config.http}/api/; data in {cloud_dir.path}")
+    out(f"Keel Cloud{f' instance {instance}' if instance else ''}: devices connect to {where}; "
+        f"API on http://{config.http}/api/; data in {cloud_dir.path}")
     if record["broker"] == EMBEDDED and broker_kind(config.broker) == AUTO:
         out("Keel Cloud: no mosquitto found (on PATH, or $KEEL_MOSQUITTO), so the embedded "
             "broker runs: it suits development and small fleets. For more, install Mosquitto "
@@ -164,8 +196,8 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print) -> 
         time.sleep(0.2)
     out("Keel Cloud: stopping")
     try:
-        if json.loads(serve_file.read_text()).get("pid") == os.getpid():
-            serve_file.unlink()
+        if json.loads(record_file.read_text()).get("pid") == os.getpid():
+            record_file.unlink()
     except (OSError, ValueError):
         pass
     cloud.stop()

@@ -15,6 +15,7 @@ from keel_cloud import pki, protocol
 from keel_cloud.fleets import Fleets
 from keel_cloud.healer import Healer, SharedCatalog, rollback_of
 from keel_cloud.ingest import READ_LIMIT, EventStream, Ingest
+from keel_cloud.leases import Leases
 from keel_cloud.ota import TRIAL_S, OtaSender
 from keel_cloud.registry import Registry, Write
 
@@ -22,6 +23,7 @@ log = logging.getLogger("keel.cloud.service")
 PREFIX = "devices/"
 REQUEST_TIMEOUT = 5.0
 FLEET_POLL = 5.0  # s between looks at fleet memberships and releases other processes changed
+SHARE_GROUP = "keel"  # the shared subscriptions' group: $share/keel/devices/+/...
 LOGGED_DROPS = 10  # a device's first malformed messages are logged, then every 100th
 
 
@@ -31,10 +33,15 @@ class DeviceError(Exception):
 
 class FleetService:
     def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None,
-                 cloud_path=None, trial_s: int = TRIAL_S, fleet_poll: float = FLEET_POLL):
+                 cloud_path=None, trial_s: int = TRIAL_S, fleet_poll: float = FLEET_POLL,
+                 instance: str | None = None, http: str | None = None):
+        """instance: this is one of several instances sharing the broker and the registry
+        (keel cloud serve --instance NAME): device traffic is shared between them and an
+        update is sent by the instance holding the device's lease (keel_cloud.leases)."""
         self.registry = registry
         self.host = host
         self.port = port
+        self.instance = instance
         # Requests waiting for their reply, by (device id, request id): a reply counts only
         # on the reply topic of the device the request went to.
         self._pending: dict[tuple[str, str], dict] = {}
@@ -42,7 +49,8 @@ class FleetService:
         self._connected = threading.Event()
         self._stopping = False
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=pki.SERVICE_CN, clean_session=True
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=pki.instance_cn(instance) if instance else pki.SERVICE_CN, clean_session=True
         )
         if tls is not None:
             self.client.tls_set_context(tls)
@@ -50,15 +58,19 @@ class FleetService:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 10)
+        self.leases = None
+        if instance:
+            self.leases = Leases(registry, instance, http, on_taken=self._follow_device,
+                                 on_released=self._unfollow_device, on_orphan=self._adopt)
         self.ota = OtaSender(lambda topic, payload, qos: self.client.publish(topic, payload, qos=qos),
-                             trial_s=trial_s)
+                             trial_s=trial_s, leases=self.leases)
         # The safe mode healer reads the release catalog and the fleets' releases (their
         # images are kept in the cloud directory: the SQLite registry's, unless cloud_path
         # says where).
         cloud_path = cloud_path or (registry.path.parent if registry.path else None)
         self.fleets = Fleets(registry, cloud_path)
         self.healer = Healer(self.ota, SharedCatalog(registry, cloud_path) if cloud_path else None,
-                             self.fleets)
+                             self.fleets, describe_of=registry.describe_of if instance else None)
         # Fleet changes come from the keel CLI, which writes the registry itself: it asks
         # for a rollout (rollout()), and a poll catches what it could not tell.
         self._fleet_poll = fleet_poll
@@ -67,11 +79,15 @@ class FleetService:
         self._stop = threading.Event()
         self._unknown: set[str] = set()
         self.events = EventStream(registry.last_event_seq())
+        if instance:
+            self.events.follow(registry)  # every instance's events, in order
         self.ingest = Ingest(registry, self._committed)
 
     # Life cycle
 
     def start(self, wait: float = 10.0) -> None:
+        if self.leases:
+            self.leases.start()
         self.rollout()  # what the fleets are now: devices are looked at as they describe
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
@@ -88,18 +104,42 @@ class FleetService:
         self.ingest.stop()
         self.events.stop()
         self.healer.stop()
+        if self.leases:
+            self.leases.stop()
 
     def _on_connect(self, client, userdata, flags, reason, properties=None):
         if reason.is_failure:
             log.error("broker refused the service: %s", reason)
             return
-        client.subscribe("devices/+/status", qos=1)
-        client.subscribe("devices/+/describe", qos=1)
-        client.subscribe("devices/+/events/#", qos=1)
+        # Alone, the service takes every device message. One of several instances takes
+        # its share of status, describe and events (the broker gives each message to
+        # one member of the group), every reply and update status (each instance keeps
+        # those of its own requests and transfers), and the status of each device it
+        # sends an update to (_follow_device).
+        shared = f"$share/{SHARE_GROUP}/" if self.instance else ""
+        for topic in ("status", "describe", "events/#"):
+            client.subscribe(f"{shared}devices/+/{topic}", qos=1)
         client.subscribe("devices/+/reply", qos=1)
         client.subscribe("devices/+/ota/status", qos=1)
+        for device_id in self.leases.held() if self.leases else ():
+            self._follow_device(device_id)
         self._connected.set()
-        log.info("fleet service connected to the broker")
+        log.info("fleet service%s connected to the broker",
+                 f" instance {self.instance}" if self.instance else "")
+
+    def _follow_device(self, device_id: str) -> None:
+        """While this instance updates the device, its status (a reconnection mid-transfer)
+        and describes (the module installed) come here whichever instance the broker
+        gives them to (Mosquitto sends one copy to a client whose subscriptions overlap)."""
+        self.client.subscribe([(f"devices/{device_id}/status", 1), (f"devices/{device_id}/describe", 1)])
+
+    def _unfollow_device(self, device_id: str) -> None:
+        self.client.unsubscribe([f"devices/{device_id}/status", f"devices/{device_id}/describe"])
+
+    def _adopt(self, device_id: str) -> None:
+        """A dead instance's update to the device: the healer looks at it again (from
+        its describe in the registry) and sends what it still needs."""
+        self.healer.poke(device_id)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties=None):
         self._connected.clear()
@@ -113,12 +153,12 @@ class FleetService:
         end the service's MQTT thread). Messages are checked first (keel_cloud.protocol);
         the except below is the last line of defence, for a database failure say."""
         try:
-            self._handle(msg.topic, msg.payload)
+            self._handle(msg.topic, msg.payload, msg.retain)
         except Exception:  # noqa: BLE001 - the service must outlive any one message
             log.exception("a message on %r could not be handled",
                           getattr(msg, "_topic", b"?")[:120])
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Check the message and queue its registry write (ingest.Ingest): what it leads
         to (the healer, subscribers) happens once the write is committed, in order."""
         device_id = protocol.device_of(topic)
@@ -132,7 +172,7 @@ class FleetService:
             self.ingest.put(Write("drop", device_id, str(e), now))
             return
         if message.kind == "status":
-            if message.value:
+            if message.value and not retained:  # (a retained one is no news of a reconnection)
                 self.ota.on_online(device_id)  # at once: a transfer re-offers after a reconnect
             self.ingest.put(Write("status", device_id, message.value, now))
         elif message.kind == "describe":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from keel_cloud.config import CloudDir, CloudError
-from keel_cloud.mosquitto import write_config
+from keel_cloud.mosquitto import PID_FILE, write_config
 
 log = logging.getLogger("keel.cloud.mosquitto")
 
@@ -101,6 +101,8 @@ class MosquittoSupervisor:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
+        # keel cloud add-instance tells it to read its ACL again (mosquitto.update_acl)
+        (self.folder / PID_FILE).write_text(f"{self.proc.pid}\n")
         deadline = time.monotonic() + START_WAIT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -153,6 +155,7 @@ class MosquittoSupervisor:
             self._thread.join(5)
         if self.proc:
             end_process(self.proc)
+        (self.folder / PID_FILE).unlink(missing_ok=True)
 
 
 def end_process(proc: subprocess.Popen, wait_s: float = 5) -> None:

@@ -127,9 +127,12 @@ class SimDevice:
 
     def __init__(self, device_id: str, tls, host: str, port: int, *, platform: str = "virtual",
                  modules=None, app=None, app_version: str = "1.0.0", name=None,
-                 boot_delay: float = 0.3, backoff: float = 1.0, keepalive: int = 30):
+                 boot_delay: float = 0.3, backoff: float = 1.0, keepalive: int = 30,
+                 chunk_delay: float = 0.0):
         self.device_id, self.name, self.host, self.port = device_id, name or device_id, host, port
-        self.platform, self.boot_delay, self.backoff_min, self.keepalive = platform, boot_delay, backoff, keepalive
+        self.chunk_delay = chunk_delay  # s per chunk stored: a slow flash, a long transfer
+        self.platform, self.boot_delay, self.keepalive = platform, boot_delay, keepalive
+        self.backoff_min = backoff
         self._tls = tls if isinstance(tls, ssl.SSLContext) else tls_context(*tls)
         self._base = f"devices/{device_id}/"
         self._lock = threading.RLock()
@@ -156,8 +159,9 @@ class SimDevice:
     def _entry(self, m: dict) -> dict:
         """A module as a describe lists it (the keys of `keel inspect`, and `valid`)."""
         return {"function": m["function"], "index": m["index"], "version": m["version"],
-                "platform": m.get("platform", self.platform), "size": m.get("size", 4096), "crc_ok": True,
-                "sha256_ok": True, "valid": True, "dependencies": [dict(d) for d in m.get("dependencies") or []],
+                "platform": m.get("platform", self.platform), "size": m.get("size", 4096),
+                "crc_ok": True, "sha256_ok": True, "valid": True,
+                "dependencies": [dict(d) for d in m.get("dependencies") or []],
                 **({"sha256": m["sha256"]} if m.get("sha256") else {})}
 
     # For tests
@@ -221,11 +225,12 @@ class SimDevice:
         """The describe it sends (the shape of a virtual device's: cloud_session._describe)."""
         with self._lock:
             app = any(m["function"] == "user-part" for m in self._modules)
+            app = ("running" if self._mode == "normal" else "not-run") if app else "none"
             return json.loads(json.dumps({
                 "platform": self.platform, "board": self.platform, "mode": self._mode,
                 "safe_mode_reason": "dependency" if self._missing else None, "missing": self._missing,
                 "reset_reason": self._reset_reason, "vm": {"name": "micropython", "version": "1.29.0"},
-                "heap_free": 104512, "app": ("running" if self._mode == "normal" else "not-run") if app else "none",
+                "heap_free": 104512, "app": app,
                 "modules": self._modules, "functions": [], "variables": [],
                 "trust": {"mode": "development", "keys": []}}))
 
@@ -273,7 +278,7 @@ class SimDevice:
         with self._lock:
             self._client, self._opened, self._up = client, time.monotonic(), False
         try:
-            client.connect(self.host, self.port, keepalive=self.keepalive)  # (CONNECT; CONNACK in loop())
+            client.connect(self.host, self.port, keepalive=self.keepalive)  # (CONNACK: in loop())
         except (OSError, ValueError) as e:  # (ssl.SSLError is an OSError)
             with self._lock:
                 if self._client is client:
@@ -312,10 +317,12 @@ class SimDevice:
         if self._staged is not None:
             doc, image, info = self._staged
             self._staged = self._transfer = None
-            key, version = (doc["function"], doc["index"]), doc.get("version") or mf.decode_version(info.version)
-            self._modules = [m for m in self._modules if (m["function"], m["index"]) != key] + [self._entry({
-                "function": key[0], "index": key[1], "version": version, "size": len(image), "sha256": doc["sha256"],
-                "dependencies": [mf.dependency_dict(d) for d in info.dependencies]})]
+            key = (doc["function"], doc["index"])
+            version = doc.get("version") or mf.decode_version(info.version)
+            self._modules = [m for m in self._modules if (m["function"], m["index"]) != key]
+            self._modules.append(self._entry({
+                "function": key[0], "index": key[1], "version": version, "size": len(image),
+                "sha256": doc["sha256"], "dependencies": [mf.dependency_dict(d) for d in info.dependencies]}))
             self._modules.sort(key=lambda m: (FUNCTIONS.get(m["function"], 99), m["index"]))
             self._installs[(*key, version)] += 1
             self._report = {"state": "installed", "version": version}
@@ -365,8 +372,9 @@ class SimDevice:
                 except (ValueError, TypeError, KeyError):
                     return
                 app = self._mode == "normal" and any(m["function"] == "user-part" for m in self._modules)
-                error = (f"NotFound: no {'function' if rest == 'call' else 'variable'} '{request.get('name')}'"
-                         if app else f"no app running ({self._mode} mode)")
+                what = "function" if rest == "call" else "variable"
+                error = (f"NotFound: no {what} '{request.get('name')}'" if app
+                         else f"no app running ({self._mode} mode)")
                 self._publish("reply", json.dumps({"id": rid, "ok": False, "error": error}))
 
     # The update receiver (ota.py)
@@ -414,7 +422,7 @@ class SimDevice:
             self._note(f"resuming {sha[:16]} at chunk {t.next} of {t.count}")
         else:  # (a different offer replaces an unfinished transfer)
             t = self._transfer = _Transfer(doc)
-            self._note(f"receiving {sha[:16]}: {doc['function']} {doc['index']} {doc['version']}, {t.count} chunks")
+            self._note(f"receiving {sha[:16]}: {doc['function']} {doc['index']} {doc['version']}")
         self._rx = _VERIFY if len(t.chunks) == t.count else _RECEIVING
         if self._rx == _RECEIVING:
             self._ack()
@@ -430,6 +438,8 @@ class SimDevice:
         if n in t.chunks:
             self._dups += 1  # (sent again before our acknowledgement got there)
             return
+        if self.chunk_delay:
+            time.sleep(self.chunk_delay)
         t.chunks[n] = bytes(payload[12:])
         self._fresh += 1
         while t.next < t.count and t.next in t.chunks:
@@ -458,11 +468,12 @@ class SimDevice:
             return self._failed("sha256")
         try:  # (ota_check.verify's header checks)
             info, crc_ok, _ = mf.check_image(mf.bytes_reader(image), len(image))
-            failed = "header" if not crc_ok or info.image_size != t.size or (
-                mf.function_name(info.function), info.index) != (t.doc["function"], t.doc["index"]) else \
-                "platform" if mf.platform_name(info.platform) != self.platform else None
-        except (ValueError, KeyError):
-            failed = "header"
+        except ValueError:
+            return self._failed("header")
+        same = (mf.function_name(info.function), info.index) == (t.doc["function"], t.doc["index"])
+        failed = None if crc_ok and info.image_size == t.size and same else "header"
+        if not failed and mf.platform_name(info.platform) != self.platform:
+            failed = "platform"
         if failed:
             return self._failed(failed)
         self._staged = (t.doc, image, info)  # (pending.json: the bootloader installs it)

@@ -56,49 +56,79 @@ def cmd_cloud_serve(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     serve(CloudDir(args.data or args.cloud), args.mqtt, args.http, args.broker,
-          out=lambda text: print(text, flush=True))
+          out=lambda text: print(text, flush=True), instance=args.instance)
+    return 0
+
+
+def cmd_cloud_add_instance(args) -> int:
+    from keel_cloud.server import add_instance
+
+    directory = cloud_dir(args).require()
+    new = add_instance(directory, args.name)
+    path = directory.instance_pem(args.name)
+    print(f"instance {args.name}: {'issued' if new else 'has'} {path} "
+          f"(CN {'keel-service-' + args.name}); run it: keel cloud serve --instance {args.name} "
+          "--broker mqtts://HOST:PORT --http HOST:PORT")
     return 0
 
 
 def cmd_cloud_status(args) -> int:
-    """What `keel cloud serve` runs for this cloud directory (CLOUD_DIR/serve.json, while it
-    runs) and what the registry says of the devices."""
+    """What `keel cloud serve` runs for this cloud directory (CLOUD_DIR/serve.json and
+    serve-NAME.json, while they run), the instances the registry knows, and what it says
+    of the devices."""
     import os
 
     from keel_cloud.config import broker_kind, device_address
+    from keel_cloud.leases import TTL_S
     from keel_cloud.registry import Registry
-    from keel_cloud.server import SERVE_FILE
 
     directory = cloud_dir(args).require()
     config = directory.config()
-    try:
-        record = json.loads((directory.path / SERVE_FILE).read_text())
-        os.kill(record["pid"], 0)  # (signal 0: only whether it is alive)
-    except (OSError, ValueError, KeyError, TypeError):
-        record = None
+    records = []
+    for path in sorted(directory.path.glob("serve*.json")):
+        try:
+            record = json.loads(path.read_text())
+            os.kill(record["pid"], 0)  # (signal 0: only whether it is alive)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        records.append(record)
     registry = Registry(config.database or directory.registry_path)
     try:
         devices = registry.devices()
+        known_instances = registry.instances()
     finally:
         registry.close()
+    # The one that runs the broker (or the single service) first.
+    records.sort(key=lambda r: (r.get("broker") == "external", r.get("instance") or ""))
+    record = records[0] if records else None
+    now = time.time()
+    instances = [{"name": r.get("instance"), "pid": r["pid"], "host": None, "http": r.get("http"),
+                  "started": r["started"], "alive": True} for r in records if not r.get("instance")]
+    for row in known_instances:
+        alive = now - row["beat"] < TTL_S
+        instances.append({"name": row["name"], "pid": row["pid"], "host": row["host"],
+                          "http": row["http"], "started": row["started"], "alive": alive})
+    running = any(i["alive"] for i in instances)
     kind = record["broker"] if record else broker_kind(config.broker)
     doc = {
-        "running": record is not None,
+        "running": running,
         "pid": record["pid"] if record else None,
         "broker": kind,
         "address": record["address"] if record else "mqtts://%s:%d" % device_address(config),
         "http": f"http://{config.http}/api/",
-        "devices": {"connected": sum(1 for d in devices if d.get("online")) if record else 0,
+        "devices": {"connected": sum(1 for d in devices if d.get("online")) if running else 0,
                     "known": len(devices)},
-        "instances": [{"pid": record["pid"], "started": record["started"]}] if record else [],
+        "instances": instances,
         "broker_log": record.get("broker_log") if record else None,
     }
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0 if record else 1
+        return 0 if running else 1
     if record:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["started"]))
         print(f"Keel Cloud      running (keel cloud serve, pid {record['pid']}, since {started})")
+    elif running:
+        print("Keel Cloud      running (instances elsewhere)")
     else:
         print(f"Keel Cloud      not running here (start it: keel cloud serve --cloud {directory.path})")
     print(f"broker          {'auto (Mosquitto where installed, else embedded)' if kind == 'auto' else kind}"
@@ -106,8 +136,13 @@ def cmd_cloud_status(args) -> int:
           + (f" (log {doc['broker_log']})" if doc["broker_log"] else ""))
     print(f"API             {doc['http']}")
     print(f"devices         {doc['devices']['connected']} connected, {doc['devices']['known']} known")
-    print(f"instances       {len(doc['instances'])}")
-    return 0 if record else 1
+    alive = [i for i in instances if i["alive"]]
+    print(f"instances       {len(alive)} running" + (f", {len(instances) - len(alive)} gone"
+                                                      if len(alive) < len(instances) else ""))
+    for i in instances:
+        print(f"  {i['name'] or '(single)':<14}{'running' if i['alive'] else 'gone   '} pid {i['pid']}"
+              + (f" on {i['host']}" if i["host"] else "") + (f", API {i['http']}" if i["http"] else ""))
+    return 0 if running else 1
 
 
 def cmd_cloud_mosquitto_config(args) -> int:
@@ -647,9 +682,17 @@ def add_commands(commands) -> None:
                    help="auto (the default: Mosquitto where it is installed, else the embedded "
                    "broker), embedded (amqtt behind the gate), mosquitto (run and watch the "
                    "Mosquitto installed here, on --mqtt), or mqtts://HOST:PORT of a broker run "
-                   "elsewhere; remembered in the cloud directory")
+                   "elsewhere; remembered in the cloud directory (not with --instance)")
+    p.add_argument("--instance", metavar="NAME",
+                   help="run as instance NAME of several sharing one broker and one PostgreSQL "
+                   "registry (its own certificate, issued on first use; docs/cloud.md, "
+                   "\"Several instances\")")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_cloud_serve)
+    p = clouds.add_parser("add-instance", help="issue a fleet service instance its certificate")
+    p.add_argument("name", metavar="NAME")
+    cloud_option(p)
+    p.set_defaults(func=cmd_cloud_add_instance)
     p = clouds.add_parser("status", help="what the cloud here runs: its broker, address, devices")
     cloud_option(p)
     p.add_argument("--json", action="store_true")

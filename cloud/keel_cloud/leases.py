@@ -1,0 +1,113 @@
+"""Several fleet service instances on one broker and one registry (`keel cloud serve
+--instance NAME`): who sends an update to a device.
+
+Device traffic is split between the instances by the broker (shared subscriptions), so
+the messages of one device's update can reach any of them. An update is therefore owned:
+the instance that sends it holds the device's lease in the registry (table `leases`) for
+as long as the transfer runs, renews it with its heartbeat every BEAT_S seconds, and
+releases it at the end. Another instance does not send to a leased device. An instance
+that dies stops renewing: its leases expire after TTL_S, and the first instance to sweep
+them (every SWEEP_S) takes the device over: its healer looks at the device's last
+describe in the registry and sends again what it needs; the device answers the same
+offer with the chunks it has (docs/protocol.md), so the transfer resumes. Worst case, a
+dead owner's transfer resumes TTL_S + SWEEP_S seconds after its last heartbeat (12 s).
+
+Clocks: an expiry is the owner's clock plus TTL_S, compared with the sweeper's clock:
+instances on several machines need their clocks in step (NTP), well within TTL_S."""
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from keel_cloud.ota import LeaseElsewhere
+
+log = logging.getLogger("keel.cloud.leases")
+
+TTL_S = 9.0
+BEAT_S = 3.0
+SWEEP_S = 3.0
+
+
+class Leases:
+    """One instance's leases. on_taken(device_id) / on_released(device_id) run when it
+    gets or gives up one (the service subscribes to the device's status meanwhile);
+    on_orphan(device_id) when the sweep found an expired lease of a dead instance."""
+
+    def __init__(self, registry, name: str, http: str | None = None, on_taken=None, on_released=None,
+                 on_orphan=None, ttl: float = TTL_S, beat: float = BEAT_S, sweep: float = SWEEP_S):
+        self.registry = registry
+        self.name = name
+        self.ttl, self.beat_s, self.sweep_s = ttl, beat, sweep
+        self.on_taken = on_taken or (lambda device_id: None)
+        self.on_released = on_released or (lambda device_id: None)
+        self.on_orphan = on_orphan or (lambda device_id: None)
+        self.info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), "http": http,
+                     "started": time.time()}
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        self.registry.beat(self.info, self.ttl)
+        self._thread = threading.Thread(target=self._run, name="keel-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """A clean stop: the instance's leases go at once (the others take its work)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        try:
+            self.registry.forget_instance(self.name)
+        except Exception as e:  # noqa: BLE001 - they expire anyway
+            log.warning("cannot release this instance's leases (%s): they expire in %g s", e, self.ttl)
+
+    def take(self, device_id: str, work: str) -> None:
+        """Raises LeaseElsewhere when another live instance holds it."""
+        owner = self.registry.take_lease(device_id, self.name, self.ttl, work)
+        if owner != self.name:
+            raise LeaseElsewhere(owner)
+        with self._lock:
+            new = device_id not in self._held
+            self._held.add(device_id)
+        if new:
+            self.on_taken(device_id)
+
+    def release(self, device_id: str) -> None:
+        with self._lock:
+            if device_id not in self._held:
+                return
+            self._held.discard(device_id)
+        try:
+            self.registry.release_lease(device_id, self.name)
+        except Exception as e:  # noqa: BLE001 - it expires anyway
+            log.warning("cannot release the lease of %s (%s): it expires in %g s", device_id, e, self.ttl)
+        self.on_released(device_id)
+
+    def held(self) -> set[str]:
+        with self._lock:
+            return set(self._held)
+
+    def owner(self, device_id: str) -> str | None:
+        """Another live instance that holds the device's lease, or None."""
+        lease = self.registry.lease(device_id)
+        if lease and lease["owner"] != self.name and lease["expires"] >= time.time():
+            return lease["owner"]
+        return None
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic()
+        while not self._stop.wait(self.beat_s if self.beat_s < self.sweep_s else self.sweep_s):
+            try:
+                self.registry.beat(self.info, self.ttl)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.sweep_s
+                    for device_id, owner in self.registry.expired_leases():
+                        log.warning("instance %s stopped renewing its lease of %s: taking it over",
+                                    owner, device_id)
+                        self.on_orphan(device_id)
+            except Exception as e:  # noqa: BLE001 - the database: next beat
+                log.warning("cannot renew this instance's leases: %s", e)
