@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Fleet scale: simulated devices against `keel cloud serve`, with the embedded broker
-(amqtt behind the gate) or with Mosquitto, and against a bare Mosquitto as the baseline.
+(amqtt behind the gate), as it starts by default where Mosquitto is installed (it runs
+Mosquitto itself), and as two instances (--instance a and b) on one PostgreSQL registry;
+and against a bare Mosquitto as the baseline.
 
-    .venv/bin/python bench/fleet_scale.py                       # embedded 1000, mosquitto 10000, 3 runs
+    .venv/bin/python bench/fleet_scale.py                       # embedded 1000, mosquitto 10000, instances 10000
     .venv/bin/python bench/fleet_scale.py --smoke               # 20 devices each, one run
     .venv/bin/python bench/fleet_scale.py --setup mosquitto -n 2000 --runs 1 --json out.json
 
@@ -83,13 +85,16 @@ PER_WORKER = 2000  # devices per worker process
 MAX_WORKERS = 2
 
 # The full figure and the smoke version (used by make test).
-FULL = {"embedded": 1000, "mosquitto": 10000}
-SMOKE = {"embedded": 20, "mosquitto": 20}
+# embedded: keel cloud serve --broker embedded; mosquitto: keel cloud serve as it starts by
+# default where Mosquitto is installed (it runs Mosquitto itself); instances: two
+# instances (serve --instance a, which runs Mosquitto, and b) on one PostgreSQL registry.
+FULL = {"embedded": 1000, "mosquitto": 10000, "instances": 10000}
+SMOKE = {"embedded": 20, "mosquitto": 20, "instances": 20}
 RAMP = 500  # devices connecting per second (10,000 in 20 s: a fleet coming back)
 HOLD = 3.0
 DESCRIBE_RATE = 100  # steady describes per second (distinct devices, as after state changes)
 DESCRIBE_S = 4.0
-EVENTS_RATE = 2000  # events/s offered, all devices together
+EVENTS_RATE = 2500  # events/s offered, all devices together (above the 2,000/s goal)
 EVENTS_S = 3.0
 DRAIN = 10.0  # s at most after the last event sent for the rest to arrive
 QUIET = 3.0  # s without a new event at the subscriber: the rest is lost
@@ -759,31 +764,37 @@ class Mosquitto:
 
 
 class CloudServe:
-    """`keel cloud serve` in a child process."""
+    """`keel cloud serve` in a child process (instance NAME of several, with instance)."""
 
-    def __init__(self, cloud, broker: str | None):
+    def __init__(self, cloud, broker: str | None, instance: str | None = None, http: str | None = None):
         from keel_cloud.config import parse_address
 
         cmd = [str(BIN / "keel"), "cloud", "serve", "--data", str(cloud.path)]
         if broker:
             cmd += ["--broker", broker]
+        if instance:
+            cmd += ["--instance", instance]
+        if http:
+            cmd += ["--http", http]
         if os.environ.get("FLEET_DEBUG"):
             cmd.append("-v")
         self.cloud = cloud
         self.started = time.monotonic()
+        # (the default finds Mosquitto in /usr/sbin, which a user's PATH may not have)
+        env = dict(os.environ, KEEL_MOSQUITTO=str(MOSQUITTO))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=raise_nofile, start_new_session=True)
+                                     preexec_fn=raise_nofile, start_new_session=True, env=env)
         self.output: list[str] = []
         for line in self.proc.stdout:
             self.output.append(line)
-            if line.startswith("Keel Cloud:"):
+            if line.startswith("Keel Cloud") and "devices connect to" in line:
                 break
         else:
             stop_process(self.proc)
             raise RuntimeError(f"keel cloud serve did not start: {''.join(self.output)[-3000:]}")
         self.start_s = time.monotonic() - self.started
         threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-        host, port = parse_address(cloud.config().http, 8780)
+        host, port = parse_address(http or cloud.config().http, 8780)
         self.api = f"http://{host}:{port}/api"
         self.token = cloud.token()
         self.spy = None
@@ -823,21 +834,51 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 # --- one run ----------------------------------------------------------------------
 
-def read_registry(path: Path) -> dict[str, tuple]:
-    """{device id: (last_seen, online, has describe)} from the registry, read-only."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = db.execute("SELECT id, last_seen, online, describe IS NOT NULL FROM devices").fetchall()
-    finally:
-        db.close()
+def read_registry(cloud) -> dict[str, tuple]:
+    """{device id: (last_seen, online, has describe)} from the registry (SQLite read-only,
+    or the PostgreSQL database cloud.json names)."""
+    sql = "SELECT id, last_seen, online, describe IS NOT NULL FROM devices"
+    database = cloud.config().database
+    if database:
+        import psycopg
+
+        with psycopg.connect(database, autocommit=True) as conn:
+            rows = conn.execute(sql).fetchall()
+    else:
+        db = sqlite3.connect(f"file:{cloud.registry_path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute(sql).fetchall()
+        finally:
+            db.close()
     return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def registry_in_postgres(cloud, ids: list[str], url: str) -> None:
+    """The n devices registered in a PostgreSQL registry (the schema the registry makes,
+    the rows in one transaction: what Registry.add_device writes for each), named in
+    cloud.json."""
+    import psycopg
+
+    from keel_cloud.registry import Registry
+
+    started = time.monotonic()
+    Registry(url).close()
+    now = time.time()
+    with psycopg.connect(url) as conn, conn.cursor() as cursor:
+        cursor.executemany("INSERT INTO devices (id, name, platform, online, created) "
+                           "VALUES (%s, %s, 'virtual', 0, %s)",
+                           [(device_id, f"sim{k:05d}", now) for k, device_id in enumerate(ids)])
+    config = cloud.config()
+    config.database = url
+    cloud.save_config(config)
+    log(f"registered {len(ids)} devices in PostgreSQL in {time.monotonic() - started:.1f} s")
 
 
 def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: float = HOLD,
             events_rate: float = EVENTS_RATE, events_s: float = EVENTS_S, drain: float = DRAIN,
             describe_rate: float = DESCRIBE_RATE, describe_s: float = DESCRIBE_S, say=log) -> dict:
-    """One run of `setup` ('embedded', 'mosquitto': keel cloud serve; 'bare': the
-    baseline) with n devices. Returns the measurements."""
+    """One run of `setup` ('embedded', 'mosquitto', 'instances': keel cloud serve, see
+    FULL; 'bare': the baseline) with n devices. Returns the measurements."""
     from keel_cloud import pki
 
     raise_nofile()
@@ -846,19 +887,27 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
     mqtt_port, http_port = free_port(), free_port()
     cloud, ids, folder = make_cloud_dir(scratch / "cloud", n, mqtt_port, http_port, None)
     out: dict = {"setup": setup, "devices": n, "ramp_rate": ramp, "hold_s": hold}
-    mosquitto = serve = sub = ksub = workers = None
+    mosquitto = serve = second = sub = ksub = workers = postgres = None
     try:
-        if setup in ("mosquitto", "bare"):
-            mosquitto = Mosquitto(cloud, scratch)
-            host, port = "127.0.0.1", mosquitto.port
-        else:
-            host, port = "127.0.0.1", mqtt_port
+        host, port = "127.0.0.1", mqtt_port
         if setup == "bare":
+            mosquitto = Mosquitto(cloud, scratch)
+            port = mosquitto.port
             sub = Subscriber(host, port, cloud.path / pki.CA_CERT, cloud.path / pki.SERVICE_PEM)
-        else:
-            # (the embedded setup asks for it: the default is Mosquitto where installed)
-            broker = f"mqtts://127.0.0.1:{mosquitto.port}" if mosquitto else "embedded"
-            serve = CloudServe(cloud, broker)
+        elif setup == "instances":
+            try:
+                from bench.postgres import PostgresServer
+            except ImportError:  # run as a script: bench/ is on the path
+                from postgres import PostgresServer
+
+            postgres = PostgresServer().start()
+            registry_in_postgres(cloud, ids, postgres.database("keel_fleet"))
+            serve = CloudServe(cloud, None, instance="a")  # runs Mosquitto, on mqtt_port
+            second = CloudServe(cloud, f"mqtts://127.0.0.1:{mqtt_port}", instance="b",
+                                http=f"127.0.0.1:{free_port()}")
+        else:  # the embedded broker asked for; else the default: Mosquitto, run by serve
+            serve = CloudServe(cloud, "embedded" if setup == "embedded" else None)
+        if serve is not None:
             out["cloud_start_s"] = round(serve.start_s, 2)
             ksub = KeelSubscribe(cloud.path)
         workers = Workers(host, port, cloud.path / pki.CA_CERT, folder, ids, scratch)
@@ -897,7 +946,7 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
         def latencies(sent_t: dict, prefix: str) -> None:
             now = time.time()
             if serve is not None:
-                rows = read_registry(cloud.registry_path)
+                rows = read_registry(cloud)
                 recorded = {i: rows[i][0] for i, t in sent_t.items()
                             if i in rows and rows[i][2] and rows[i][0] and rows[i][0] >= t}
             else:
@@ -966,19 +1015,21 @@ def one_run(setup: str, n: int, scratch: Path, *, ramp: float = RAMP, hold: floa
             f"(sent at {out['events_sent_rate']}/s), latency p50 {out['event_p50_ms']} ms")
         out["held_end"] = sum(s["up"] for s in workers.ask({"cmd": "status"}))
         if serve is not None:  # describes that reached the registry late, or never
-            rows = read_registry(cloud.registry_path)
+            rows = read_registry(cloud)
             out["ramp_recorded_end"] = sum(1 for i in sent_t if i in rows and rows[i][2])
         else:
             seen = sub.ask("report")["describe"]
             out["ramp_recorded_end"] = sum(1 for i in sent_t if i in seen)
     finally:
         # The cloud first, so that it does not write 10,000 offline states as it stops.
-        for part in (ksub, serve, sub, workers, mosquitto):
+        for part in (ksub, second, serve, sub, workers, mosquitto):
             if part is not None:
                 try:
                     part.stop()
                 except Exception as exc:  # noqa: BLE001 - teardown goes on
                     say(f"stopping {type(part).__name__}: {exc}")
+        if postgres is not None:
+            postgres.remove()
     out["run_s"] = round(time.monotonic() - started, 1)
     return out
 
@@ -1022,7 +1073,7 @@ def main(argv=None) -> int:
         return subscriber_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="20 devices per setup, one run, short phases")
-    parser.add_argument("--setup", choices=["embedded", "mosquitto"], action="append",
+    parser.add_argument("--setup", choices=list(FULL), action="append",
                         help="only this setup (repeatable)")
     parser.add_argument("-n", "--devices", type=int, help="devices (instead of 1000 / 10000)")
     parser.add_argument("--runs", type=int, help="runs of each (default 3; 1 with --smoke)")
@@ -1034,7 +1085,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
-    setups = {s: args.devices or sizes[s] for s in (args.setup or ["embedded", "mosquitto"])}
+    setups = {s: args.devices or sizes[s] for s in (args.setup or list(FULL))}
     options = phases(args.smoke)
     options["ramp"] = args.ramp
     if args.hold is not None:

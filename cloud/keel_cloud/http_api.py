@@ -408,7 +408,7 @@ class ApiServer(ThreadingHTTPServer):
                 return [device_summary(d) for d in self.registry.devices()]
             case "GET", ["devices", name]:
                 device = self._device(name)
-                return device_detail(device, self.service.healer.status(device["id"]),
+                return device_detail(device, self.service.heal_status(device["id"]),
                                      self.registry.rollbacks(device["id"]),
                                      self.registry.drops(device["id"]))
             case "GET", ["devices", name, "variables", var]:
@@ -463,7 +463,8 @@ class ApiServer(ThreadingHTTPServer):
             raise ApiError(HTTPStatus.NOT_FOUND, f"no fleet '{name}'")
         history = self.service.fleets.history(name)
         release = history[0] if history else None
-        members = [fleet_member(d, self.service.healer.status(d["id"]), release,
+        leases = self.service.lease_owners()
+        members = [fleet_member(d, self.service.heal_status(d["id"], leases), release,
                                 self.registry.rollbacks(d["id"]))
                    for d in self.registry.fleet_devices(name)]
         return fleet_summary(fleet, release, self.service.fleets.signing_keys(name)) | {

@@ -46,6 +46,7 @@ class Leases:
         self.info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), "http": http,
                      "started": time.time()}
         self._held: set[str] = set()
+        self._lost: set[str] = set()  # leases lost while held (lost())
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -73,6 +74,7 @@ class Leases:
         with self._lock:
             new = device_id not in self._held
             self._held.add(device_id)
+            self._lost.discard(device_id)
         if new:
             self.on_taken(device_id)
 
@@ -98,11 +100,30 @@ class Leases:
             return lease["owner"]
         return None
 
+    def lost(self, device_id: str) -> bool:
+        """Whether this instance lost the device's lease while it sent (its beat failed
+        for longer than the lease lasts, or another instance took it): it must stop."""
+        with self._lock:
+            return device_id in self._lost
+
+    def _lose(self, devices) -> None:
+        with self._lock:
+            devices = set(devices) & self._held
+            self._held -= devices
+            self._lost |= devices
+        for device_id in devices:
+            log.warning("this instance lost its lease of %s: it stops sending to it", device_id)
+            self.on_released(device_id)
+
     def _run(self) -> None:
         next_sweep = time.monotonic()
+        renewed = time.monotonic()
         while not self._stop.wait(self.beat_s if self.beat_s < self.sweep_s else self.sweep_s):
             try:
-                self.registry.beat(self.info, self.ttl)
+                held = self.held()
+                owned = self.registry.beat(self.info, self.ttl)
+                renewed = time.monotonic()
+                self._lose(held - owned)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.sweep_s
                     for device_id, owner in self.registry.expired_leases():
@@ -111,3 +132,5 @@ class Leases:
                         self.on_orphan(device_id)
             except Exception as e:  # noqa: BLE001 - the database: next beat
                 log.warning("cannot renew this instance's leases: %s", e)
+                if time.monotonic() - renewed > self.ttl:  # they have expired: others may take them
+                    self._lose(self.held())

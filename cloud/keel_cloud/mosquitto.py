@@ -28,6 +28,8 @@ from keel_cloud.config import CloudDir
 
 CONFIG_FILE = "mosquitto.conf"
 ACL_FILE = "acl"
+DB_FILE = "mosquitto.db"  # its state, with persistence
+AUTOSAVE_S = 60
 PID_FILE = "mosquitto.pid"  # written by keel_cloud.supervisor for the one it runs
 CA_FILE = "ca.pem"
 CERT_FILE = "server.crt"
@@ -82,10 +84,15 @@ def split_server_pem(pem: bytes) -> tuple[bytes, bytes]:
 
 def write_config(cloud_dir: CloudDir | Path | str, out_dir: Path | str, port: int = 8883,
                  listen: str = "127.0.0.1", *, user: str | None = None,
-                 service_cn: str = pki.SERVICE_CN) -> Path:
+                 service_cn: str = pki.SERVICE_CN, persistence: bool = False) -> Path:
     """Write mosquitto.conf, the ACL, the CA certificate and the broker's certificate and
     key (split out of server.pem) into out_dir; returns the configuration's path. Run it
     with `mosquitto -c PATH`.
+
+    persistence: Mosquitto keeps its state in out_dir/mosquitto.db (written every
+    AUTOSAVE_S, at a clean stop and on SIGUSR1), so a fleet service with a persistent
+    session keeps its subscriptions across a restart of the broker, and what devices
+    publish before it is back waits for it.
 
     user: the account Mosquitto switches to when started as root, before it reads the
     key (Mosquitto's default: 'mosquitto'). The key is readable by its owner only: when
@@ -107,7 +114,8 @@ def write_config(cloud_dir: CloudDir | Path | str, out_dir: Path | str, port: in
         "# Keel Cloud broker (written by keel_cloud.mosquitto; see docs/protocol.md).",
         "per_listener_settings false",
         "allow_anonymous false",
-        "persistence false",
+        *(["persistence true", f"persistence_location {out}/", f"autosave_interval {AUTOSAVE_S}"]
+          if persistence else ["persistence false"]),
         f"acl_file {out / ACL_FILE}",
         # The fleet service is one subscriber for the whole fleet: when thousands of
         # devices reconnect at once, Mosquitto's default queue (1000 messages per client)

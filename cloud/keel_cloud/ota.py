@@ -360,6 +360,9 @@ class OtaSender:
             now = time.monotonic()
             if now >= deadline:
                 raise OtaError(f"the update did not finish within {timeout:g} s")
+            if self.leases and self.leases.lost(device_id):
+                raise OtaError("this instance lost the device's lease (its registry did not answer "
+                               "for longer than a lease lasts): another instance takes the update over")
             wait = min(self.silence, deadline - now)
             if offer_at is not None:
                 wait = max(0.0, min(wait, offer_at - now))

@@ -559,8 +559,9 @@ class Registry:
 
     # Instances and leases (several fleet service instances: keel_cloud.leases)
 
-    def beat(self, instance: dict, ttl: float) -> None:
-        """The instance is alive: its row written, and its leases renewed for ttl s."""
+    def beat(self, instance: dict, ttl: float) -> set[str]:
+        """The instance is alive: its row written, and its leases renewed for ttl s.
+        Returns the devices whose leases it holds."""
         now = time.time()
         with self._transaction() as run:
             if run("SELECT 1 FROM instances WHERE name = ?", (instance["name"],)):
@@ -572,6 +573,7 @@ class Registry:
                     "(?, ?, ?, ?, ?, ?)", (instance["name"], instance.get("host"), instance.get("pid"),
                                            instance.get("http"), instance["started"], now))
             run("UPDATE leases SET expires = ? WHERE owner = ?", (now + ttl, instance["name"]))
+            return {d for (d,) in run("SELECT device_id FROM leases WHERE owner = ?", (instance["name"],))}
 
     def instances(self) -> list[dict]:
         rows = self._query("SELECT name, host, pid, http, started, beat FROM instances ORDER BY name")
@@ -579,9 +581,10 @@ class Registry:
                 for n, h, p, u, s, b in rows]
 
     def forget_instance(self, name: str) -> None:
-        """A stopped instance: its row and its leases go (another takes its work at once)."""
+        """A stopped instance: its row goes and its leases expire now (the next sweep of
+        another instance takes its work over)."""
         with self._transaction() as run:
-            run("DELETE FROM leases WHERE owner = ?", (name,))
+            run("UPDATE leases SET expires = 0 WHERE owner = ?", (name,))
             run("DELETE FROM instances WHERE name = ?", (name,))
 
     def take_lease(self, device_id: str, owner: str, ttl: float, work: str) -> str:
@@ -598,6 +601,10 @@ class Registry:
     def lease(self, device_id: str) -> dict | None:
         rows = self._query("SELECT owner, work, expires FROM leases WHERE device_id = ?", (device_id,))
         return {"owner": rows[0][0], "work": rows[0][1], "expires": rows[0][2]} if rows else None
+
+    def lease_owners(self) -> dict[str, str]:
+        """{device id: owner} of the leases not expired."""
+        return dict(self._query("SELECT device_id, owner FROM leases WHERE expires >= ?", (time.time(),)))
 
     def release_lease(self, device_id: str, owner: str) -> None:
         self._query("DELETE FROM leases WHERE device_id = ? AND owner = ?", (device_id, owner))

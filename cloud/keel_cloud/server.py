@@ -103,9 +103,13 @@ class Cloud:
             # certificate carries (a gate bound to another address of the host is not).
             host, port = self.broker.service_address
             tls = service_tls(self.dir, host in CERTIFIED_HOSTS)
+        # With the Mosquitto it runs, alone: a persistent session, which that Mosquitto
+        # keeps across its own restarts (it is told to save it once subscribed).
+        keep = self.supervisor is not None and not instance
         self.service = FleetService(self.registry, host, port, tls, cloud_path=self.dir.path,
                                     trial_s=config.trial_s, instance=instance,
-                                    http=f"http://{config.http}/api/")
+                                    http=f"http://{config.http}/api/", persistent=keep,
+                                    on_subscribed=self.supervisor.save if keep else None)
         self.service.start()
         http_host, http_port = parse_address(config.http, 8780)
         self.api = ApiServer((http_host, http_port), self.service, self.dir.token())

@@ -34,10 +34,14 @@ class DeviceError(Exception):
 class FleetService:
     def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None,
                  cloud_path=None, trial_s: int = TRIAL_S, fleet_poll: float = FLEET_POLL,
-                 instance: str | None = None, http: str | None = None):
+                 instance: str | None = None, http: str | None = None, persistent: bool = False,
+                 on_subscribed=None):
         """instance: this is one of several instances sharing the broker and the registry
         (keel cloud serve --instance NAME): device traffic is shared between them and an
-        update is sent by the instance holding the device's lease (keel_cloud.leases)."""
+        update is sent by the instance holding the device's lease (keel_cloud.leases).
+        persistent: a persistent MQTT session (a broker that keeps it, as the Mosquitto
+        serve runs does, holds what devices publish while the service reconnects);
+        on_subscribed() runs once its subscriptions are acknowledged, at each connect."""
         self.registry = registry
         self.host = host
         self.port = port
@@ -50,13 +54,18 @@ class FleetService:
         self._stopping = False
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=pki.instance_cn(instance) if instance else pki.SERVICE_CN, clean_session=True
+            client_id=pki.instance_cn(instance) if instance else pki.SERVICE_CN,
+            clean_session=not persistent
         )
+        self._on_subscribed = on_subscribed
+        self._subscribed = threading.Event()
+        self._subscribe_mid = None
         if tls is not None:
             self.client.tls_set_context(tls)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.client.reconnect_delay_set(1, 10)
         self.leases = None
         if instance:
@@ -91,7 +100,7 @@ class FleetService:
         self.rollout()  # what the fleets are now: devices are looked at as they describe
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
-        if not self._connected.wait(wait):
+        if not self._connected.wait(wait) or not self._subscribed.wait(wait):
             raise ConnectionError(f"the fleet service cannot reach the broker at {self.host}:{self.port}")
         if self._fleet_poll:
             threading.Thread(target=self._poll_fleets, name="keel-fleet-poll", daemon=True).start()
@@ -117,10 +126,10 @@ class FleetService:
         # those of its own requests and transfers), and the status of each device it
         # sends an update to (_follow_device).
         shared = f"$share/{SHARE_GROUP}/" if self.instance else ""
-        for topic in ("status", "describe", "events/#"):
-            client.subscribe(f"{shared}devices/+/{topic}", qos=1)
-        client.subscribe("devices/+/reply", qos=1)
-        client.subscribe("devices/+/ota/status", qos=1)
+        self._subscribed.clear()
+        _, self._subscribe_mid = client.subscribe(
+            [(f"{shared}devices/+/{topic}", 1) for topic in ("status", "describe", "events/#")]
+            + [("devices/+/reply", 1), ("devices/+/ota/status", 1)])
         for device_id in self.leases.held() if self.leases else ():
             self._follow_device(device_id)
         self._connected.set()
@@ -140,6 +149,19 @@ class FleetService:
         """A dead instance's update to the device: the healer looks at it again (from
         its describe in the registry) and sends what it still needs."""
         self.healer.poke(device_id)
+
+    def _on_subscribe(self, client, userdata, mid, reasons, properties=None):
+        if mid != self._subscribe_mid:
+            return
+        if any(r.is_failure for r in reasons):
+            log.error("the broker refused the service's subscriptions: %s", reasons)
+            return
+        self._subscribed.set()
+        if self._on_subscribed:
+            try:
+                self._on_subscribed()
+            except Exception:  # noqa: BLE001 - the service goes on
+                log.exception("after subscribing")
 
     def _on_disconnect(self, client, userdata, flags, reason, properties=None):
         self._connected.clear()
@@ -226,6 +248,26 @@ class FleetService:
         waiter["reply"] = reply
         waiter["done"].set()
         return True
+
+    # The healer's state
+
+    def lease_owners(self) -> dict[str, str]:
+        """{device id: instance} for the updates other instances are sending ({} alone)."""
+        if not self.leases:
+            return {}
+        return {d: o for d, o in self.registry.lease_owners().items() if o != self.instance}
+
+    def heal_status(self, device_id: str, owners: dict | None = None) -> dict:
+        """The healer's state for the device; with several instances, and another one
+        sending it an update, that instance's name and what it sends."""
+        status = self.healer.status(device_id)
+        owner = (owners if owners is not None else self.lease_owners()).get(device_id)
+        if owner and status["state"] not in ("healing", "updating"):
+            status = {"state": "updating", "reason": f"instance {owner} is sending it an update",
+                      "updated": status.get("updated")}
+        if owner:
+            status["instance"] = owner
+        return status
 
     # Fleets
 

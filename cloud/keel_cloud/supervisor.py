@@ -8,6 +8,7 @@ mosquitto.log."""
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from keel_cloud.config import CloudDir, CloudError
-from keel_cloud.mosquitto import PID_FILE, write_config
+from keel_cloud.mosquitto import DB_FILE, PID_FILE, write_config
 
 log = logging.getLogger("keel.cloud.mosquitto")
 
@@ -77,7 +78,12 @@ class MosquittoSupervisor:
         # Started as root, Mosquitto would switch to the 'mosquitto' account, which cannot
         # read a key in a root-owned cloud directory (0700): it stays root, as we are.
         user = "root" if os.geteuid() == 0 else None
-        self.conf = write_config(self.dir, self.folder, port=self.port, listen=self.host, user=user)
+        # Its state persists across its own restarts (the fleet service's session and
+        # subscriptions: what devices publish while the service reconnects waits for it),
+        # not across a start of the service: a new broker starts empty.
+        (self.folder / DB_FILE).unlink(missing_ok=True)
+        self.conf = write_config(self.dir, self.folder, port=self.port, listen=self.host, user=user,
+                                 persistence=True)
         # Started, and started again, from one thread that lives as long as the service:
         # Linux ties the parent-death signal to the thread that started the child.
         self._thread = threading.Thread(target=self._run, name="keel-mosquitto", daemon=True)
@@ -145,6 +151,13 @@ class MosquittoSupervisor:
             except CloudError as e:
                 log.warning("%s", e)
             delay = min(delay * 2, RESTART_MAX_S)
+
+    def save(self) -> None:
+        """Have Mosquitto write its state now (SIGUSR1): the fleet service's session and
+        subscriptions, just made, survive it being killed."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGUSR1)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

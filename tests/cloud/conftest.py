@@ -4,17 +4,14 @@ by the cloud's CA, and MQTT clients (paho-mqtt over TLS, and a raw TLS socket fo
 cases paho will not produce)."""
 
 import asyncio
-import glob
 import os
-import pwd
-import shutil
 import queue
+import sys
 import secrets
 import socket
 import ssl
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -22,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import psycopg
 import pytest
 
 from keel_cloud import mqtt_packets as mp
@@ -30,6 +26,9 @@ from keel_cloud import pki
 from keel_cloud.broker import EmbeddedBroker
 from keel_cloud.config import CloudDir
 from keel_cloud.mosquitto import write_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.postgres import PostgresError, PostgresServer  # noqa: E402
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 SERVER_NAME = "localhost"
@@ -408,60 +407,33 @@ def clients(broker, make_identity):
     made.close_all()
 
 
-PG_WAIT = 30  # seconds: bound for initdb, and for the server to start and stop
-
-
-def postgres_bindir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
-    if not found:
-        pytest.fail("PostgreSQL's server binaries are missing (no /usr/lib/postgresql/*/bin/initdb): "
-                    "install Debian's postgresql package (make setup, as root)")
-    return Path(found[-1]).parent
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for this session (bench/postgres.py)."""
+    try:
+        server = PostgresServer()
+        server.start()
+    except PostgresError as e:
+        pytest.fail(str(e))
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A PostgreSQL server for this session, in its own directory under /tmp; the URL of
-    a database on it. initdb refuses root, so as root the server runs as 'postgres'."""
-    bindir = postgres_bindir()
-    prefix = []
-    if os.geteuid() == 0:
-        try:
-            account = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.fail("no 'postgres' account to run PostgreSQL as (install Debian's postgresql)")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    base = Path(tempfile.mkdtemp(prefix="keel-pg-"))
-    if prefix:
-        os.chown(base, account.pw_uid, account.pw_gid)
-    data, log = base / "data", base / "postgres.log"
+def postgres_url(postgres_server):
+    """The URL of a database on the session's PostgreSQL server."""
+    return postgres_server.database("keel_registry")
 
-    def run(*args, timeout=PG_WAIT):
-        return subprocess.run(prefix + [str(bindir / args[0]), *args[1:]], cwd=base, timeout=timeout,
-                              capture_output=True, text=True)
 
-    port = free_port()
-    try:
-        done = run("initdb", "-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C",
-                   "--auth-local=trust", "--auth-host=trust")
-        if done.returncode:
-            pytest.fail(f"initdb failed:\n{done.stdout}{done.stderr}")
-        done = run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", str(PG_WAIT),
-                   "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {base}", "start",
-                   timeout=PG_WAIT + 10)
-        if done.returncode:
-            server_log = log.read_text() if log.exists() else ""
-            pytest.fail(f"PostgreSQL did not start:\n{done.stdout}{done.stderr}{server_log}")
-        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-            conn.execute("CREATE DATABASE keel_registry")
-        yield f"postgresql://postgres@127.0.0.1:{port}/keel_registry"
-    finally:
-        if data.is_dir():
-            stopped = run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", str(PG_WAIT), "stop",
-                          timeout=PG_WAIT + 10)
-            if stopped.returncode and (data / "postmaster.pid").exists():
-                run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "-t", str(PG_WAIT), "stop",
-                    timeout=PG_WAIT + 10)
-        shutil.rmtree(base, ignore_errors=True)
+@pytest.fixture(scope="session")
+def systems(tmp_path_factory):
+    """System 1.0.0 and 1.1.0 for the virtual board, built once: {version: directory}."""
+    from keel import build
+
+    out = {}
+    for version in ("1.0.0", "1.1.0"):
+        out[version] = tmp_path_factory.mktemp(f"system{version}")
+        build.build_system("virtual", version, out[version])
+    return out

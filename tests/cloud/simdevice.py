@@ -144,6 +144,11 @@ class SimDevice:
                                               "dependencies": app}))
         self._installs, self._offers = collections.Counter(), []
         self.resumes = self.connections = 0
+        # App events: waiting, and in flight by packet id (sent again on the next
+        # connection when not acknowledged, as the device does: the cloud may get one twice)
+        self._outbox: collections.deque = collections.deque()
+        self._in_flight: dict[int, tuple] = {}
+        self.events_acked = 0
         self.log: collections.deque = collections.deque(maxlen=1000)
         # the session; _boot_at: (when a reset is over, its reason); _report: `installed`
         self._client, self._up, self._useful, self._opened, self._up_at = None, False, False, 0.0, 0.0
@@ -178,6 +183,15 @@ class SimDevice:
             self._thread.join(timeout)
         with self._lock:
             self._kill()
+
+    def event(self, name: str, data: str) -> None:
+        """The app publishes an event (sent at once when connected, else once it is)."""
+        with self._lock:
+            self._outbox.append((name, data))
+
+    def events_waiting(self) -> int:
+        with self._lock:
+            return len(self._outbox) + len(self._in_flight)
 
     def drop_connection(self) -> None:
         """The link drops: the device notices, waits its backoff and connects again."""
@@ -275,6 +289,7 @@ class SimDevice:
         client.tls_set_context(self._tls)
         client.will_set(self._base + "status", b"offline", qos=1, retain=True)
         client.on_connect, client.on_message = self._on_connect, self._on_message
+        client.on_publish = self._on_publish
         with self._lock:
             self._client, self._opened, self._up = client, time.monotonic(), False
         try:
@@ -287,6 +302,8 @@ class SimDevice:
     def _kill(self) -> None:
         """Close the connection as a reset does: no DISCONNECT, a TCP reset."""
         client, self._client, self._up = self._client, None, False
+        self._outbox.extendleft(reversed(list(self._in_flight.values())))  # sent again
+        self._in_flight.clear()
         sock = client.socket() if client is not None else None
         if sock is not None:
             try:
@@ -450,8 +467,17 @@ class SimDevice:
         elif self._fresh >= ACK_EVERY:
             self._ack()
 
+    def _on_publish(self, client, userdata, mid, reason=None, properties=None) -> None:
+        with self._lock:
+            if client is self._client and self._in_flight.pop(mid, None) is not None:
+                self.events_acked += 1
+
     def _service(self) -> None:
         now = time.monotonic()
+        while self._client is not None and self._up and self._outbox and len(self._in_flight) < 8:
+            name, data = self._outbox.popleft()
+            info = self._client.publish(self._base + "events/" + name, data, qos=1)
+            self._in_flight[info.mid] = (name, data)
         if self._rx == _RECEIVING and not self._acked_idle and now - self._last_chunk >= IDLE_ACK:
             self._acked_idle = True
             self._ack()

@@ -541,15 +541,6 @@ def show(cloud, name):
     return json.loads(cloud.keel("device", "show", name, "--json").stdout)
 
 
-@pytest.fixture(scope="module")
-def systems(tmp_path_factory):
-    out = {}
-    for version in ("1.0.0", "1.1.0"):
-        out[version] = tmp_path_factory.mktemp(f"system{version}")
-        build.build_system("virtual", version, out[version])
-    return out
-
-
 def test_healer_end_to_end(tmp_path, systems):
     cloud = Cloud(tmp_path / "cloud")
     cloud.start()

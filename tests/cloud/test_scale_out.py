@@ -18,7 +18,6 @@ import time
 import psycopg
 import pytest
 
-from keel import build
 from keel_cloud.config import CloudDir
 
 try:
@@ -35,24 +34,10 @@ NEEDS = [{"function": SP, "index": 1, "version": "1.1.0"}, {"function": SP, "ind
 DEVICES = 20
 
 
-@pytest.fixture(scope="module")
-def systems(tmp_path_factory):
-    out = {}
-    for version in ("1.0.0", "1.1.0"):
-        out[version] = tmp_path_factory.mktemp(f"system{version}")
-        build.build_system("virtual", version, out[version])
-    return out
-
-
 @pytest.fixture
-def database(postgres_url):
+def database(postgres_server):
     """A database of its own on the session's PostgreSQL server."""
-    admin = postgres_url.rsplit("/", 1)[0] + "/postgres"
-    name = "keel_scale_%d" % os.getpid()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    yield postgres_url.rsplit("/", 1)[0] + "/" + name
+    return postgres_server.database("keel_scale")
 
 
 class Instance:

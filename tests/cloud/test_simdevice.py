@@ -5,9 +5,6 @@ healer and the OTA sender), one part per update, each part installed once."""
 import collections
 import json
 
-import pytest
-
-from keel import build
 from keel_cloud.protocol import check_describe
 
 try:
@@ -19,15 +16,6 @@ except ImportError:  # run from another directory
 
 SP = "system-part"
 NEEDS = [{"function": SP, "index": 1, "version": "1.1.0"}, {"function": SP, "index": 2, "version": "1.1.0"}]
-
-
-@pytest.fixture(scope="module")
-def systems(tmp_path_factory):
-    out = {}
-    for version in ("1.0.0", "1.1.0"):
-        out[version] = tmp_path_factory.mktemp(f"system{version}")
-        build.build_system("virtual", version, out[version])
-    return out
 
 
 def test_sim_devices_are_healed(tmp_path, systems):

@@ -1,0 +1,80 @@
+"""Leases (keel_cloud.leases) on a real registry: one owner per device, taken over once
+its owner stops renewing, given up at a clean stop, and lost (so the sender stops) when
+another instance took it."""
+
+import time
+
+import pytest
+
+from keel_cloud.leases import Leases
+from keel_cloud.ota import LeaseElsewhere
+from keel_cloud.registry import Registry
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    yield reg
+    reg.close()
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_one_owner_at_a_time_and_a_dead_owners_lease_is_taken_over(registry):
+    orphans = []
+    a = Leases(registry, "a", ttl=0.6, beat=0.1, sweep=0.1)
+    b = Leases(registry, "b", ttl=0.6, beat=0.1, sweep=0.1, on_orphan=orphans.append)
+    a.start()
+    b.start()
+    try:
+        a.take("dev1", "system-part 1 1.1.0")
+        a.take("dev1", "again")  # its own: fine
+        with pytest.raises(LeaseElsewhere, match="instance a"):
+            b.take("dev1", "system-part 1 1.1.0")
+        time.sleep(1.0)  # a beats: its lease outlives the ttl
+        assert b.owner("dev1") == "a" and not orphans
+        a._stop.set()  # a dies (no clean stop): it stops renewing
+        a._thread.join(2)
+        wait_until(lambda: orphans == ["dev1"])  # swept by b, once
+        b.take("dev1", "taken over")
+        assert registry.lease("dev1")["owner"] == "b"
+    finally:
+        b.stop()
+
+
+def test_a_clean_stop_gives_the_leases_up_for_the_next_sweep(registry):
+    orphans = []
+    a = Leases(registry, "a", ttl=30, beat=0.1, sweep=0.1)
+    b = Leases(registry, "b", ttl=30, beat=0.1, sweep=0.1, on_orphan=orphans.append)
+    a.start()
+    b.start()
+    try:
+        a.take("dev1", "x")
+        a.stop()
+        wait_until(lambda: orphans == ["dev1"])  # at once, not after 30 s
+        assert [i["name"] for i in registry.instances()] == ["b"]
+    finally:
+        b.stop()
+
+
+def test_a_lease_taken_by_another_is_lost_and_the_owner_stops(registry):
+    released = []
+    a = Leases(registry, "a", ttl=30, beat=0.1, sweep=60, on_released=released.append)
+    a.start()
+    try:
+        a.take("dev1", "x")
+        assert not a.lost("dev1")
+        # (as after a's registry was unreachable longer than the ttl and b swept it)
+        registry.release_lease("dev1", "a")
+        registry.take_lease("dev1", "b", 30, "taken over")
+        wait_until(lambda: a.lost("dev1"))
+        assert released == ["dev1"] and "dev1" not in a.held()
+        a.release("dev1")  # nothing of a's to release: b's stays
+        assert registry.lease("dev1")["owner"] == "b"
+    finally:
+        a.stop()
