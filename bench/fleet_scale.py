@@ -23,16 +23,15 @@ One run, for each setup:
 
 1. a fresh cloud directory from a cached one (the bench CA, the broker's and service's
    certificates, a registry with the N devices already registered: `Registry.add_device`
-   for each, once per N and CA, instead of N `keel device provision` processes), then
-   `keel cloud serve` (and Mosquitto with `keel cloud mosquitto-config`'s configuration),
-   and a real `keel subscribe --json` process;
+   for each, once per N and CA, instead of N `keel device provision` processes; for the
+   instances, the same rows inserted into a PostgreSQL registry, bench/postgres.py), then
+   `keel cloud serve` (FULL says how), and a real `keel subscribe --json` process;
 2. the devices connect at a fixed rate (RAMP devices/s), each sends its describe;
 3. a hold (HOLD s); then: devices held = connections still up on the device side, checked
    against the online devices `GET /api/devices` (what `keel list --json` reads) reports;
-   describe-to-registry latency per device = the registry row's `last_seen` (written by
-   the service in the same handler, just after the describe's UPDATE committed: a slight
-   over-estimate) minus the wall-clock time the device wrote its describe, read once from
-   the registry (SQLite, read-only) after the hold;
+   describe-to-registry latency per device = the registry row's `last_seen` (the time of
+   the commit that stored the describe, taken just before it) minus the wall-clock time
+   the device wrote its describe, read once from the registry after the hold;
 4. events: EVENTS_RATE events/s in all, round robin over the devices, for EVENTS_S
    seconds; events per second through to `keel subscribe` = events it printed / (its
    last arrival - the first event sent); events not printed within DRAIN s are lost.
