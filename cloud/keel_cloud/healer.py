@@ -313,11 +313,12 @@ class Healer:
 
     def __init__(self, ota, catalog, fleets=None, workers: int = WORKERS,
                  install_grace: float = INSTALL_GRACE, recheck: float = RECHECK,
-                 send_timeout: float = 600.0, describe_of=None):
+                 send_timeout: float = 600.0, state_of=None):
         self.ota = ota
-        # With several service instances, a device's describes reach any of them: each
-        # look starts from the registry's (describe_of(device_id)), the latest committed.
-        self.describe_of = describe_of
+        # With several service instances, a device's describes and status reach any of
+        # them: each look starts from the registry's (state_of(device_id) -> (describe or
+        # None, online)), the latest committed by any instance.
+        self.state_of = state_of
         self.catalog = catalog
         self.fleets = fleets
         self.install_grace = install_grace
@@ -362,13 +363,13 @@ class Healer:
         """Decide again from the device's last describe: its fleet, or its fleet's
         release, changed, or (several instances) the instance that was sending it an update
         died. A device not heard from since the start waits for its describe, unless the
-        registry has it (describe_of)."""
+        registry has it (state_of)."""
         with self._lock:
             dev = self._devices.get(device_id)
-        if dev is None and self.describe_of is not None and not self._stop.is_set():
-            describe = self.describe_of(device_id)
+        if dev is None and self.state_of is not None and not self._stop.is_set():
+            describe, _ = self.state_of(device_id)
             if describe:
-                self.on_describe(device_id, describe)
+                self.on_describe(device_id, describe)  # (its online state: from the registry)
             return
         with self._lock:
             if dev is None or self._stop.is_set():
@@ -428,11 +429,11 @@ class Healer:
                     dev = self._devices[device_id]
                     seq = dev.seq
                 try:
-                    if self.describe_of is not None:
-                        latest = self.describe_of(device_id)
+                    if self.state_of is not None:
+                        latest, online = self.state_of(device_id)
                         with self._lock:
-                            if latest and latest != dev.describe:
-                                dev.describe, dev.online = latest, True
+                            if latest:
+                                dev.describe, dev.online = latest, online
                     with self._lock:
                         describe = dev.describe
                     self._evaluate(device_id, dev, describe)

@@ -615,13 +615,14 @@ class Registry:
         return [tuple(r) for r in self._query(
             "DELETE FROM leases WHERE expires < ? RETURNING device_id, owner", (time.time(),))]
 
-    def describe_of(self, device_id: str) -> dict | None:
-        """The device's stored describe (None when there is none, or it is unusable)."""
-        rows = self._query("SELECT describe FROM devices WHERE id = ?", (device_id,))
+    def state_of(self, device_id: str) -> tuple[dict | None, bool]:
+        """(the device's stored describe, or None when there is none or it is unusable;
+        whether it is online)."""
+        rows = self._query("SELECT describe, online FROM devices WHERE id = ?", (device_id,))
         if not rows:
-            return None
+            return None, False
         describe, _ = stored_describe(rows[0][0])
-        return describe or None
+        return describe or None, bool(rows[0][1])
 
 
 def _device(row) -> dict:

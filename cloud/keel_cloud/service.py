@@ -79,7 +79,7 @@ class FleetService:
         cloud_path = cloud_path or (registry.path.parent if registry.path else None)
         self.fleets = Fleets(registry, cloud_path)
         self.healer = Healer(self.ota, SharedCatalog(registry, cloud_path) if cloud_path else None,
-                             self.fleets, describe_of=registry.describe_of if instance else None)
+                             self.fleets, state_of=registry.state_of if instance else None)
         # Fleet changes come from the keel CLI, which writes the registry itself: it asks
         # for a rollout (rollout()), and a poll catches what it could not tell.
         self._fleet_poll = fleet_poll
