@@ -269,6 +269,7 @@ class _Device:
         self.describe: dict | None = None
         self.seq = 0  # describes received, and pokes: reasons to look again
         self.online = True  # False after its last will: nothing is sent until it describes again
+        self.described = False  # a describe came since the last look (it is online, then)
         self.busy = False  # an evaluation or a transfer is scheduled or running
         self.state = "idle"
         self.reason: str | None = None
@@ -340,13 +341,15 @@ class Healer:
 
     # From paho's thread (and the service's): record and schedule, nothing more
 
-    def on_describe(self, device_id: str, describe: dict) -> None:
+    def on_describe(self, device_id: str, describe: dict, fresh: bool = True) -> None:
+        """fresh: the device just sent it (so it is online); else read from the registry."""
         if not isinstance(describe, dict):
             return
         with self._lock:
             dev = self._devices.setdefault(device_id, _Device())
             dev.describe = describe
             dev.online = True
+            dev.described = fresh
             dev.seq += 1
             if dev.busy:
                 return  # the running worker looks at the new describe when it is done
@@ -369,7 +372,7 @@ class Healer:
         if dev is None and self.state_of is not None and not self._stop.is_set():
             describe, _ = self.state_of(device_id)
             if describe:
-                self.on_describe(device_id, describe)  # (its online state: from the registry)
+                self.on_describe(device_id, describe, fresh=False)  # (online: as the registry says)
             return
         with self._lock:
             if dev is None or self._stop.is_set():
@@ -433,7 +436,12 @@ class Healer:
                         latest, online = self.state_of(device_id)
                         with self._lock:
                             if latest:
-                                dev.describe, dev.online = latest, online
+                                # A describe that just came says it is online, whatever
+                                # the registry says: its online status may have gone to
+                                # another instance, not committed yet.
+                                dev.describe = latest
+                                dev.online = online or dev.described
+                            dev.described = False
                     with self._lock:
                         describe = dev.describe
                     self._evaluate(device_id, dev, describe)

@@ -453,25 +453,27 @@ def test_nothing_is_sent_to_an_offline_device_until_it_describes():
 
 
 def test_with_several_instances_each_look_starts_from_the_registry():
-    """state_of: another instance committed the device's newer describe, or its offline
-    status: the healer goes by the registry, not by what reached this instance."""
+    """state_of: another instance committed the device's describe, or its offline status:
+    the healer goes by the registry, not only by what reached this instance; but a
+    describe that has just come says the device is online (its online status may have
+    gone to another instance and not be committed yet)."""
     ota, fleets = FakeOta(), FakeFleets()
     registry = {"d": (normal("1.1.0", user_part("1.0.0")), False)}
     healer = Healer(ota, FakeCatalog([system("1.1.0")]), fleets, recheck=0,
                     state_of=lambda device_id: registry.get(device_id, (None, False)))
     try:
-        fleets.targets["d"] = app_release()
-        healer.on_describe("d", normal("1.1.0", user_part("1.0.0")))  # (this instance's copy)
+        fleets.targets["d"] = fleets.targets["e"] = app_release()
+        healer.poke("d")  # described to another instance only: read from the registry
         time.sleep(0.3)
         assert ota.sent == [] and not healer._devices["d"].busy  # offline, says the registry
         registry["d"] = (normal("1.1.0", user_part("1.0.0")), True)
         healer.poke("d")
         settle(healer, "d", "updating")
         assert ota.sent == [("user-part", 1, "2.0.0")]
-        registry["e"] = (normal("1.1.0", user_part("1.0.0")), True)
-        fleets.targets["e"] = app_release()
-        healer.poke("e")  # described to another instance only: read from the registry
-        wait_until(lambda: ("user-part", 1, "2.0.0") in ota.sent[1:], what="e updated")
+        registry["e"] = (normal("1.1.0", user_part("1.0.0")), False)  # (its status not yet in)
+        healer.on_describe("e", normal("1.1.0", user_part("1.0.0")))
+        settle(healer, "e", "updating")
+        assert ota.sent == [("user-part", 1, "2.0.0")] * 2
     finally:
         healer.stop()
 
