@@ -52,6 +52,10 @@ class Leases:
         self._thread = None
 
     def start(self) -> None:
+        # Leases left under this name by a previous life (a crash, then a restart before
+        # they expired): this process knows nothing of them, and its beat would keep them
+        # for ever; they expire now, and the next sweep takes them over.
+        self.registry.forget_instance(self.name)
         self.registry.beat(self.info, self.ttl)
         self._thread = threading.Thread(target=self._run, name="keel-leases", daemon=True)
         self._thread.start()

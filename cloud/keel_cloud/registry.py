@@ -572,8 +572,11 @@ class Registry:
                 run("INSERT INTO instances (name, host, pid, http, started, beat) VALUES "
                     "(?, ?, ?, ?, ?, ?)", (instance["name"], instance.get("host"), instance.get("pid"),
                                            instance.get("http"), instance["started"], now))
-            run("UPDATE leases SET expires = ? WHERE owner = ?", (now + ttl, instance["name"]))
-            return {d for (d,) in run("SELECT device_id FROM leases WHERE owner = ?", (instance["name"],))}
+            # (a lease that expired already is not revived: another instance may be taking it)
+            run("UPDATE leases SET expires = ? WHERE owner = ? AND expires >= ?",
+                (now + ttl, instance["name"], now))
+            return {d for (d,) in run("SELECT device_id FROM leases WHERE owner = ? AND expires >= ?",
+                                      (instance["name"], now))}
 
     def instances(self) -> list[dict]:
         rows = self._query("SELECT name, host, pid, http, started, beat FROM instances ORDER BY name")

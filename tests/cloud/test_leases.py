@@ -78,3 +78,15 @@ def test_a_lease_taken_by_another_is_lost_and_the_owner_stops(registry):
         assert registry.lease("dev1")["owner"] == "b"
     finally:
         a.stop()
+
+
+def test_a_restarted_instance_hands_its_old_leases_to_the_sweep(registry):
+    orphans = []
+    registry.take_lease("dev1", "a", 30, "x")  # a's, from before it crashed
+    a = Leases(registry, "a", ttl=30, beat=0.1, sweep=0.1, on_orphan=orphans.append)
+    a.start()
+    try:
+        wait_until(lambda: orphans == ["dev1"])  # not renewed for ever: looked at again
+        assert registry.lease("dev1") is None
+    finally:
+        a.stop()
