@@ -124,16 +124,18 @@ class CloudDir:
         folder = self.path / pki.INSTANCES_DIR
         return sorted(p.stem for p in folder.glob("*.pem")) if folder.is_dir() else []
 
-    def instance_pem(self, name: str) -> Path:
-        """Instance NAME's certificate and key (issued by the cloud's CA on first use)."""
+    def instance_pem(self, name: str) -> tuple[Path, bool]:
+        """Instance NAME's certificate and key (issued by the cloud's CA on first use), and
+        whether it was issued now."""
         if not INSTANCE_NAME.match(name or ""):
             raise CloudError(f"invalid instance name '{name}' (1 to 32 lowercase letters, digits "
                              "and '-', a letter or digit first)")
         path = self.path / pki.INSTANCES_DIR / f"{name}.pem"
-        if not path.is_file():
+        new = not path.is_file()
+        if new:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             _write_private(path, self.ca().issue(pki.instance_cn(name)).pem)
-        return path
+        return path, new
 
     def init(self, mqtt: str | None = None, http: str | None = None,
              broker: str | None = None, save: bool = True) -> CloudConfig:

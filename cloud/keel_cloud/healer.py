@@ -663,8 +663,8 @@ class Healer:
                     dev.sending["acknowledged"] = done
 
         try:
-            self.ota.send(device_id, image, module, progress, timeout=self.send_timeout,
-                          **({"keep_lease": True} if self._leases() else {}))
+            # (with several instances the lease stays held until the module is installed)
+            self.ota.send(device_id, image, module, progress, timeout=self.send_timeout, keep_lease=True)
         except LeaseElsewhere as e:  # another instance got there first: its work
             log.info("healer: %s: %s", device_id, e)
             self._set(dev, state, reason=str(e), plan=labels)

@@ -20,6 +20,7 @@ arrive at every instance: their numbers are taken under a lock held to the commi
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -122,8 +123,6 @@ class Ingest:
             wait = min(wait * 2, RETRY_MAX_S)
 
     def _transient(self, error: Exception) -> bool:
-        import sqlite3
-
         pg = getattr(self.registry, "_pg", None)
         return isinstance(error, sqlite3.OperationalError) or bool(
             pg and isinstance(error, pg.OperationalError))

@@ -122,7 +122,7 @@ class Leases:
     def _run(self) -> None:
         next_sweep = time.monotonic()
         renewed = time.monotonic()
-        while not self._stop.wait(self.beat_s if self.beat_s < self.sweep_s else self.sweep_s):
+        while not self._stop.wait(min(self.beat_s, self.sweep_s)):
             try:
                 held = self.held()
                 owned = self.registry.beat(self.info, self.ttl)

@@ -244,30 +244,24 @@ class Registry:
         except integrity_error:  # another process took the name meanwhile
             raise RegistryError(f"the name '{name}' is taken by another device") from None
 
+    # One message from a device: what write_batch does for each of a batch (the fleet
+    # service writes batches; these are for one write at a time, e.g. from a script)
+
+    def _write_one(self, kind: str, device_id: str, value=None):
+        return self.write_batch([Write(kind, device_id, value, time.time())])[0]
+
     def set_online(self, device_id: str, online: bool) -> None:
-        self._query(
-            "UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
-            (1 if online else 0, time.time(), device_id),
-        )
+        self._write_one("status", device_id, online)
 
     def set_describe(self, device_id: str, describe: dict) -> None:
         """Store a describe; it must be one the protocol allows (protocol.Invalid if not:
         only what validated is stored)."""
-        protocol.check_describe(describe)
-        self._query(
-            "UPDATE devices SET describe = ?, platform = ?, last_seen = ? WHERE id = ?",
-            (json.dumps(describe), _text(describe.get("platform"), MAX_PLATFORM), time.time(),
-             device_id),
-        )
+        self._write_one("describe", device_id, (describe, None))
 
     def count_drop(self, device_id: str, reason: str) -> int:
         """One more message from the device dropped, for reason; also sets last_seen (it
         was heard from). Returns the device's count of dropped messages."""
-        now = time.time()
-        with self._transaction() as run:
-            count = self._count_drop(run, device_id, reason, now)
-            run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
-        return count
+        return self._write_one("drop", device_id, reason)
 
     @staticmethod
     def _count_drop(run, device_id: str, reason: str, now: float) -> int:
@@ -317,8 +311,8 @@ class Registry:
                 part = ids[start:start + 500]
                 marks = ", ".join("?" * len(part))
                 names.update(run(f"SELECT id, name FROM devices WHERE id IN ({marks})", part))
-            if self._pg and any(w.kind == "event" for w in writes):
-                run("SELECT pg_advisory_xact_lock(?)", (EVENT_LOCK,))
+            if any(w.kind == "event" for w in writes):
+                self._lock_events(run)
             results, last_seen, trim = [], {}, set()
             for w in writes:
                 device_id = w.device_id
@@ -339,8 +333,7 @@ class Registry:
                 elif w.kind == "event":
                     name, data = w.value
                     name, data = _text(name, MAX_NAME), _text(data)
-                    seq = run("INSERT INTO events (device_id, name, data, ts) VALUES (?, ?, ?, ?) "
-                              "RETURNING seq", (device_id, name, data, w.ts))[0][0]
+                    seq = self._insert_event(run, device_id, name, data, w.ts)
                     trim.add(device_id)
                     results.append({"seq": seq, "device": names[device_id], "id": device_id,
                                     "name": name, "data": data, "ts": w.ts})
@@ -358,9 +351,8 @@ class Registry:
         return results
 
     def seen(self, device_id: str) -> None:
-        """last_seen = now (set_online, set_describe and add_event write it themselves, in
-        their own transaction)."""
-        self._query("UPDATE devices SET last_seen = ? WHERE id = ?", (time.time(), device_id))
+        """last_seen = now (every write sets it too)."""
+        self._write_one("seen", device_id)
 
     def known(self, device_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
@@ -513,18 +505,26 @@ class Registry:
     # Events
 
     def add_event(self, device_id: str, name: str, data: str | None) -> int:
-        """Stores the event and sets the device's last_seen, in one transaction."""
+        """Stores the event and sets the device's last_seen to its time, in one
+        transaction (write_batch sets the commit's time instead)."""
         now = time.time()
         with self._transaction() as run:
-            if self._pg:
-                run("SELECT pg_advisory_xact_lock(?)", (EVENT_LOCK,))
-            seq = run(
-                "INSERT INTO events (device_id, name, data, ts) VALUES (?, ?, ?, ?) RETURNING seq",
-                (device_id, _text(name, MAX_NAME), _text(data), now),
-            )[0][0]
+            self._lock_events(run)
+            seq = self._insert_event(run, device_id, _text(name, MAX_NAME), _text(data), now)
             run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
             self._trim_events(run, device_id)
         return seq
+
+    def _lock_events(self, run) -> None:
+        """Before a transaction numbers events: the lock is held to its commit, so
+        numbers become visible in order (PostgreSQL; SQLite has one writer at a time)."""
+        if self._pg:
+            run("SELECT pg_advisory_xact_lock(?)", (EVENT_LOCK,))
+
+    @staticmethod
+    def _insert_event(run, device_id: str, name: str, data: str | None, ts: float) -> int:
+        return run("INSERT INTO events (device_id, name, data, ts) VALUES (?, ?, ?, ?) RETURNING seq",
+                   (device_id, name, data, ts))[0][0]
 
     @staticmethod
     def _trim_events(run, device_id: str) -> None:

@@ -30,7 +30,7 @@ def service_tls(cloud_dir: CloudDir, check_hostname: bool, instance: str | None 
     broker's verified against the cloud's CA (and its name too, with check_hostname)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cloud_dir.path / pki.CA_CERT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cloud_dir.instance_pem(instance) if instance
+    ctx.load_cert_chain(str(cloud_dir.instance_pem(instance)[0] if instance
                             else cloud_dir.path / pki.SERVICE_PEM))
     ctx.check_hostname = check_hostname
     return ctx
@@ -153,18 +153,17 @@ def serve_file(cloud_dir: CloudDir, instance: str | None = None) -> Path:
     return cloud_dir.path / (f"serve-{instance}.json" if instance else SERVE_FILE)
 
 
-def add_instance(cloud_dir: CloudDir, name: str) -> bool:
+def add_instance(cloud_dir: CloudDir, name: str) -> tuple[Path, bool]:
     """Instance NAME's certificate (issued if new); a Mosquitto this cloud directory runs
-    learns it (its ACL gives instances every topic). True when it was new."""
-    new = not (cloud_dir.path / pki.INSTANCES_DIR / f"{name}.pem").is_file()
-    cloud_dir.instance_pem(name)
+    learns it (its ACL gives instances every topic). (its path, whether it was new)"""
+    path, new = cloud_dir.instance_pem(name)
     if new:
         from keel_cloud.mosquitto import update_acl
         from keel_cloud.supervisor import FOLDER
 
         if update_acl(cloud_dir, cloud_dir.path / FOLDER):
             time.sleep(0.5)  # Mosquitto reads it again at its next loop: before we connect
-    return new
+    return path, new
 
 
 def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print, instance=None) -> None:

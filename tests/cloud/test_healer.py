@@ -245,7 +245,7 @@ class FakeOta:
     def busy(self, device_id):
         return False
 
-    def send(self, device_id, image, module, progress_cb=None, timeout=None):
+    def send(self, device_id, image, module, progress_cb=None, timeout=None, keep_lease=False):
         self.gate.wait(10)
         self.sent.append((module["function"], module["index"], module["version"]))
         if self.fail:

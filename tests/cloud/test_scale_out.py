@@ -10,7 +10,6 @@ way when the instance is killed."""
 import collections
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -19,6 +18,8 @@ import psycopg
 import pytest
 
 from keel_cloud.config import CloudDir
+
+from bench.fleet_scale import stop_process  # (tests/cloud/conftest.py puts the root on the path)
 
 try:
     from conftest import free_port
@@ -58,12 +59,7 @@ class Instance:
             self.lines.append(line)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
 
 class ScaledCloud:

@@ -61,13 +61,13 @@ def cmd_cloud_serve(args) -> int:
 
 
 def cmd_cloud_add_instance(args) -> int:
+    from keel_cloud import pki
     from keel_cloud.server import add_instance
 
     directory = cloud_dir(args).require()
-    new = add_instance(directory, args.name)
-    path = directory.instance_pem(args.name)
+    path, new = add_instance(directory, args.name)
     print(f"instance {args.name}: {'issued' if new else 'has'} {path} "
-          f"(CN {'keel-service-' + args.name}); run it: keel cloud serve --instance {args.name} "
+          f"(CN {pki.instance_cn(args.name)}); run it: keel cloud serve --instance {args.name} "
           "--broker mqtts://HOST:PORT --http HOST:PORT")
     return 0
 
