@@ -9,7 +9,10 @@ describe, subscribers see the event), so whatever it acts on is in the registry 
 other process and instance. A database that fails (PostgreSQL restarting) is retried
 with the same batch until it answers; the queue is bounded, and when it is full paho's
 thread waits, so the broker holds the messages (it queues them for the service's
-session) instead of this process growing without end.
+session) instead of this process growing without end. A message is acknowledged to the
+broker only once its write is committed (put(write, done): done() runs after the commit),
+so what a service killed mid-batch had taken is sent again by the broker to whoever
+takes up its session (keel_cloud.adopt).
 
 EventStream: the events committed lately, in memory, for `GET /api/events` and `keel
 subscribe`: a subscriber is answered from here when the events it asks for are still in
@@ -39,8 +42,9 @@ FOLLOW_S = 0.05  # with several instances: how often the registry is read for ne
 
 
 class Ingest:
-    """put(Write) from paho's thread; on_committed(writes, results) runs on the writer
-    thread after each commit (results: Registry.write_batch's)."""
+    """put(Write, done) from paho's thread; on_committed(writes, results) runs on the
+    writer thread after each commit (results: Registry.write_batch's), then each write's
+    done() (the message's acknowledgement to the broker)."""
 
     def __init__(self, registry, on_committed, batch_max: int = BATCH_MAX,
                  queue_max: int = QUEUE_MAX):
@@ -50,13 +54,13 @@ class Ingest:
         self.batches = 0
         self.written = 0
         self.retries = 0
-        self._queue: queue.Queue[Write] = queue.Queue(maxsize=queue_max)
+        self._queue: queue.Queue[tuple] = queue.Queue(maxsize=queue_max)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="keel-ingest", daemon=True)
         self._thread.start()
 
-    def put(self, write: Write) -> None:
-        self._queue.put(write)
+    def put(self, write: Write, done=None) -> None:
+        self._queue.put((write, done))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every write queued so far is committed and acted on."""
@@ -79,14 +83,15 @@ class Ingest:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                batch = [self._queue.get(timeout=0.2)]
+                items = [self._queue.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            while len(batch) < self.batch_max:
+            while len(items) < self.batch_max:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            batch = [write for write, _ in items]
             try:
                 results = self._write(batch)
                 if results is not None:
@@ -96,8 +101,16 @@ class Ingest:
                         self.on_committed(batch, results)
                     except Exception:  # noqa: BLE001 - the writer must outlive any one batch
                         log.exception("acting on a batch of %d device messages failed", len(batch))
+                    # Only now does the broker forget them (not when stopped before the
+                    # commit: it sends them again to the session's next holder).
+                    for _, done in items:
+                        if done is not None:
+                            try:
+                                done()
+                            except Exception:  # noqa: BLE001 - a lost connection: sent again
+                                log.debug("acknowledging a device message failed", exc_info=True)
             finally:
-                for _ in batch:
+                for _ in items:
                     self._queue.task_done()
 
     def _write(self, batch: list[Write]) -> list | None:

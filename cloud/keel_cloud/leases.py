@@ -31,18 +31,19 @@ SWEEP_S = 3.0
 
 
 class Leases:
-    """One instance's leases. on_taken(device_id) / on_released(device_id) run when it
-    gets or gives up one (the service subscribes to the device's status meanwhile);
-    on_orphan(device_id) when the sweep found an expired lease of a dead instance."""
+    """One instance's leases. on_released(device_id) runs when it gives up one or loses
+    it; on_orphan(device_id) when the sweep found an expired lease of a dead instance;
+    on_dead(name, started) when it claimed an instance that stopped beating."""
 
-    def __init__(self, registry, name: str, http: str | None = None, on_taken=None, on_released=None,
-                 on_orphan=None, ttl: float = TTL_S, beat: float = BEAT_S, sweep: float = SWEEP_S):
+    def __init__(self, registry, name: str, http: str | None = None, on_released=None,
+                 on_orphan=None, on_dead=None, ttl: float = TTL_S, beat: float = BEAT_S,
+                 sweep: float = SWEEP_S):
         self.registry = registry
         self.name = name
         self.ttl, self.beat_s, self.sweep_s = ttl, beat, sweep
-        self.on_taken = on_taken or (lambda device_id: None)
         self.on_released = on_released or (lambda device_id: None)
         self.on_orphan = on_orphan or (lambda device_id: None)
+        self.on_dead = on_dead  # (name, started): an instance that stopped beating, claimed
         self.info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), "http": http,
                      "started": time.time()}
         self._held: set[str] = set()
@@ -76,11 +77,8 @@ class Leases:
         if owner != self.name:
             raise LeaseElsewhere(owner)
         with self._lock:
-            new = device_id not in self._held
             self._held.add(device_id)
             self._lost.discard(device_id)
-        if new:
-            self.on_taken(device_id)
 
     def release(self, device_id: str) -> None:
         with self._lock:
@@ -134,6 +132,11 @@ class Leases:
                         log.warning("instance %s stopped renewing its lease of %s: taking it over",
                                     owner, device_id)
                         self.on_orphan(device_id)
+                    if self.on_dead is not None:
+                        for name, started in self.registry.claim_dead_instances(self.name, self.ttl):
+                            log.warning("instance %s stopped beating: taking up what the broker "
+                                        "kept for it", name)
+                            self.on_dead(name, started)
             except Exception as e:  # noqa: BLE001 - the database: next beat
                 log.warning("cannot renew this instance's leases: %s", e)
                 if time.monotonic() - renewed > self.ttl:  # they have expired: others may take them

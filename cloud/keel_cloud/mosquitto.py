@@ -120,8 +120,12 @@ def write_config(cloud_dir: CloudDir | Path | str, out_dir: Path | str, port: in
         # The fleet service is one subscriber for the whole fleet: when thousands of
         # devices reconnect at once, Mosquitto's default queue (1000 messages per client)
         # would drop their status and describe messages on the way to it.
-        # (In flight stays at the default 20: it applies to the devices too.)
         "max_queued_messages 200000",
+        # The service acknowledges a message once its write is committed (keel_cloud.
+        # ingest): with Mosquitto's default of 20 unacknowledged messages per client, it
+        # would get 20 per commit. Devices are sent few messages (requests, and an
+        # update's chunks, which the service sends a few at a time), so this is theirs too.
+        "max_inflight_messages 1000",
         # Small messages (an OTA chunk's acknowledgement, a status) go at once: with
         # Nagle's algorithm on (Mosquitto's default) each waits for the previous one's TCP
         # acknowledgement, and an update's round trips grow by tens of ms each.

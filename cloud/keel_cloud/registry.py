@@ -583,12 +583,31 @@ class Registry:
         return [{"name": n, "host": h, "pid": p, "http": u, "started": s, "beat": b}
                 for n, h, p, u, s, b in rows]
 
-    def forget_instance(self, name: str) -> None:
+    def forget_instance(self, name: str, started: float | None = None) -> None:
         """A stopped instance: its row goes and its leases expire now (the next sweep of
-        another instance takes its work over)."""
+        another instance takes its work over). With started: only that life of it (not
+        the instance if it started again meanwhile)."""
         with self._transaction() as run:
+            if started is not None and not run(
+                    "SELECT 1 FROM instances WHERE name = ? AND started = ?", (name, started)):
+                return
             run("UPDATE leases SET expires = 0 WHERE owner = ?", (name,))
             run("DELETE FROM instances WHERE name = ?", (name,))
+
+    def claim_dead_instances(self, me: str, ttl: float) -> list[tuple[str, float]]:
+        """Instances that stopped beating more than ttl s ago, claimed by `me` (to take up
+        their MQTT sessions, keel_cloud.adopt): their beat is moved to now, so no other
+        instance claims them while `me` holds them (hold_instance). [(name, started)]"""
+        now = time.time()
+        return [tuple(r) for r in self._query(
+            "UPDATE instances SET beat = ? WHERE name <> ? AND beat < ? RETURNING name, started",
+            (now, me, now - ttl))]
+
+    def hold_instance(self, name: str, started: float) -> bool:
+        """Keep a claimed dead instance claimed; False when it has started again (or is
+        forgotten)."""
+        return bool(self._query("UPDATE instances SET beat = ? WHERE name = ? AND started = ? "
+                                "RETURNING name", (time.time(), name, started)))
 
     def take_lease(self, device_id: str, owner: str, ttl: float, work: str) -> str:
         """The device's lease for owner, if it is free, expired or owner's already: returns

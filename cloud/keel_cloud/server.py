@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from keel_cloud import pki
-from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, MOSQUITTO, CloudDir, CloudError, broker_kind,
-                               device_address, parse_address)
+from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, INSTANCE_NAME, MOSQUITTO, CloudDir, CloudError,
+                               broker_kind, device_address, parse_address)
 from keel_cloud.http_api import ApiServer
 from keel_cloud.registry import Registry
 from keel_cloud.service import FleetService
@@ -25,13 +25,15 @@ log = logging.getLogger("keel.cloud")
 # The addresses the broker's certificate names (keel_cloud.config.CloudDir.init).
 CERTIFIED_HOSTS = {"localhost", "127.0.0.1", "::1"}
 SERVE_FILE = "serve.json"  # what this directory's `keel cloud serve` runs, while it runs
-def service_tls(cloud_dir: CloudDir, check_hostname: bool, instance: str | None = None) -> ssl.SSLContext:
-    """The fleet service's TLS: its certificate (instance NAME's own, with one), and the
-    broker's verified against the cloud's CA (and its name too, with check_hostname)."""
+def service_tls(cloud_dir: CloudDir, check_hostname: bool, instance: str | None = None,
+                pem=None) -> ssl.SSLContext:
+    """The fleet service's TLS: its certificate (instance NAME's own, with one; pem's,
+    with pem), and the broker's verified against the cloud's CA (and its name too, with
+    check_hostname)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cloud_dir.path / pki.CA_CERT))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cloud_dir.instance_pem(instance)[0] if instance
-                            else cloud_dir.path / pki.SERVICE_PEM))
+    ctx.load_cert_chain(str(pem or (cloud_dir.instance_pem(instance)[0] if instance
+                                    else cloud_dir.path / pki.SERVICE_PEM)))
     ctx.check_hostname = check_hostname
     return ctx
 
@@ -103,13 +105,24 @@ class Cloud:
             # certificate carries (a gate bound to another address of the host is not).
             host, port = self.broker.service_address
             tls = service_tls(self.dir, host in CERTIFIED_HOSTS)
-        # With the Mosquitto it runs, alone: a persistent session, which that Mosquitto
-        # keeps across its own restarts (it is told to save it once subscribed).
-        keep = self.supervisor is not None and not instance
+        # A persistent session but with the embedded broker (which dies with this
+        # process): the broker keeps what the service has not acknowledged (a message is
+        # acknowledged once committed) across a lost connection, and the Mosquitto this
+        # process runs across its own restarts (it is told to save it once subscribed).
+        keep = kind != EMBEDDED
+        def session_tls(name: str):
+            """Instance NAME's TLS, to take up its session once it died (keel_cloud.adopt);
+            None when this directory lacks its certificate (instances on other machines)."""
+            if not INSTANCE_NAME.match(name):
+                return None
+            pem = self.dir.path / pki.INSTANCES_DIR / f"{name}.pem"
+            return service_tls(self.dir, tls.check_hostname, pem=pem) if pem.is_file() else None
+
         self.service = FleetService(self.registry, host, port, tls, cloud_path=self.dir.path,
                                     trial_s=config.trial_s, instance=instance,
                                     http=f"http://{config.http}/api/", persistent=keep,
-                                    on_subscribed=self.supervisor.save if keep else None)
+                                    on_subscribed=self.supervisor.save if self.supervisor else None,
+                                    ack_after_commit=kind != EMBEDDED, session_tls=session_tls)
         self.service.start()
         http_host, http_port = parse_address(config.http, 8780)
         self.api = ApiServer((http_host, http_port), self.service, self.dir.token())

@@ -35,13 +35,19 @@ class FleetService:
     def __init__(self, registry: Registry, host: str, port: int, tls: ssl.SSLContext | None = None,
                  cloud_path=None, trial_s: int = TRIAL_S, fleet_poll: float = FLEET_POLL,
                  instance: str | None = None, http: str | None = None, persistent: bool = False,
-                 on_subscribed=None):
+                 on_subscribed=None, ack_after_commit: bool = True, session_tls=None):
         """instance: this is one of several instances sharing the broker and the registry
         (keel cloud serve --instance NAME): device traffic is shared between them and an
         update is sent by the instance holding the device's lease (keel_cloud.leases).
         persistent: a persistent MQTT session (a broker that keeps it, as the Mosquitto
         serve runs does, holds what devices publish while the service reconnects);
-        on_subscribed() runs once its subscriptions are acknowledged, at each connect."""
+        on_subscribed() runs once its subscriptions are acknowledged, at each connect.
+        ack_after_commit: a device message is acknowledged to the broker once its write is
+        committed (keel_cloud.ingest), so the broker sends it again if this process dies
+        first (not worth it with the embedded broker, which dies with the process).
+        session_tls(name): the TLS context of instance NAME's certificate, or None when
+        this cloud directory lacks it: with it, this instance takes up the MQTT session of
+        a dead instance and writes what the broker kept for it (keel_cloud.adopt)."""
         self.registry = registry
         self.host = host
         self.port = port
@@ -52,11 +58,16 @@ class FleetService:
         self._pending_lock = threading.Lock()
         self._connected = threading.Event()
         self._stopping = False
+        self._connection = 0  # counts connections: an acknowledgement goes on its own only
+        # An instance's session is persistent: what the broker gives it while it is gone
+        # waits in it, for its restart or for another instance (keel_cloud.adopt).
+        self.persistent = persistent or bool(instance)
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=pki.instance_cn(instance) if instance else pki.SERVICE_CN,
-            clean_session=not persistent
+            clean_session=not self.persistent, manual_ack=ack_after_commit
         )
+        self._session_tls = session_tls
         self._on_subscribed = on_subscribed
         self._subscribed = threading.Event()
         self._subscribe_mid = None
@@ -69,8 +80,8 @@ class FleetService:
         self.client.reconnect_delay_set(1, 10)
         self.leases = None
         if instance:
-            self.leases = Leases(registry, instance, http, on_taken=self._follow_device,
-                                 on_released=self._unfollow_device, on_orphan=self._adopt)
+            self.leases = Leases(registry, instance, http, on_orphan=self._adopt,
+                                 on_dead=self._adopt_session)
         self.ota = OtaSender(lambda topic, payload, qos: self.client.publish(topic, payload, qos=qos),
                              trial_s=trial_s, leases=self.leases)
         # The safe mode healer reads the release catalog and the fleets' releases (their
@@ -108,6 +119,11 @@ class FleetService:
     def stop(self) -> None:
         self._stopping = True
         self._stop.set()
+        if self.instance and self._connected.is_set():
+            # Out of the shared groups first, then what was taken is written (and
+            # acknowledged): the session the broker keeps gathers nothing while stopped.
+            self.client.unsubscribe(self.shared_filters())
+            self.ingest.flush(5.0)
         self.client.disconnect()
         self.client.loop_stop()
         self.ingest.stop()
@@ -121,34 +137,48 @@ class FleetService:
             log.error("broker refused the service: %s", reason)
             return
         # Alone, the service takes every device message. One of several instances takes
-        # its share of status, describe and events (the broker gives each message to
-        # one member of the group), every reply and update status (each instance keeps
-        # those of its own requests and transfers), and the status of each device it
-        # sends an update to (_follow_device).
-        shared = f"$share/{SHARE_GROUP}/" if self.instance else ""
+        # its share of events (the broker gives each to one member of the group) and
+        # every other message (own_filters).
+        self._connection += 1
         self._subscribed.clear()
         _, self._subscribe_mid = client.subscribe(
-            [(f"{shared}devices/+/{topic}", 1) for topic in ("status", "describe", "events/#")]
-            + [("devices/+/reply", 1), ("devices/+/ota/status", 1)])
-        for device_id in self.leases.held() if self.leases else ():
-            self._follow_device(device_id)
+            [(f, 1) for f in self.shared_filters() + self.own_filters()])
         self._connected.set()
         log.info("fleet service%s connected to the broker",
                  f" instance {self.instance}" if self.instance else "")
 
-    def _follow_device(self, device_id: str) -> None:
-        """While this instance updates the device, its status (a reconnection mid-transfer)
-        and describes (the module installed) come here whichever instance the broker
-        gives them to (Mosquitto sends one copy to a client whose subscriptions overlap)."""
-        self.client.subscribe([(f"devices/{device_id}/status", 1), (f"devices/{device_id}/describe", 1)])
+    def shared_filters(self) -> list[str]:
+        """What one of several instances takes its share of: events (most of the traffic,
+        and each stands alone)."""
+        return [f"$share/{SHARE_GROUP}/devices/+/events/#" if self.instance else "devices/+/events/#"]
 
-    def _unfollow_device(self, device_id: str) -> None:
-        self.client.unsubscribe([f"devices/{device_id}/status", f"devices/{device_id}/describe"])
+    def own_filters(self) -> list[str]:
+        """What every instance takes whole. Statuses and describes: each says what the
+        device is now, so their order matters; every instance writes them in the order the
+        device sent them, and the registry ends with the last (shared, an offline will and
+        the online after it, or a describe before an install and the one after, could be
+        given to two instances and committed the other way round). Every instance's healer
+        sees every describe (the device's lease says which one sends). Replies and update
+        statuses: each instance keeps those of its own requests and transfers."""
+        return ["devices/+/status", "devices/+/describe", "devices/+/reply", "devices/+/ota/status"]
 
     def _adopt(self, device_id: str) -> None:
         """A dead instance's update to the device: the healer looks at it again (from
         its describe in the registry) and sends what it still needs."""
         self.healer.poke(device_id)
+
+    def _adopt_session(self, name: str, started: float) -> None:
+        """A dead instance's MQTT session: what the broker kept for it is written here
+        (keel_cloud.adopt), on a thread of its own."""
+        from keel_cloud.adopt import SessionAdoption
+
+        tls = self._session_tls(name) if self._session_tls else None
+        if tls is None:
+            log.warning("instance %s died: its certificate is not in this cloud directory, so "
+                        "what the broker keeps for it waits until it runs again", name)
+            self.registry.forget_instance(name, started)
+            return
+        SessionAdoption(self, name, started, tls).start()
 
     def _on_subscribe(self, client, userdata, mid, reasons, properties=None):
         if mid != self._subscribe_mid:
@@ -174,40 +204,60 @@ class FleetService:
         """paho's callback: whatever arrives, nothing may raise into paho's loop (it would
         end the service's MQTT thread). Messages are checked first (keel_cloud.protocol);
         the except below is the last line of defence, for a database failure say."""
+        self.take(client, msg, self._connection)
+
+    def take(self, client, msg, connection=None) -> None:
+        """A message from `client` (this service's, or the one taking up a dead instance's
+        session): handled, and acknowledged once its write is committed (at once when it
+        writes nothing). The acknowledgement goes only on the connection it came on: on
+        another, its packet id may name another message."""
+        def ack():
+            if connection is None or connection == self._connection:
+                client.ack(msg.mid, msg.qos)
+
+        queued = False
         try:
-            self._handle(msg.topic, msg.payload, msg.retain)
+            queued = self._handle(msg.topic, msg.payload, msg.retain, ack)
         except Exception:  # noqa: BLE001 - the service must outlive any one message
             log.exception("a message on %r could not be handled",
                           getattr(msg, "_topic", b"?")[:120])
+        if not queued:
+            ack()
 
-    def _handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+    def _handle(self, topic: str, payload: bytes, retained: bool = False, ack=None) -> bool:
         """Check the message and queue its registry write (ingest.Ingest): what it leads
-        to (the healer, subscribers) happens once the write is committed, in order."""
+        to (the healer, subscribers) happens once the write is committed, in order, and
+        then ack() runs. Returns whether a write was queued."""
         device_id = protocol.device_of(topic)
         if device_id is None:
             log.warning("message on %r ignored: not a device topic", topic[:120])
-            return
+            return False
         now = time.time()
         try:
             message = protocol.parse(topic, payload)
         except protocol.Invalid as e:
-            self.ingest.put(Write("drop", device_id, str(e), now))
-            return
-        if message.kind == "status":
-            if message.value and not retained:  # (a retained one is no news of a reconnection)
-                self.ota.on_online(device_id)  # at once: a transfer re-offers after a reconnect
-            self.ingest.put(Write("status", device_id, message.value, now))
-        elif message.kind == "describe":
-            describe = message.value
-            self.ingest.put(Write("describe", device_id, (describe, rollback_of(describe)), now))
-        elif message.kind == "event":
-            self.ingest.put(Write("event", device_id, message.value, now))
-        elif message.kind == "reply":
-            if self._on_reply(device_id, message.value):
-                self.ingest.put(Write("seen", device_id, None, now))
-        elif message.kind == "ota_status":
-            if self.ota.on_status(device_id, message.value):
-                self.ingest.put(Write("seen", device_id, None, now))
+            write = Write("drop", device_id, str(e), now)
+        else:
+            write = None
+            if message.kind == "status":
+                if message.value and not retained:  # (a retained one: no news of a reconnection)
+                    self.ota.on_online(device_id)  # at once: a transfer re-offers after a reconnect
+                write = Write("status", device_id, message.value, now)
+            elif message.kind == "describe":
+                describe = message.value
+                write = Write("describe", device_id, (describe, rollback_of(describe)), now)
+            elif message.kind == "event":
+                write = Write("event", device_id, message.value, now)
+            elif message.kind == "reply":
+                if self._on_reply(device_id, message.value):
+                    write = Write("seen", device_id, None, now)
+            elif message.kind == "ota_status":
+                if self.ota.on_status(device_id, message.value):
+                    write = Write("seen", device_id, None, now)
+        if write is None:
+            return False
+        self.ingest.put(write, ack)
+        return True
 
     def _committed(self, writes: list, results: list) -> None:
         """After a batch's commit (the ingest thread): the healer, the event stream."""

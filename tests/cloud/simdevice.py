@@ -148,6 +148,7 @@ class SimDevice:
         # connection when not acknowledged, as the device does: the cloud may get one twice)
         self._outbox: collections.deque = collections.deque()
         self._in_flight: dict[int, tuple] = {}
+        self.events_resent = collections.Counter()  # (name, data) sent again after a lost connection
         self.events_acked = 0
         self.log: collections.deque = collections.deque(maxlen=1000)
         # the session; _boot_at: (when a reset is over, its reason); _report: `installed`
@@ -303,6 +304,7 @@ class SimDevice:
         """Close the connection as a reset does: no DISCONNECT, a TCP reset."""
         client, self._client, self._up = self._client, None, False
         self._outbox.extendleft(reversed(list(self._in_flight.values())))  # sent again
+        self.events_resent.update(self._in_flight.values())  # (the broker may have had them)
         self._in_flight.clear()
         sock = client.socket() if client is not None else None
         if sock is not None:

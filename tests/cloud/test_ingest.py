@@ -123,3 +123,32 @@ def test_a_waiting_subscriber_is_woken_by_the_commit():
     stream.add([event(1)])
     thread.join(5)
     assert woke and woke[0] - at < 2  # woken by the add, not by the 5 s timeout
+
+
+def test_a_message_is_acknowledged_only_after_its_commit():
+    registry = FakeRegistry()
+    registry.gate.clear()
+    acked, committed = [], []
+    ingest = Ingest(registry, lambda writes, results: committed.extend(writes))
+    try:
+        for i in range(3):
+            ingest.put(Write("seen", "a", i, 0), lambda i=i: acked.append((i, len(committed))))
+        wait_until(lambda: ingest.backlog() <= 2)  # the writer holds the first batch
+        time.sleep(0.1)
+        assert acked == []  # in the commit: not yet
+        registry.gate.set()
+        assert ingest.flush()
+        assert [i for i, _ in acked] == [0, 1, 2]
+        assert all(n >= i + 1 for i, n in acked)  # each after its write was acted on
+    finally:
+        ingest.stop()
+
+
+def test_stopped_before_its_commit_a_message_is_not_acknowledged():
+    registry = FakeRegistry()
+    registry.failing = 10**6  # the database never answers
+    acked = []
+    ingest = Ingest(registry, lambda writes, results: None)
+    ingest.put(Write("seen", "a", 0, 0), lambda: acked.append(0))
+    ingest.stop(timeout=0.5)
+    assert acked == []  # the broker sends it again to the session's next holder

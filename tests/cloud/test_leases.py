@@ -90,3 +90,32 @@ def test_a_restarted_instance_hands_its_old_leases_to_the_sweep(registry):
         assert registry.lease("dev1") is None
     finally:
         a.stop()
+
+
+def test_an_instance_that_stopped_beating_is_claimed_by_one_instance(registry):
+    registry.beat({"name": "dead", "started": 1.0}, 9)
+    registry._query("UPDATE instances SET beat = ?", (time.time() - 60,))  # silent for a minute
+    claims = {"a": [], "b": []}
+    survivors = [Leases(registry, n, ttl=9, beat=0.05, sweep=0.05,
+                        on_dead=lambda name, started, n=n: claims[n].append((name, started)))
+                 for n in ("a", "b")]
+    for leases in survivors:
+        leases.start()
+    try:
+        wait_until(lambda: claims["a"] or claims["b"])
+        time.sleep(0.3)  # several sweeps of both
+        assert claims["a"] + claims["b"] == [("dead", 1.0)]  # once, by one of them
+        assert registry.hold_instance("dead", 1.0)
+        registry.forget_instance("dead", 1.0)
+        assert [i["name"] for i in registry.instances()] == ["a", "b"]
+    finally:
+        for leases in survivors:
+            leases.stop()
+
+
+def test_a_dead_instance_that_started_again_is_not_forgotten(registry):
+    registry.beat({"name": "c", "started": 1.0}, 9)
+    registry.beat({"name": "c", "started": 2.0}, 9)  # its next life
+    assert not registry.hold_instance("c", 1.0)
+    registry.forget_instance("c", 1.0)  # the old life's adoption ends: the new one stays
+    assert [i["started"] for i in registry.instances()] == [2.0]
