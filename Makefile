@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= /tmp/keel-demo
 
-.PHONY: setup demo test test-host test-device bench clean system-packages mosquitto postgresql
+.PHONY: setup demo test test-host test-device bench clean system-packages mosquitto postgresql chromium
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): requirements.txt tools/pyproject.toml cloud/pyproject.toml
 
 # What the tests need from Debian, installed when missing (as root, with apt-get;
 # `apt-get update` only if the install fails without it). Quick when all is there.
-system-packages: mosquitto postgresql
+system-packages: mosquitto postgresql chromium
 
 # The cloud tests also run against a real Mosquitto, from Debian's packages.
 mosquitto:
@@ -39,6 +39,16 @@ postgresql:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)) && \
 	  echo "installed postgresql"; \
 	else echo "PostgreSQL is not installed (not root, or no apt-get): its registry tests will fail"; fi
+
+# ... and the console's browser tests drive Debian's Chromium through its ChromeDriver.
+chromium:
+	@if test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)) && \
+	  echo "installed chromium and chromium-driver"; \
+	else echo "chromium and chromium-driver are not installed (not root, or no apt-get): the console's browser tests will fail"; fi
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash examples/demo.sh

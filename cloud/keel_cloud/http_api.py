@@ -13,8 +13,16 @@
   GET  /api/fleets                           every fleet, with its current release
   GET  /api/fleets/NAME                      one fleet: its releases, and its members with
                                              their versions and update state
+  POST /api/fleets/NAME/releases             {"image": base64, "allow_prerelease": bool}:
+                                             a new app release -> the release
+  GET  /api/releases                         the system release catalog, newest first
   POST /api/rollout                          look again at fleets and releases the CLI
                                              changed in the registry -> {"changed": N}
+  GET  /api/stream?device=NAME               server-sent events: devices, device, events
+                                             (the console's live updates)
+
+Authorisation: `Authorization: Bearer TOKEN` (the CLI), or the console's session cookie
+with, on a POST, its X-CSRF-Token (keel_cloud.console). Every other path is the console.
 """
 
 import base64
@@ -32,8 +40,12 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
+from keel_cloud import module_format as mf
 from keel_cloud import protocol
 from keel_cloud import signatures
+from keel_cloud.config import CloudError
+from keel_cloud.console import Console, csrf_token, session_cookie, session_valid
+from keel_cloud.fleets import AppImage
 from keel_cloud.fleets import member_state
 from keel_cloud.healer import installed_app
 from keel_cloud.ota import OtaError
@@ -168,11 +180,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._send(status, {"error": message or status.phrase})
 
-    def _authorised(self) -> bool:
+    def _authorised(self, method: str) -> bool:
+        """The bearer token, or the console's session (and, to change anything, its
+        cross-site request token: a page of another site cannot read it)."""
         header = self.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("utf-8", "replace"), self.server.token.encode())
+        if header:
+            return scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode("utf-8", "replace"), self.server.token.encode())
+        cookie = session_cookie(self.headers)
+        if not session_valid(self.server.token, cookie):
+            return False
+        return method == "GET" or hmac.compare_digest(
+            self.headers.get("X-CSRF-Token", "").encode("utf-8", "replace"),
+            csrf_token(self.server.token, cookie).encode())
 
     def _body(self, limit: int = MAX_BODY) -> dict:
         # Until the body is read the connection cannot serve another request.
@@ -213,10 +234,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             return self._send(HTTPStatus.BAD_REQUEST, {"error": "malformed URL"})
         if not parts or parts[0] != "api":
-            if method == "POST":
+            try:
+                return self.server.console.page(self, method, parts)
+            except (ConnectionError, TimeoutError):
                 self.close_connection = True
-            return self._send(HTTPStatus.NOT_FOUND, {"error": "not found"})
-        if not self._authorised():
+                return
+        if not self._authorised(method):
             if method == "POST":
                 self.close_connection = True
             return self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API token"})
@@ -228,8 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
                                    f"{MAX_SEGMENT} characters")
             if method != "POST" and (self.headers.get("Content-Length") or "0").strip() != "0":
                 self.close_connection = True  # a body nobody reads: no next request after it
-            flash = method == "POST" and parts[-1:] == ["flash"]
-            body = self._body(MAX_IMAGE * 4 // 3 + 4096 if flash else MAX_BODY) if method == "POST" else {}
+            if method == "GET" and parts[1:] == ["stream"]:
+                device = _query_value(query, "device", None)
+                return self.server.console.stream(self, device)
+            upload = method == "POST" and (parts[-1:] == ["flash"] or parts[1:2] + parts[3:] == ["fleets", "releases"])
+            body = self._body(MAX_IMAGE * 4 // 3 + 4096 if upload else MAX_BODY) if method == "POST" else {}
             result = self.server.route(method, parts[1:], query, body)
             self._send(HTTPStatus.OK, result)
         except ApiError as e:
@@ -342,6 +368,31 @@ class ApiServer(ThreadingHTTPServer):
         self._transfer_ids = itertools.count(1)
         self._transfers: dict[str, dict] = {}
         self._transfers_lock = threading.Lock()
+        self.console = Console(self)
+        self.stopping = False
+
+    def shutdown(self) -> None:
+        self.stopping = True  # the console's streams end within their tick
+        super().shutdown()
+
+    def devices_summary(self) -> list[dict]:
+        """The device list as GET /api/devices gives it, with last_seen and app version."""
+        out = []
+        for device in self.registry.devices():
+            row = device_summary(device)
+            app = installed_app(device["describe"] or {})
+            row.update(last_seen=device["last_seen"], app_version=app.get("version") if app else None,
+                       safe_mode_reason=(device["describe"] or {}).get("safe_mode_reason"))
+            out.append(row)
+        return out
+
+    def device_view(self, name: str) -> dict | None:
+        """GET /api/devices/NAME's answer, or None for no such device."""
+        device = self.registry.device(name)
+        if device is None:
+            return None
+        return device_detail(device, self.service.heal_status(device["id"]),
+                             self.registry.rollbacks(device["id"]), self.registry.drops(device["id"]))
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="keel-http", daemon=True)
@@ -405,12 +456,12 @@ class ApiServer(ThreadingHTTPServer):
     def route(self, method: str, parts: list[str], query: dict, body: dict):
         match method, parts:
             case "GET", ["devices"]:
-                return [device_summary(d) for d in self.registry.devices()]
+                return self.devices_summary()
             case "GET", ["devices", name]:
-                device = self._device(name)
-                return device_detail(device, self.service.heal_status(device["id"]),
-                                     self.registry.rollbacks(device["id"]),
-                                     self.registry.drops(device["id"]))
+                view = self.device_view(name)
+                if view is None:
+                    raise ApiError(HTTPStatus.NOT_FOUND, f"no device '{name}'")
+                return view
             case "GET", ["devices", name, "variables", var]:
                 var = _name(var, "a variable's name")
                 device = self._online(name)
@@ -449,6 +500,12 @@ class ApiServer(ThreadingHTTPServer):
                 return self._fleet(name)
             case "POST", ["rollout"]:
                 return {"changed": self.service.rollout()}
+            case "GET", ["releases"]:
+                platform = _query_value(query, "platform", None)
+                catalog = self.service.healer.catalog
+                return catalog.releases(platform) if catalog is not None else []
+            case "POST", ["fleets", name, "releases"]:
+                return self._release_app(name, body)
             case "GET", ["transfers", transfer_id]:
                 with self._transfers_lock:
                     transfer = self._transfers.get(transfer_id)
@@ -470,21 +527,40 @@ class ApiServer(ThreadingHTTPServer):
         return fleet_summary(fleet, release, self.service.fleets.signing_keys(name)) | {
             "releases": [_release_summary(r) for r in history], "devices": members}
 
+    def _release_app(self, fleet_name: str, body: dict) -> dict:
+        """A new app release to the fleet (what keel release app does)."""
+        fleets = self.service.fleets
+        if self.registry.fleet(fleet_name) is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no fleet '{fleet_name}'")
+        image = _image_of(body)
+        info = _intact(image)
+        if info.function != mf.FUNCTION_USER_PART:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "this is not an app (a user part): release system "
+                           "parts with keel release system DIR")
+        allow = body.get("allow_prerelease", False)
+        if not isinstance(allow, bool):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "allow_prerelease must be true or false")
+        app = AppImage(version=mf.decode_version(info.version), index=info.index,
+                       platform=mf.platform_name(info.platform),
+                       dependencies=[mf.dependency_dict(d) for d in info.dependencies], data=image)
+        if self.service.healer.catalog is None:
+            raise ApiError(HTTPStatus.CONFLICT, "this service has no release catalog")
+        try:
+            release = fleets.release(fleet_name, app, allow, self.service.healer.catalog)
+        except CloudError as e:
+            raise ApiError(HTTPStatus.CONFLICT, f"not released to fleet {fleet_name}: {e}") from None
+        self.service.rollout()
+        return release
+
     # Updates over the air
 
     def _start_flash(self, device: dict, body: dict) -> dict:
-        encoded = body.get("image")
-        if not isinstance(encoded, str):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64")
-        try:
-            image = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, TypeError, ValueError):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64") from None
-        if not image:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "no image")
-        if len(image) > MAX_IMAGE:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the image is over {MAX_IMAGE} bytes")
+        image = _image_of(body)
+        info = _intact(image)
         module = body.get("module")
+        if module is None:  # (the console) what the image's header says
+            said = signatures.header(image).to_dict()
+            module = {k: said[k] for k in MODULE_KEYS}
         if not isinstance(module, dict) or any(k not in module for k in MODULE_KEYS):
             raise ApiError(HTTPStatus.BAD_REQUEST, "module must give function, index, version and platform")
         module = {k: module[k] for k in MODULE_KEYS}
@@ -504,8 +580,8 @@ class ApiServer(ThreadingHTTPServer):
             raise ApiError(HTTPStatus.BAD_REQUEST, "module does not match the image's header "
                            f"({said['function']} {said['index']} {said['version']} {said['platform']})")
         if device["platform"] and module["platform"] != device["platform"]:
-            raise ApiError(HTTPStatus.CONFLICT, f"the module is for {module['platform']}, "
-                           f"device '{device['name']}' is {device['platform']}")
+            raise ApiError(HTTPStatus.CONFLICT, f"the image is for {module['platform']}, "
+                           f"device '{device['name']}' is {device['platform']}: nothing sent")
         refused = signatures.send_refusal(image, self.service.fleets.device_signing_keys(device["id"]),
                                           device["describe"])
         if refused:
@@ -541,3 +617,34 @@ class ApiServer(ThreadingHTTPServer):
 
         threading.Thread(target=run, name=f"keel-ota-{transfer_id}", daemon=True).start()
         return {"transfer": transfer_id, "size": len(image), "sha256": record["sha256"]}
+
+
+def _image_of(body: dict) -> bytes:
+    encoded = body.get("image")
+    if not isinstance(encoded, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64")
+    try:
+        image = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "image must be the module image in base64") from None
+    if not image:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "no image")
+    if len(image) > MAX_IMAGE:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the image is over {MAX_IMAGE} bytes")
+    return image
+
+
+def _intact(image: bytes):
+    """The image's header once its CRC32 and SHA-256 hold (the messages keel flash gives)."""
+    try:
+        info, crc_ok, sha_ok = mf.check_image(mf.bytes_reader(image), len(image), hashlib.sha256)
+    except mf.FormatError as e:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"not a Keel module image: {e}") from None
+    if len(image) > info.image_size:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{len(image) - info.image_size} bytes after the end "
+                       "of the module (corrupt or not a module)")
+    if not crc_ok:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "CRC32 mismatch: the image is corrupt")
+    if not sha_ok:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "SHA-256 mismatch: the image is corrupt")
+    return info

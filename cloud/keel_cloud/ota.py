@@ -242,6 +242,7 @@ class OtaSender:
         self.trial_s = trial_s
         self._lock = threading.Lock()
         self._transfers: dict[str, _Transfer] = {}
+        self._stopping = False
 
     # From paho's thread
 
@@ -257,6 +258,15 @@ class OtaSender:
             return False
         transfer.statuses.put(status)
         return True
+
+    def stop(self) -> None:
+        """The service stops: every transfer running ends now (OtaError), so no worker
+        holds the process open waiting on a device."""
+        with self._lock:
+            self._stopping = True
+            transfers = list(self._transfers.values())
+        for transfer in transfers:
+            transfer.statuses.put({"state": "_stopping"})
 
     def on_online(self, device_id: str) -> None:
         """The device (re)connected: what was in flight on its old connection is lost."""
@@ -292,6 +302,8 @@ class OtaSender:
             raise OtaError("the image is empty")
         transfer = _Transfer()
         with self._lock:
+            if self._stopping:
+                raise OtaError("the service is stopping")
             if device_id in self._transfers:
                 raise OtaError("another update to this device is in progress")
             self._transfers[device_id] = transfer
@@ -382,6 +394,8 @@ class OtaSender:
                 send_offer()
                 continue
             state = status.get("state")
+            if state == "_stopping":
+                raise OtaError("the service is stopping")
             if state == "_online":
                 # The device tells where it got to once it has subscribed again (or
                 # has lost the transfer in a reset: then it needs the offer).

@@ -304,6 +304,17 @@ class Registry:
         Events take their sequence numbers under a lock held to the commit (PostgreSQL:
         an advisory lock), so numbers become visible in order even with several service
         instances writing: a reader going by `seq > last` misses none."""
+        # In device order (a device's own writes keep theirs): instances writing the same
+        # devices' rows (statuses and describes go to each) then lock them in one order,
+        # and wait for each other instead of deadlocking.
+        order = sorted(range(len(writes)), key=lambda i: writes[i].device_id)
+        results = self._write_sorted([writes[i] for i in order])
+        out = [None] * len(writes)
+        for position, result in zip(order, results):
+            out[position] = result
+        return out
+
+    def _write_sorted(self, writes: list) -> list:
         with self._transaction() as run:
             ids = sorted({w.device_id for w in writes})
             names = {}

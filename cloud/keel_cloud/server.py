@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from keel_cloud import pki
-from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, INSTANCE_NAME, MOSQUITTO, CloudDir, CloudError,
-                               broker_kind, device_address, parse_address)
+from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, INSTANCE_NAME, MOSQUITTO, TOKEN_FILE, CloudDir,
+                               CloudError, broker_kind, device_address, parse_address)
 from keel_cloud.http_api import ApiServer
 from keel_cloud.registry import Registry
 from keel_cloud.service import FleetService
@@ -204,6 +204,7 @@ def serve(cloud_dir: CloudDir, mqtt=None, http=None, broker=None, out=print, ins
             "broker runs: it suits development and small fleets. For more, install Mosquitto "
             "(apt-get install mosquitto; Debian puts it in /usr/sbin) and start again "
             "(docs/cloud.md)")
+    out(f"Keel Console: http://{config.http}/ (sign in with the token in {cloud_dir.path / TOKEN_FILE})")
     # A plain flag: the handler must not take a lock the main thread may hold.
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -119,6 +119,7 @@ class FleetService:
     def stop(self) -> None:
         self._stopping = True
         self._stop.set()
+        self.ota.stop()  # a transfer to a device that went quiet would hold the exit
         if self.instance and self._connected.is_set():
             # Out of the shared groups first, then what was taken is written (and
             # acknowledged): the session the broker keeps gathers nothing while stopped.
@@ -283,6 +284,7 @@ class FleetService:
                 if result <= LOGGED_DROPS or result % 100 == 0:  # a device cannot flood the log
                     log.warning("device %s: dropped a message (%s); %d dropped so far", device_id,
                                 write.value, result)
+        events.sort(key=lambda e: e["seq"])  # (write_batch numbers them in device order)
         if self.events.following:
             if events:
                 self.events.poke()

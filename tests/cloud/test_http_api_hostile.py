@@ -186,13 +186,36 @@ def test_malformed_fields(api, path, body):
     ("GET", "/api/fleets/%00", 400),
     ("GET", "/api/transfers/%ff", 400),
     ("GET", "/api/nothing/here", 404),
-    ("GET", "/elsewhere", 404),
     ("PUT", "/api/devices", 405),
     ("DELETE", "/api/devices/good", 405),
     ("PATCH", "/api/events", 405),
 ])
 def test_malformed_paths_and_methods(api, method, path, status):
     refused(api.request(method, path, b"{}" if method != "GET" else None), status)
+    still_answering(api)
+
+
+def test_outside_the_api_is_the_console_which_wants_a_session(api):
+    """Paths outside /api/ are the console's (keel_cloud.console): without a session each
+    sends the browser to sign in; a malformed one or a hostile cookie changes nothing."""
+    for path, headers in (("/elsewhere", {}), ("/%00", {}), ("/" + "n" * 300, {}),
+                          ("/", {"Cookie": "keel_session=" + "9" * 10 + ".x.y"}),
+                          ("/", {"Cookie": "keel_session=" + "a" * 5000})):
+        conn = http.client.HTTPConnection(api.host, api.port, timeout=WAIT)
+        try:
+            conn.request("GET", path, headers=headers)
+            answer = conn.getresponse()
+            assert (answer.status, answer.getheader("Location")) == (303, "/login"), path
+            answer.read()
+        finally:
+            conn.close()
+    conn = http.client.HTTPConnection(api.host, api.port, timeout=WAIT)
+    try:  # a sign-in form far over its limit: refused, no session
+        conn.request("POST", "/login", body=b"token=" + b"x" * 100_000)
+        answer = conn.getresponse()
+        assert answer.status == 401 and answer.getheader("Set-Cookie") is None
+    finally:
+        conn.close()
     still_answering(api)
 
 
