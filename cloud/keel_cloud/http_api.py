@@ -477,7 +477,8 @@ class ApiServer(ThreadingHTTPServer):
                     raise ApiError(HTTPStatus.BAD_REQUEST, "an event needs a name of 1 to 64 characters")
                 name = _name(name, "an event's name")
                 data = _short_text(body.get("data"), "data", MAX_ARG, nullable=True)
-                targets = [d["id"] for d in self.registry.devices()]
+                # Devices offline now would never get it (their sessions are clean ones).
+                targets = [d["id"] for d in self.registry.devices() if d["online"]]
                 return {"sent_to": self.service.send_event(name, data, targets)}
             case "GET", ["events"]:
                 after = _integer(_query_value(query, "after", "0"), "after", -MAX_SEQ, MAX_SEQ)

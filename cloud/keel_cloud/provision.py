@@ -15,8 +15,11 @@ _ID = re.compile(r"^[0-9a-f]{12,32}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str | None = None) -> dict[str, bytes]:
-    """Issue the device's identity and register it; returns {device path: content}."""
+def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str | None = None,
+                   install=None) -> dict[str, bytes]:
+    """Issue the device's identity and register it; returns {device path: content}.
+    install(files), when given, puts them on the device before the registry is changed:
+    if it fails, nothing is registered or renamed (a failed provision changes nothing)."""
     if not _ID.match(device_id):
         raise CloudError(f"'{device_id}' is not a device id (12 to 32 lowercase hex digits)")
     if not _NAME.match(name):
@@ -25,19 +28,25 @@ def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str
     config = cloud_dir.config()
     registry = Registry(config.database or cloud_dir.registry_path)
     try:
+        other = registry.name_taken(name, device_id)
+        if other:
+            raise CloudError(f"the name '{name}' is taken by device {other}")
+        ca = cloud_dir.ca()
+        identity = ca.issue(device_id)
+        host, port = device_address(config)
+        settings = {"host": host, "port": port, "server_name": config.server_name,
+                    "keepalive": config.keepalive}
+        files = {
+            f"{DEVICE_DIR}/key.der": identity.key_der,
+            f"{DEVICE_DIR}/cert.der": identity.cert_der,
+            f"{DEVICE_DIR}/ca.der": ca.cert_der,
+            f"{DEVICE_DIR}/cloud.json": json.dumps(settings).encode(),
+        }
+        if install is not None:
+            install(files)
         registry.add_device(device_id, name, platform)
     except RegistryError as e:
         raise CloudError(str(e)) from None
     finally:
         registry.close()
-    ca = cloud_dir.ca()
-    identity = ca.issue(device_id)
-    host, port = device_address(config)
-    settings = {"host": host, "port": port, "server_name": config.server_name,
-                "keepalive": config.keepalive}
-    return {
-        f"{DEVICE_DIR}/key.der": identity.key_der,
-        f"{DEVICE_DIR}/cert.der": identity.cert_der,
-        f"{DEVICE_DIR}/ca.der": ca.cert_der,
-        f"{DEVICE_DIR}/cloud.json": json.dumps(settings).encode(),
-    }
+    return files

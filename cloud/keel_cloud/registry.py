@@ -218,6 +218,11 @@ class Registry:
 
     # Devices
 
+    def name_taken(self, name: str, device_id: str) -> str | None:
+        """The id of another device that has this name, or None."""
+        rows = self._query("SELECT id FROM devices WHERE name = ? AND id <> ?", (name, device_id))
+        return rows[0][0] if rows else None
+
     def add_device(self, device_id: str, name: str, platform: str | None = None) -> None:
         if not 0 < len(device_id) <= MAX_ID:
             raise RegistryError(f"a device id has 1 to {MAX_ID} characters, not '{device_id}'")

@@ -92,7 +92,11 @@ def release_version(modules: list[ReleaseModule]) -> tuple[str, bool]:
 
 class Catalog:
     def __init__(self, cloud_dir: CloudDir):
-        self.dir = cloud_dir.require()
+        # Created on first use: a catalog serves `keel update` over USB with no cloud
+        # running (the directory is the one `keel cloud serve` would create).
+        if not cloud_dir.exists():
+            cloud_dir.init()
+        self.dir = cloud_dir
         config = cloud_dir.config()
         self.root = cloud_dir.path / RELEASES_DIR
         self.registry = Registry(config.database or cloud_dir.registry_path)

@@ -137,6 +137,7 @@ def fleet_story(tmp_path, system, cloud):
 
         button.stop()
         wait_until(lambda: not cloud.devices()["button1"]["online"], timeout=15, what="button1 offline")
+        assert "to 1 device(s) online" in cloud.keel("publish", "maintenance", "now").stdout
         return sensor_dir, sensor
     except BaseException:
         sensor.stop()
@@ -241,4 +242,36 @@ def test_keel_flash_updates_the_app_over_the_air(tmp_path, system):
         wait_until(app_version, timeout=30, what="the cloud seeing app 2.0.0")
     finally:
         device.stop()
+        cloud.stop()
+
+
+def test_a_failed_provision_changes_nothing(tmp_path, system):
+    """All or nothing: a provision that fails leaves the registry (keel list) and the
+    device's files as they were."""
+    cloud = Cloud(tmp_path / "cloud")
+    cloud.start()
+    try:
+        first = make_device(tmp_path, system, cloud, "a1", "hello")
+        make_device(tmp_path, system, cloud, "b1", "hello")
+        before = cloud.devices()
+        identity = vdev.read_file(first, "/keel/cloud/cert.der")
+        # The name is another device's: refused before anything is written.
+        taken = cloud.keel("device", "provision", first, "--name", "b1", check=False)
+        assert taken.returncode == 1 and "taken by device" in taken.stderr
+        assert vdev.read_file(first, "/keel/cloud/cert.der") == identity
+        # A running device: refused, and not renamed.
+        device = RunningDevice(first)
+        try:
+            wait_until(lambda: cloud.devices()["a1"]["online"], what="a1 online")
+            running = cloud.keel("device", "provision", first, "--name", "a2", check=False)
+            assert running.returncode == 1 and "stop it first" in running.stderr
+        finally:
+            device.stop()
+        # A WiFi network for a board without WiFi: refused.
+        wifi = cloud.keel("device", "provision", first, "--name", "a3", "--wifi", "lab", check=False)
+        assert wifi.returncode == 1
+        after = cloud.devices()
+        assert {n: d["id"] for n, d in after.items()} == {n: d["id"] for n, d in before.items()}
+        assert vdev.read_file(first, "/keel/cloud/cert.der") == identity
+    finally:
         cloud.stop()

@@ -123,6 +123,11 @@ def test_duplicates(system, cloud_dir, tmp_path, capsys):
     assert len(stored_files(cloud_dir)) == 5  # the bootloader file is shared
 
 
-def test_no_cloud_directory_is_one_line_error(tmp_path, system, capsys):
-    code, _, err = keel(capsys, "release", "system", system, "--cloud", tmp_path / "nowhere")
-    assert code == 1 and err.startswith("keel: error: no Keel Cloud at") and err.count("\n") == 1
+def test_the_catalog_is_created_on_first_use_without_a_cloud(tmp_path, system, capsys):
+    """`keel release system` where no cloud ever ran (a user who only flashes over USB
+    with `keel update`): the cloud directory and its catalog are made."""
+    where = tmp_path / "nowhere"
+    code, out, err = keel(capsys, "release", "system", system, "--cloud", where)
+    assert code == 0 and "released" in out, err
+    code, out, _ = keel(capsys, "release", "list", "--json", "--cloud", where)
+    assert [r["version"] for r in json.loads(out)] == ["1.1.0"]

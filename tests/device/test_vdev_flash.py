@@ -113,3 +113,20 @@ def test_create_refuses_two_images_for_one_slot(tmp_path, systems):
             (mixed / f.name).write_bytes(f.read_bytes())
     with pytest.raises(KeelError, match="same slot"):
         vdev.create(tmp_path / "dev", mixed)
+
+
+def test_cli_flashes_a_folder_of_modules_in_dependency_order(device, board_systems, tmp_path, keel_env):
+    """`keel vdev flash DEV DIR`: every module in the folder (keel build system -o DIR),
+    the bootloader first, then the system parts by index."""
+    dev = device("1.0.0")
+    proc = subprocess.run(["keel", "vdev", "flash", str(dev.path), str(board_systems["1.1.0"])],
+                          capture_output=True, text=True, env=keel_env)
+    assert proc.returncode == 0, proc.stderr
+    flashed = [line.split(" (")[0] for line in proc.stdout.splitlines()]
+    assert flashed == ["flashed bootloader 1.0.0", "flashed system-part 1 1.1.0",
+                       "flashed system-part 2 1.1.0"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(["keel", "vdev", "flash", str(dev.path), str(empty), str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=keel_env)
+    assert proc.returncode == 1 and "no module images" in proc.stderr

@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -249,3 +250,41 @@ def test_no_running_device_is_a_clear_error(device, tmp_path):
     assert not link.exists() and not link.is_symlink()  # removed at the end of the run
     proc = mpremote(link, "exec", "print(1)", timeout=30)
     assert proc.returncode != 0 and "failed to access" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_keel_vdev_run_killed_takes_its_vm_with_it(device, hello_app, keel_env, sig):
+    """`keel vdev run D & kill $!`: the VM stops with it, whichever signal (SIGTERM and
+    SIGHUP as Ctrl-C does; SIGKILL through the VM's parent-death signal)."""
+    dev = device("1.1.0")
+    dev.flash(hello_app())
+    run = subprocess.Popen(["keel", "vdev", "run", str(dev.path)], stdout=subprocess.DEVNULL,
+                           env=keel_env)
+    log = dev.path / "console.log"
+    deadline = time.monotonic() + 20
+    while not log.exists() or "hello from keel" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
+    vm = int((dev.path / "vm.pid").read_text())
+    os.kill(vm, 0)  # running
+    run.send_signal(sig)
+    run.wait(10)
+    deadline = time.monotonic() + 5
+    while _alive(vm):
+        assert time.monotonic() < deadline, f"the VM outlived keel vdev run ({sig.name})"
+        time.sleep(0.05)
+    if sig != signal.SIGKILL:  # (SIGKILL leaves no time to tidy up)
+        assert not (dev.path / "vm.pid").exists()
+        assert "interrupted" in log.read_text()
+    deadline = time.monotonic() + 5
+    while vdev.VirtualDevice(dev.path).running_pid() is not None:  # (once init reaps it)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # (a zombie has exited)
+    except FileNotFoundError:
+        return False

@@ -2,6 +2,8 @@
 real mpy-cross."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -173,7 +175,7 @@ def test_missing_app_dir_is_refused(keel_cli, expect_cli_error, tmp_path):
     out = tmp_path / "app.bin"
     expect_cli_error(
         keel_cli("build", "app", tmp_path / "nowhere", "--platform", "virtual", "-o", out),
-        "main.py",
+        "nowhere: no such folder",
     )
     assert not out.exists()
 
@@ -358,3 +360,21 @@ def test_app_module_named_like_a_system_module_is_refused(tmp_path):
     (src / "main.py").write_text("import mylog\n")
     build.build_app(src, "virtual", "1.0.0", out)
     assert out.exists()
+
+
+def test_a_closed_pipe_is_no_traceback(repo, tmp_path):
+    """`keel inspect FILE | head -0`: the reader is gone before keel writes. It ends with
+    status 141 (as a shell says of SIGPIPE) and says nothing on stderr."""
+    import sys
+
+    from keel import build
+
+    image = tmp_path / "hello.bin"
+    build.build_app(repo / "examples" / "hello", "virtual", "1.1.0", image)
+    read, write = os.pipe()
+    os.close(read)  # nobody will read
+    keel = Path(sys.executable).parent / "keel"
+    proc = subprocess.run([str(keel), "inspect", str(image)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

@@ -225,6 +225,10 @@ def build_app(
     target_version = parse_version(target or system_version())
     own_version = parse_version(app_version)
     src_dir = Path(src_dir)
+    if not src_dir.exists():
+        raise KeelError(f"{src_dir}: no such folder (give the app's folder, with its main.py)")
+    if not src_dir.is_dir():
+        raise KeelError(f"{src_dir}: not a folder (give the app's folder, with its main.py)")
     if not (src_dir / "main.py").is_file():
         raise KeelError(f"{src_dir}: no main.py (the app's entry point)")
     sources = {}

@@ -3,6 +3,7 @@ function; errors the user can act on are printed on one line with exit status 1.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -373,8 +374,26 @@ def cmd_vdev_io(args) -> int:
     return 0
 
 
+def _version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from keel.paths import source_root
+
+    try:
+        tools = version("keel-tools")
+    except PackageNotFoundError:
+        tools = "unknown"
+    try:
+        system = (source_root() / "system" / "VERSION").read_text().strip()
+    except OSError:
+        system = "unknown"
+    return f"keel {tools} (tools); builds system {system} by default"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Keel firmware tools")
+    parser.add_argument("--version", action="version", version=_version_text(),
+                        help="the tools' version and the system version they build by default")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build_cmd = commands.add_parser("build", help="build module images")
@@ -523,7 +542,68 @@ def make_parser() -> argparse.ArgumentParser:
 
     cloudcli.add_commands(commands)
     _add_esp32_flashing(commands)
+    _fill_help(parser, ["keel"])
     return parser
+
+
+# Help for the arguments that share a meaning across commands, by command and argument
+# (tests/host/test_cli_help.py: every argument of every command has help).
+_HELP = {
+    "--json": "print JSON instead of text",
+    "--platform": "the board family: virtual, esp32 or nrf52840",
+    "--output": "where to write",
+    "--verbose": "log what the service does (debug level)",
+    ("build system", "--output"): "the folder to write the bootloader and system parts to",
+    ("build app", "--output"): "the app image (.bin) to write",
+    ("build app", "src"): "the app's folder, with its main.py",
+    ("inspect", "file"): "a module image (.bin)",
+    ("keys generate", "keyfile"): "the private key file to write (its public key goes to KEYFILE.pub)",
+    ("keys show", "keyfile"): "a private or public key file",
+    ("sign", "file"): "the module image to sign (rewritten in place, or to -o)",
+    ("image esp32", "--output"): "the flash image to write (for esptool)",
+    ("image nrf52840", "--output"): "the folder to write the installation's files to",
+    ("vdev create", "dir"): "the device's folder (created)",
+    ("vdev create", "--system"): "a folder of system modules to install (keel build system -o DIR)",
+    ("vdev create", "--board"): "the board it plays (default: virtual; e.g. esp32_generic, nrf52840_dk)",
+    ("vdev flash", "files"): "module images, or folders of them (in dependency order)",
+    ("vdev run", "--seconds"): "cut the power after this many seconds (default: run until Ctrl-C)",
+    ("cloud add-instance", "name"): "the instance's name (lowercase letters, digits, '-')",
+    ("cloud mosquitto-config", "dir"): "the folder to write mosquitto.conf, the ACL and the certificates to",
+    ("cloud mosquitto-config", "--port"): "the port Mosquitto listens on (default 8883)",
+    ("cloud mosquitto-config", "--listen"): "the address Mosquitto listens on (default 127.0.0.1)",
+    ("device provision", "--name"): "the device's name in the registry (default: the folder's name)",
+    ("get", "variable"): "the cloud variable to read",
+    ("call", "function"): "the cloud function to call",
+    ("call", "arg"): "its argument (text)",
+    ("publish", "event"): "the event's name",
+    ("publish", "data"): "its data (text)",
+    ("release system", "dir"): "a folder of system modules (keel build system -o DIR)",
+    ("release app", "file"): "the app image (.bin)",
+    ("release app", "--fleet"): "the fleet to release it to",
+    ("release list", "--platform"): "only this platform's releases",
+    ("fleet create", "--platform"): "the platform of the fleet's devices",
+    ("fleet require-signed", "keys"): "the public keys (.pub) its modules must be signed by",
+    ("fleet add", "devices"): "devices to add, by name or id",
+    ("fleet remove", "devices"): "devices to remove, by name or id",
+}
+_BY_DEST = {"dir": "the device's folder", "file": "a module image (.bin)"}
+
+
+def _fill_help(parser: argparse.ArgumentParser, path: list[str]) -> None:
+    command = " ".join(path[1:])
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                _fill_help(sub, path + [name])
+        elif not action.help:
+            key = action.option_strings[-1] if action.option_strings else action.dest
+            if (command, key) in _HELP:
+                action.help = _HELP[command, key]
+            elif action.dest == "name" and not action.option_strings:
+                action.help = "the fleet's name" if command.startswith("fleet") else \
+                    "the device's name (or id)"
+            else:
+                action.help = _HELP.get(key) or _BY_DEST.get(action.dest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeelError as e:
         print(f"keel: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`keel list | head -1`): what is left has nowhere to go,
+        # and Python's own flush at exit would fail again on stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
     except Exception as e:  # noqa: BLE001 - the cloud's own user-facing errors
         if type(e).__name__ not in ("CloudError", "RegistryError"):
             raise

@@ -7,6 +7,7 @@ remove, device provision) write the cloud directory's database themselves, so th
 whether or not the cloud runs; those a running cloud must act on then tell it
 (POST /api/rollout). Commands that show live state ask the running cloud."""
 
+import argparse
 import json
 import sys
 import time
@@ -170,12 +171,14 @@ def cmd_device_provision(args) -> int:
     name = args.name or device.path.name
     if args.fleet:
         check_can_join(args, args.fleet, device_id, board.platform)
-    files = identity_files(cloud_dir(args), device_id, name, board.platform)
+    extra = {}
     if args.wifi:
-        files["/keel/wifi.json"] = _with_network(device, args)
+        extra["/keel/wifi.json"] = _with_network(device, args)
     elif args.password is not None:
         raise KeelError("--password goes with --wifi SSID")
-    vdev.write_files(device.path, files)
+    # The device's files first, the registry last: a failure leaves both as they were.
+    identity_files(cloud_dir(args), device_id, name, board.platform,
+                   install=lambda files: vdev.write_files(device.path, files | extra))
     print(f"provisioned {name} (device id {device_id}); it connects at its next boot"
           + (f" (joining {args.wifi})" if args.wifi else ""))
     if args.fleet:
@@ -265,19 +268,21 @@ def _provision_board(args) -> int:
         except Exception:  # noqa: BLE001 - mpremote raises its own errors for a missing file
             raise KeelError(f"{args.port}: Keel is not installed on this board (no "
                             "/keel/board.json): install it first (docs/boards/)") from None
-        files = identity_files(cloud_dir(args), device_id, args.name or device_id, platform)
-        for path in ("/keel", "/keel/cloud"):
-            transport.exec(f"import os\ntry:\n os.mkdir('{path}')\nexcept OSError:\n pass")
-        for path, data in files.items():
-            transport.fs_writefile(path, data)
-        if args.wifi:
-            from keel import wifi
+        def install(files):  # on the board first, then the registry (identity_files)
+            for path in ("/keel", "/keel/cloud"):
+                transport.exec(f"import os\ntry:\n os.mkdir('{path}')\nexcept OSError:\n pass")
+            for path, data in files.items():
+                transport.fs_writefile(path, data)
+            if args.wifi:
+                from keel import wifi
 
-            class _Link:  # what wifi.store_network needs of a board link
-                def _exec(self, code):
-                    return transport.exec(code).decode(errors="replace")
+                class _Link:  # what wifi.store_network needs of a board link
+                    def _exec(self, code):
+                        return transport.exec(code).decode(errors="replace")
 
-            wifi.store_network(_Link(), args.wifi, password)
+                wifi.store_network(_Link(), args.wifi, password)
+
+        identity_files(cloud_dir(args), device_id, args.name or device_id, platform, install=install)
         transport.exit_raw_repl()
         transport.serial.write(b"\x04")  # a soft reboot at the friendly REPL: Keel starts again
     finally:
@@ -398,13 +403,15 @@ def cmd_call(args) -> int:
 
 def cmd_publish(args) -> int:
     count = ApiClient(cloud_dir(args)).publish(args.event, args.data)
-    print(f"published {args.event} to {count} device(s)")
+    print(f"published {args.event} to {count} device(s) online (an offline device does not get it)")
     return 0
 
 
 def cmd_subscribe(args) -> int:
     client = ApiClient(cloud_dir(args))
     after = client.events(-1, args.name, 0)["last"]
+    print(f"listening for events{f' of {args.name}' if args.name else ''} (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
     seen = 0
     while args.count is None or seen < args.count:
         reply = client.events(after, args.name, wait=20)
@@ -674,7 +681,8 @@ def add_commands(commands) -> None:
     cloud = commands.add_parser("cloud", help="run Keel Cloud")
     clouds = cloud.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = clouds.add_parser("serve", help="start the cloud: broker, fleet service, HTTP API")
-    p.add_argument("--data", metavar="DIR", help="the cloud directory (created on first start)")
+    # --data: the older name of --cloud here, still taken (not shown)
+    p.add_argument("--data", metavar="DIR", help=argparse.SUPPRESS)
     cloud_option(p)
     p.add_argument("--mqtt", metavar="HOST:PORT", help="where devices connect (default 127.0.0.1:8883)")
     p.add_argument("--http", metavar="HOST:PORT", help="the HTTP API (default 127.0.0.1:8780)")

@@ -4,6 +4,7 @@ The device runs on the MicroPython unix port (boards/virtual/vm_startup.py plays
 part of the port's start-up code). The host side here creates, flashes, runs and
 reads a device, as a factory programmer and a USB bootloader would."""
 
+import ctypes
 import json
 import re
 import secrets
@@ -296,7 +297,18 @@ def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
         raise KeelError("no module files given")
     if device.running_pid():
         raise KeelError(f"{device.path}: the device is running; stop it before flashing")
-    images = [load_valid_image(p) for p in files]
+    images = []
+    for given in files:
+        given = Path(given)
+        if given.is_dir():  # a folder of modules (keel build system -o DIR): all of them,
+            found = [load_valid_image(p) for p in sorted(given.glob("*.bin"))]  # in order
+            if not found:
+                raise KeelError(f"{given}: no module images (*.bin) in this folder")
+            images += sorted(found, key=_dependency_order)
+        elif not given.exists():
+            raise KeelError(f"{given}: no such file or folder")
+        else:
+            images.append(load_valid_image(given))
     check_images_for_board(board, images)
     check_signatures(images, trusted_keys(device.path))
     flash_data = device.read_flash()
@@ -304,6 +316,13 @@ def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
         _place(flash_data, board, image)
     device.write_flash(flash_data)
     return images
+
+
+def _dependency_order(image: Image) -> tuple:
+    """The bootloader, then the system parts by index, then the app: each after what it
+    depends on."""
+    rank = {mf.FUNCTION_BOOTLOADER: 0, mf.FUNCTION_SYSTEM_PART: 1, mf.FUNCTION_USER_PART: 2}
+    return rank.get(image.info.function, 3), image.info.index
 
 
 def status(path: Path | str) -> dict:
@@ -779,6 +798,12 @@ def run(
             return True
         return deadline is not None and time.monotonic() >= deadline
 
+    # `kill PID` or a closed terminal stops the board as Ctrl-C does: the VM goes with
+    # it (from the main thread only: signal handlers live there).
+    caught = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            caught[sig] = signal.signal(sig, _interrupt)
     try:
         while True:
             boots += 1
@@ -848,6 +873,8 @@ def run(
     finally:
         if proc is not None and proc.poll() is None:
             _power_off(proc)
+        for sig, handler in caught.items():
+            signal.signal(sig, handler)
         (device.path / PID_FILE).unlink(missing_ok=True)
         wires_file.unlink(missing_ok=True)
         if link is not None:
@@ -892,6 +919,24 @@ def load_wires(path: Path | str, board: Board) -> list[list[str]]:
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+try:  # (looked up here: the child of a fork must not import)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    # In the VM's process, before exec: Linux kills it when `keel vdev run` dies, however
+    # it dies (SIGKILL too), so no board is left running without its host (prctl
+    # PR_SET_PDEATHSIG, tied to the thread that started it; elsewhere nothing is done).
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode: str,
               firmware: Path, board_heap: int):
     """One boot: the VM process. With a console pty, its stdin and a control pipe
@@ -906,6 +951,7 @@ def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env=env,
+            preexec_fn=_die_with_parent,
         )
     stdin_r, stdin_w = os.pipe()
     ctl_r, ctl_w = os.pipe()
@@ -919,6 +965,7 @@ def _start_vm(startup: Path, device_dir: Path, heap: int, cause: str, link, mode
             pass_fds=(ctl_w,),
             start_new_session=True,
             env=env,
+            preexec_fn=_die_with_parent,
         )
     finally:
         os.close(stdin_r)
