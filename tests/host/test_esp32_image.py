@@ -44,7 +44,11 @@ def _section(name: str, addr: int, data: bytes) -> ELFSection:
     return ELFSection(name.encode(), addr, data, 0)
 
 
-def app_image(extra: int = 0, cls=ESP32FirmwareImage, names: bytes = b"") -> bytes:
+# Names every ESP32_GENERIC build interns (esp32.Partition, tls, network): what Keel needs.
+STOCK_NAMES = b"\0Partition\0tls\0network\0"
+
+
+def app_image(extra: int = 0, cls=ESP32FirmwareImage, names: bytes = STOCK_NAMES) -> bytes:
     """An ESP-IDF app as MicroPython's build makes one, small: the app description
     first in DROM, then DRAM, IRAM and IROM segments. extra pads DROM (size tests);
     names go in DROM after it (interned names, NUL-terminated, as the build's are)."""
@@ -348,7 +352,7 @@ def test_the_firmware_says_whether_code_runs_in_place(built, tmp_path, system_di
     the romfs partition); only the firmware decides."""
     _, stdout = built
     assert "ROMFS           no (a stock build)" in stdout
-    names = b"\0mount\0umount\0VfsRom\0rom_ioctl\0VfsLfs2\0"
+    names = STOCK_NAMES + b"mount\0umount\0VfsRom\0rom_ioctl\0VfsLfs2\0"
     fw = tmp_path / "ESP32_GENERIC_ROMFS.bin"
     fw.write_bytes(full_flash(app_image(names=names)))
     out = keel_cli("image", "esp32", "--board", BOARD, "--firmware", fw, "--system", system_dir,

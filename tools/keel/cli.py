@@ -134,6 +134,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_firmware_info(args) -> int:
+    from keel import firmware
+
+    found = firmware.info(args.file)
+    print(json.dumps(found.to_dict(), indent=2) if args.json else firmware.text(found))
+    return 0
+
+
 def cmd_image_esp32(args) -> int:
     from keel import esp32image
 
@@ -395,6 +403,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version_text(),
                         help="the tools' version and the system version they build by default")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fw = commands.add_parser("firmware", help="MicroPython firmware: what it is, whether Keel runs on it")
+    fws = fw.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = fws.add_parser("info", help="version, port, board, what Keel needs, frozen modules, heap")
+    p.add_argument("file", metavar="FILE",
+                   help="an ELF (micropython.elf, or the VM: .venv/bin/micropython) or an ESP32 .bin")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_firmware_info)
 
     build_cmd = commands.add_parser("build", help="build module images")
     builds = build_cmd.add_subparsers(dest="what", required=True, metavar="WHAT")

@@ -33,6 +33,7 @@ from keel import build, factory
 from keel import module_format as mf
 from keel.boards import Board, load_board
 from keel.errors import KeelError
+from keel.firmware import check_esp32_app
 from keel.images import Image, load_valid_image
 
 BOOTLOADER_OFFSET = 0x1000  # where the ESP32 ROM looks for the second-stage bootloader
@@ -360,6 +361,7 @@ def build_image(
     if board.platform != "esp32":
         raise KeelError(f"board {board_name} is a {board.platform} board, not an esp32 one")
     firmware = load_firmware(firmware_path, bootloader_path)
+    check_esp32_app(firmware_path, firmware.app, firmware.app_image.app_desc)
     vm_slot = board.partition("ota_0")
     if len(firmware.app) > vm_slot.size:
         raise KeelError(
@@ -427,7 +429,8 @@ def flash_plan(targets: list[Path | str]) -> list[FlashFile]:
             if name not in by_name:
                 raise KeelError(f"{target}: {LAYOUT_FILE} lists no {name}")
         read_esp_image(by_name["idf-bootloader.bin"].data, str(target / "idf-bootloader.bin"))
-        read_esp_image(by_name["micropython.bin"].data, str(target / "micropython.bin"))
+        app = read_esp_image(by_name["micropython.bin"].data, str(target / "micropython.bin"))
+        check_esp32_app(target / "micropython.bin", by_name["micropython.bin"].data, app.app_desc)
         return files
     try:
         data = target.read_bytes()
@@ -437,6 +440,8 @@ def flash_plan(targets: list[Path | str]) -> list[FlashFile]:
         raise KeelError(f"{target}: not a whole-flash ESP32 image (one written at 0x0, with "
                         "the bootloader at 0x1000 and a partition table at 0x8000)")
     read_esp_image(data[BOOTLOADER_OFFSET:], f"{target} (bootloader at 0x1000)")
+    firmware = load_firmware(target)
+    check_esp32_app(target, firmware.app, firmware.app_image.app_desc)
     return [FlashFile(0, target.name, data, "the whole flash")]
 
 
