@@ -2,7 +2,7 @@
 import keel
 from hal.gpio import Pin
 
-led = None
+led: Pin  # made in setup() (an annotation: MicroPython ignores it, type checkers read it)
 
 
 def setup():

@@ -6,9 +6,9 @@ from hal.i2c import I2C
 
 TMP102 = 0x48
 
-bus = None
-led = None
-celsius = None
+bus: I2C  # made in setup() (annotations: MicroPython ignores them, type checkers read them)
+led: Pin
+celsius: float | None = None
 
 
 def read_celsius():
