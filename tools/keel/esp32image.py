@@ -34,7 +34,7 @@ from keel import module_format as mf
 from keel.boards import Board, load_board
 from keel.errors import KeelError
 from keel.firmware import check_esp32_app
-from keel.images import Image, load_valid_image
+from keel.images import Image, folder_images, load_valid_image
 
 BOOTLOADER_OFFSET = 0x1000  # where the ESP32 ROM looks for the second-stage bootloader
 TABLE_OFFSET = 0x8000  # where the IDF bootloader looks for the partition table
@@ -311,10 +311,7 @@ def board_modules(board: Board, system_dir: Path | None, apps: list[Path]) -> li
             paths = build.build_system(board.platform, None, Path(tmp))
             images = [load_valid_image(p) for p in paths]
     else:
-        paths = sorted(Path(system_dir).glob("*.bin"))
-        if not paths:
-            raise KeelError(f"{system_dir}: no module images (*.bin) found")
-        images = [load_valid_image(p) for p in paths]
+        images = folder_images(system_dir)
     images += [load_valid_image(p) for p in apps]
     check_images_for_board(board, images)
     present = {(i.info.function, i.info.index) for i in images}

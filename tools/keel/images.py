@@ -94,6 +94,20 @@ def load_valid_image(path: Path | str) -> Image:
     return image
 
 
+def folder_images(folder: Path | str) -> list[Image]:
+    """Every module image (*.bin) in a folder (keel build system -o DIR), each checked,
+    by file name; a clear error when the folder is missing or holds none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise KeelError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise KeelError(f"{folder}: not a folder (give the folder of module images)")
+    images = [load_valid_image(p) for p in sorted(folder.glob("*.bin"))]
+    if not images:
+        raise KeelError(f"{folder}: no module images (*.bin) in this folder")
+    return images
+
+
 def describe(image: Image) -> str:
     """Human-readable inspect output."""
     info = image.info

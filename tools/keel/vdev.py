@@ -25,7 +25,7 @@ from keel import module_format as mf
 from keel import factory, twin_nrf, vmfirmware
 from keel.boards import Board, board_dir, board_from_dict, load_board
 from keel.errors import KeelError
-from keel.images import Image, load_valid_image, module_label
+from keel.images import Image, folder_images, load_valid_image, module_label
 from keel.paths import micropython, source_root
 from keel.vio import CONSOLE_LOG, IO_IN, IO_LOG
 
@@ -160,9 +160,7 @@ def create(path: Path | str, system_dir: Path | str, board_name: str = "virtual"
     if board.port != "virtual" and not twin_dir(board.port).is_dir():
         raise KeelError(f"board {board_name} has no twin on the VM yet "
                         f"(its port {board.port} has no boards/twins/{board.port}/)")
-    images = [load_valid_image(p) for p in sorted(Path(system_dir).glob("*.bin"))]
-    if not images:
-        raise KeelError(f"{system_dir}: no module images (*.bin) found")
+    images = folder_images(system_dir)
     check_images_for_board(board, images)
     functions = {(i.info.function, i.info.index) for i in images}
     needed = [(p.function, p.index) for p in board.partitions if p.function in
@@ -300,11 +298,8 @@ def flash(path: Path | str, files: list[Path | str]) -> list[Image]:
     images = []
     for given in files:
         given = Path(given)
-        if given.is_dir():  # a folder of modules (keel build system -o DIR): all of them,
-            found = [load_valid_image(p) for p in sorted(given.glob("*.bin"))]  # in order
-            if not found:
-                raise KeelError(f"{given}: no module images (*.bin) in this folder")
-            images += sorted(found, key=_dependency_order)
+        if given.is_dir():  # a folder of modules (keel build system -o DIR): all, in order
+            images += sorted(folder_images(given), key=_dependency_order)
         elif not given.exists():
             raise KeelError(f"{given}: no such file or folder")
         else:
