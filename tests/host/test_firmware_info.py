@@ -89,6 +89,10 @@ def test_an_esp32_bin_and_keel_image_refusing_what_lacks_tls(tmp_path, keel_cli)
     doc = json.loads(keel_cli("firmware", "info", "--json", good).stdout)
     assert (doc["kind"], doc["port"], doc["version"]) == ("esp32-bin", "esp32", "1.25.0")
     assert doc["keel"]["ok"] is True and doc["features"]["vfs.rom_ioctl"] is False
+    # what esptool's image reader gives: the app's entry point and segments (app_image's)
+    assert doc["image"]["entry"] == "0x40080400"
+    loaded = [s["address"] for s in doc["image"]["segments"] if s["address"] != "0x00000000"]  # (0: padding)
+    assert loaded == ["0x3f400020", "0x3ffb0000", "0x40080000", "0x400d0020"]
     bad = tmp_path / "ESP32_NO_TLS.bin"
     bad.write_bytes(full_flash(app_image(names=b"\0Partition\0network\0")))
     proc = keel_cli("image", "esp32", "--board", BOARD, "--firmware", bad, "-o", tmp_path / "out")

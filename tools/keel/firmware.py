@@ -62,6 +62,7 @@ class FirmwareInfo:
     frozen: list | None = None  # names, or None when the file does not say
     heap: dict | None = None  # {"bytes", "from"}: reserved at link time
     note: str | None = None  # how it was read (a launcher followed, say)
+    image: dict | None = None  # an ESP32 app: what esptool's image reader gives
 
     def keel(self) -> dict:
         """{"ok", "missing": [{"feature", "why"}], "without": [{"feature", "why"}]}."""
@@ -82,7 +83,7 @@ class FirmwareInfo:
     def to_dict(self) -> dict:
         return {"file": str(self.path), "kind": self.kind, "version": self.version, "port": self.port,
                 "board": self.board, "features": self.features, "frozen": self.frozen,
-                "heap": self.heap, "note": self.note, "keel": self.keel()}
+                "heap": self.heap, "note": self.note, "image": self.image, "keel": self.keel()}
 
 
 def info(path: Path | str) -> FirmwareInfo:
@@ -188,7 +189,20 @@ def _from_esp32_bin(path: Path) -> FirmwareInfo:
     from keel import esp32image
 
     firmware = esp32image.load_firmware(path)
-    return esp32_app(path, firmware.app, firmware.app_image.app_desc)
+    found = esp32_app(path, firmware.app, firmware.app_image.app_desc)
+    found.image = _esptool_view(firmware.app)
+    return found
+
+
+def _esptool_view(app: bytes) -> dict:
+    """The app as esptool's image reader (esptool.bin_image) sees it: entry point, flash
+    settings, and its segments with their load addresses."""
+    from esptool.bin_image import LoadFirmwareImage
+
+    image = LoadFirmwareImage("esp32", app)
+    return {"chip": "esp32", "entry": f"0x{image.entrypoint:08x}",
+            "flash_mode": image.flash_mode, "flash_size_freq": image.flash_size_freq,
+            "segments": [{"address": f"0x{s.addr:08x}", "size": len(s.data)} for s in image.segments]}
 
 
 def esp32_app(path, app: bytes, desc: dict | None) -> FirmwareInfo:
@@ -223,6 +237,9 @@ def text(found: FirmwareInfo) -> str:
         lines.append(f"frozen modules  {len(found.frozen)}: {', '.join(found.frozen) or 'none'}")
     lines.append("heap            " + (f"{found.heap['bytes']} bytes ({found.heap['from']})" if found.heap
                                        else "not reserved in the file (allocated at run time)"))
+    if found.image:
+        lines.append(f"image           entry {found.image['entry']}, {len(found.image['segments'])} segments: "
+                     + ", ".join(f"{s['address']} ({s['size']} bytes)" for s in found.image["segments"]))
     verdict = found.keel()
     refusal = found.refusal()
     lines.append("Keel            " + ("runs on it" if refusal is None else f"does not run on it: {refusal}"))
