@@ -513,7 +513,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = vdevs.add_parser("run", help="boot a virtual device on the MicroPython VM")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--seconds", type=float, metavar="N")
-    p.add_argument("--heap", type=parse_size, metavar="SIZE", help="e.g. 192K (default: board RAM)")
+    p.add_argument("--heap", type=parse_size, metavar="SIZE", help="e.g. 192K (default: the board's heap, else its RAM)")
     p.add_argument("--pty", metavar="PATH",
                    help="also give the console as a pty linked at PATH (mpremote connect PATH)")
     p.add_argument("--wires", metavar="FILE",
@@ -576,7 +576,7 @@ _HELP = {
     ("keys generate", "keyfile"): "the private key file to write (its public key goes to KEYFILE.pub)",
     ("keys show", "keyfile"): "a private or public key file",
     ("sign", "file"): "the module image to sign (rewritten in place, or to -o)",
-    ("image esp32", "--output"): "the flash image to write (for esptool)",
+    ("image esp32", "--output"): "the folder to write the flash files to (for esptool)",
     ("image nrf52840", "--output"): "the folder to write the installation's files to",
     ("vdev create", "dir"): "the device's folder (created)",
     ("vdev create", "--system"): "a folder of system modules to install (keel build system -o DIR)",
