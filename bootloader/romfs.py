@@ -18,7 +18,7 @@ _KIND_DIR = const(4)
 _KIND_FILE = const(5)
 # Bounds on what a module's payload may hold, so that hostile input cannot exhaust the
 # heap, the stack or the filesystem while it is walked or extracted. Keel's own parts are
-# far inside them (system part 1: 38 entries, 3 levels, names of at most 17 bytes).
+# far inside them (system part 1: 42 entries on the virtual board, 3 levels, names of at most 17 bytes).
 MAX_DEPTH = const(8)  # directories inside directories
 MAX_ENTRIES = const(256)  # files and directories
 MAX_NAME = const(64)  # bytes in one file or directory name
