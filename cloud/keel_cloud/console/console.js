@@ -214,7 +214,7 @@ function devicePage(name) {
         el("td", {}, m.function), el("td", { class: "num" }, m.index), el("td", {}, m.version),
         el("td", {}, deps(m.dependencies)),
         el("td", { class: m.valid === false ? "invalid" : "" }, m.valid === false ? "no" : "yes"),
-        el("td", {}, m.reason || (m.valid === false ? "invalid" : "")))), { id: "modules" }));
+        el("td", {}, m.invalid_reason || (m.valid === false ? "invalid" : "")))), { id: "modules" }));
 
     if (d.rollbacks && d.rollbacks.length) {
       sections.push(el("h2", {}, "Rollbacks"), table(["Module", "Version", "Restored", "Reason", "When"],
