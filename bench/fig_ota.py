@@ -27,8 +27,8 @@ bytes), goal ≤ 1.05. On flaky the baseline never completes (every attempt is c
 64 KB of a 255 KB image): it is capped at 8 attempts, twice the image's bytes, and its
 figure is a lower bound. Runs are interleaved (per round: wifi, cellular, flaky, each
 Keel then baseline on the same image); medians of 3 runs on wifi and cellular; on
-flaky 2 Keel runs (each takes ~95 s: after the first drop the sender keeps 2 chunks in
-flight and the device's reconnection backoff doubles at every drop) and 1 baseline run
+flaky 2 Keel runs (each takes about a minute at ~0.25 of the link: after the first drop
+the sender keeps 2 chunks in flight, and the device reconnects after each drop) and 1 baseline run
 (deterministic to the byte: every attempt is cut at the same link offset), to keep the
 figure near its 5-minute budget.
 
@@ -89,7 +89,7 @@ def run(ctx) -> list[dict]:
     from bench.ota_links import CloudProcess, Device, run_one, wait_until
 
     n = ctx.runs(3)
-    # runs per profile, Keel / baseline: a flaky Keel transfer takes ~95 s, its baseline
+    # runs per profile, Keel / baseline: a flaky Keel transfer takes about a minute, its baseline
     # is deterministic to the byte (and capped): the figure's budget is ~5-6 minutes
     counts = {"wifi": (n, n), "cellular": (n, n), "flaky": (ctx.runs(2), ctx.runs(1))}
     size = SMOKE_PADDING if ctx.smoke else PADDING
