@@ -47,14 +47,23 @@ def database(postgres_server):
 class Instance:
     def __init__(self, cloud, name, *args, http=None):
         self.name = name
-        self.http = http or f"127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen(
-            ["keel", "cloud", "serve", "--instance", name, "--http", self.http, "-v", *args],
-            env=cloud.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines = []
-        while f"Keel Cloud instance {name}:" not in (line := self.proc.stdout.readline()):
-            self.lines.append(line)  # (its log, with -v)
-            assert line, "".join(self.lines)
+        for attempt in range(3):
+            # (a port free_port() saw free can be taken meanwhile by a client's ephemeral
+            # port: then another one)
+            self.http = http or f"127.0.0.1:{free_port()}"
+            self.proc = subprocess.Popen(
+                ["keel", "cloud", "serve", "--instance", name, "--http", self.http, "-v", *args],
+                env=cloud.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            self.lines = []
+            while f"Keel Cloud instance {name}:" not in (line := self.proc.stdout.readline()):
+                self.lines.append(line)  # (its log, with -v)
+                if not line:
+                    break
+            if line:
+                break
+            self.proc.wait(10)
+            assert "Address already in use" in "".join(self.lines) and attempt < 2 and not http, \
+                "".join(self.lines)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
