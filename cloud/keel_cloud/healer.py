@@ -22,13 +22,13 @@ MAX_FAILURES times in a row)."""
 import hashlib
 import json
 import logging
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+from keel_cloud import module_format as mf
 from keel_cloud import signatures
 from keel_cloud.ota import LeaseElsewhere, OtaError
 from keel_cloud.releases import SCHEMA as RELEASES_SCHEMA, RELEASES_DIR, Catalog, version_key
@@ -45,37 +45,10 @@ class HealError(Exception):
     """Nothing in the catalog satisfies a missing dependency."""
 
 
-# Module headers (docs/module-format.md): only what the healer needs, the dependencies.
-_HEADER = "<4sBBBBIHBxI"
-_HEADER_SIZE = 20
-_DEP = "<BBxxI"
-_DEP_SIZE = 8
-_FUNCTIONS = {2: "bootloader", 4: "system-part", 5: "user-part", 10: "vm"}
-_PRERELEASE = {0x00: "alpha", 0x40: "beta", 0x80: "rc"}
-
-
-def _decode_version(value: int) -> str:
-    text = "%d.%d.%d" % ((value >> 24) & 0xFF, (value >> 16) & 0xFF, (value >> 8) & 0xFF)
-    tag = value & 0xFF
-    if tag == 0xFF:
-        return text
-    return f"{text}-{_PRERELEASE[tag & 0xC0]}.{tag & 0x3F}"
-
-
 def image_dependencies(image: bytes) -> list[dict]:
-    """The dependencies a module image's header lists: [{function, index, version}]."""
-    if len(image) < _HEADER_SIZE:
-        raise ValueError("truncated module image")
-    magic, _fmt, _function, _index, _flags, _version, _platform, ndeps, _size = \
-        struct.unpack_from(_HEADER, image, 0)
-    if magic != b"KEEL" or len(image) < _HEADER_SIZE + ndeps * _DEP_SIZE:
-        raise ValueError("not a Keel module image")
-    deps = []
-    for i in range(ndeps):
-        function, index, version = struct.unpack_from(_DEP, image, _HEADER_SIZE + i * _DEP_SIZE)
-        deps.append({"function": _FUNCTIONS.get(function, str(function)), "index": index,
-                     "version": _decode_version(version)})
-    return deps
+    """The dependencies a module image's header lists: [{function, index, version}]
+    (lib/module_format.py reads it, as everywhere else; ValueError when it cannot)."""
+    return [mf.dependency_dict(d) for d in mf.parse_header(image).dependencies]
 
 
 def is_prerelease(version: str | None) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from keel_cloud import module_format as mf
 from keel_cloud.config import CloudDir, CloudError
 from keel_cloud.registry import Registry
 
@@ -71,12 +72,13 @@ class ReleaseModule:
         return f"{self.function}-{self.index}-{self.version}.bin"
 
 
-def version_key(version: str) -> tuple:
-    """1.2.0-rc.1 < 1.2.0 < 1.10.0 (numbers compared as numbers)."""
-    main, _, pre = version.partition("-")
-    numbers = tuple(int(p) if p.isdigit() else 0 for p in main.split("."))
-    pre_key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split(".")) if pre else ()
-    return numbers, 0 if pre else 1, pre_key
+def version_key(version: str) -> int:
+    """1.2.0-rc.1 < 1.2.0 < 1.10.0: the module format's own encoding, whose integers order
+    as the versions do (lib/module_format.py); a malformed version sorts below all."""
+    try:
+        return mf.encode_version(version)
+    except mf.FormatError:
+        return -1
 
 
 def release_version(modules: list[ReleaseModule]) -> tuple[str, bool]:
