@@ -69,7 +69,9 @@ def test_the_embedded_broker_accounts_for_every_device(results):
     # limits); every device is still connected, dropped or reconnecting.
     (keel,) = results["embedded"]["keel"]
     assert keel["connected"] + sum(keel["connect_failures"].values()) == N
-    assert 0 < keel["held"] <= N
+    # At this size amqtt keeps nearly all of them after the hold (figure 6 holds all
+    # 1,000): a broker that held none, or a few, fails here.
+    assert keel["held"] >= N - 2, keel
 
 
 def test_the_figure_rows_are_well_formed(results):

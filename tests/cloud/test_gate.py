@@ -323,8 +323,9 @@ def test_connect_timeout(clients, make_identity):
     try:
         raw = clients.raw(make_identity(), port=port)
         start = time.monotonic()
-        assert raw.closed_within(3.0)
-        assert 0.4 < time.monotonic() - start < 2.5
+        # closed, and not before its 0.5 s (a loaded machine may take longer: 10 s)
+        assert raw.closed_within(10.0)
+        assert 0.4 < time.monotonic() - start
         assert gate.stats.refused == 1 and gate.stats.relayed == 0
     finally:
         b.run(gate.stop())
@@ -409,8 +410,10 @@ def test_keepalive_is_enforced_and_the_will_published(clients, make_identity):
     start = time.monotonic()
     assert raw.connect(ident.cn, keepalive=1, will_topic=status, will_message=b"offline",
                        will_qos=1, will_retain=True) == mp.CONNACK_ACCEPTED
-    assert raw.closed_within(4.0)
-    assert 1.3 < time.monotonic() - start < 3.5
+    # closed once 1.5 x keepalive has passed in silence, not before (a loaded machine
+    # may take longer: 10 s)
+    assert raw.closed_within(10.0)
+    assert 1.3 < time.monotonic() - start
     assert service.expect(status).payload == b"offline"
 
 

@@ -22,7 +22,9 @@ from conftest import on_twins
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO = Path(shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 
-pytestmark = pytest.mark.skipif(not MOSQUITTO.is_file(), reason="needs Mosquitto")
+# Mosquitto is a required part of the suite (make setup installs it): missing, these
+# tests fail and say so, as the cloud tests do, rather than skip.
+assert MOSQUITTO.is_file(), f"{MOSQUITTO} is needed: make setup installs Debian's mosquitto (as root)"
 
 
 # The cloud side: a CA, a broker that requires client certificates, the service.
