@@ -89,7 +89,7 @@ class Fleets:
         self.registry = registry
         self.root = Path(cloud_path) if cloud_path else None
         self._owns_registry = owns_registry
-        with registry._transaction() as run:
+        with registry.transaction() as run:
             run(SCHEMA)
             run(SIGNING_SCHEMA)
 
@@ -138,9 +138,9 @@ class Fleets:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             tmp.write_bytes(app.data)
             tmp.replace(path)
-        integrity_error = self.registry._pg.IntegrityError if self.registry._pg else _sqlite_integrity()
+        integrity_error = self.registry.integrity_error
         try:
-            with self.registry._transaction() as run:
+            with self.registry.transaction() as run:
                 number = (run("SELECT MAX(number) FROM app_releases WHERE fleet = ?",
                               (fleet_name,))[0][0] or 0) + 1
                 run(f"INSERT INTO app_releases ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -162,7 +162,7 @@ class Fleets:
         """From now on the fleet takes only modules signed by one of keys (raw Ed25519
         public keys); [] lifts the requirement."""
         self._fleet(fleet_name)
-        with self.registry._transaction() as run:
+        with self.registry.transaction() as run:
             run("DELETE FROM fleet_signing WHERE fleet = ?", (fleet_name,))
             if keys:
                 run("INSERT INTO fleet_signing (fleet, keys, updated) VALUES (?, ?, ?)",
@@ -170,16 +170,16 @@ class Fleets:
 
     def signing_keys(self, fleet_name: str) -> list[bytes]:
         """The keys the fleet's modules must be signed by; [] when it takes unsigned ones."""
-        rows = self.registry._query("SELECT keys FROM fleet_signing WHERE fleet = ?", (fleet_name,))
+        rows = self.registry.query("SELECT keys FROM fleet_signing WHERE fleet = ?", (fleet_name,))
         return [bytes.fromhex(k) for k in json.loads(rows[0][0])] if rows else []
 
     def signing(self) -> dict[str, str]:
         """{fleet: its signing keys (as stored)} for every fleet that requires signatures."""
-        return dict(self.registry._query("SELECT fleet, keys FROM fleet_signing"))
+        return dict(self.registry.query("SELECT fleet, keys FROM fleet_signing"))
 
     def device_signing_keys(self, device_id: str) -> list[bytes]:
         """The keys modules sent to this device must be signed by (its fleet's)."""
-        rows = self.registry._query(
+        rows = self.registry.query(
             "SELECT s.keys FROM fleet_members m JOIN fleet_signing s ON s.fleet = m.fleet "
             "WHERE m.device_id = ?", (device_id,))
         return [bytes.fromhex(k) for k in json.loads(rows[0][0])] if rows else []
@@ -191,25 +191,25 @@ class Fleets:
             raise CloudError(str(e)) from None
 
     def _file_used(self, relative: str) -> bool:
-        return bool(self.registry._query("SELECT 1 FROM app_releases WHERE file = ?", (relative,)))
+        return bool(self.registry.query("SELECT 1 FROM app_releases WHERE file = ?", (relative,)))
 
     # Reading
 
     def history(self, fleet_name: str) -> list[dict]:
         """The fleet's releases, newest first."""
-        rows = self.registry._query(
+        rows = self.registry.query(
             f"SELECT {_COLUMNS} FROM app_releases WHERE fleet = ? ORDER BY number DESC", (fleet_name,))
         return [release_dict(row) for row in rows]
 
     def current(self, fleet_name: str) -> dict | None:
-        rows = self.registry._query(
+        rows = self.registry.query(
             f"SELECT {_COLUMNS} FROM app_releases WHERE fleet = ? ORDER BY number DESC LIMIT 1",
             (fleet_name,))
         return release_dict(rows[0]) if rows else None
 
     def currents(self) -> dict[str, int]:
         """{fleet: its current release number}, for every fleet with a release."""
-        return dict(self.registry._query("SELECT fleet, MAX(number) FROM app_releases GROUP BY fleet"))
+        return dict(self.registry.query("SELECT fleet, MAX(number) FROM app_releases GROUP BY fleet"))
 
     # What the healer asks
 
@@ -217,7 +217,7 @@ class Fleets:
         """The current release of the device's fleet; None outside a fleet or before the
         fleet's first release."""
         columns = ", ".join(f"a.{c.strip()}" for c in _COLUMNS.split(","))
-        rows = self.registry._query(
+        rows = self.registry.query(
             f"SELECT {columns} FROM fleet_members m JOIN app_releases a ON a.fleet = m.fleet "
             "WHERE m.device_id = ? ORDER BY a.number DESC LIMIT 1", (device_id,))
         return release_dict(rows[0]) if rows else None
@@ -291,9 +291,3 @@ def member_state(device: dict, heal: dict, release: dict | None) -> dict:
             return {"state": "healing"}
         return {"state": "safe mode", "reason": describe.get("safe_mode_reason")}
     return {"state": "up to date"}
-
-
-def _sqlite_integrity():
-    import sqlite3
-
-    return sqlite3.IntegrityError

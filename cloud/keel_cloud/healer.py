@@ -228,7 +228,7 @@ class SharedCatalog(Catalog):
         self.registry = registry
         self.dir = SimpleNamespace(path=Path(cloud_path))
         self.root = Path(cloud_path) / RELEASES_DIR
-        with registry._transaction() as run:
+        with registry.transaction() as run:
             run(RELEASES_SCHEMA)
 
     def close(self) -> None:  # the registry belongs to the service

@@ -151,7 +151,7 @@ class Registry:
             except sqlite3.Error as e:
                 raise RegistryError(f"cannot open the registry {self.path}: {_one_line(e)}") from None
         try:
-            with self._transaction() as run:
+            with self.transaction() as run:
                 for statement in SCHEMA:
                     run(statement.format(seq_key=SEQ_KEY[self.dialect]))
         except (sqlite3.Error, *((self._pg.Error,) if self._pg else ())) as e:
@@ -191,7 +191,7 @@ class Registry:
         return cursor.fetchall() if cursor.description is not None else []
 
     @contextmanager
-    def _transaction(self, atomic: bool = True):
+    def transaction(self, atomic: bool = True):
         """Holds the lock; yields run(sql, args). With atomic, the statements run in one
         transaction, rolled back if the block raises."""
         with self._lock:
@@ -212,15 +212,29 @@ class Registry:
                     f"the PostgreSQL registry at {self.where} failed: {self._message(e)}"
                 ) from None
 
-    def _query(self, sql: str, args=()) -> list[tuple]:
-        with self._transaction(atomic=False) as run:
+    def query(self, sql: str, args=()) -> list[tuple]:
+        """One statement outside a transaction of its own (? placeholders on both
+        databases); its rows. transaction() and query() are for the modules that keep
+        their own tables in the registry's database (releases, fleets, the healer)."""
+        with self.transaction(atomic=False) as run:
             return run(sql, args)
+
+    def is_transient(self, error: Exception) -> bool:
+        """Whether a driver's error is the database's (locked, restarting, unreachable),
+        which may pass, rather than the statement's."""
+        return isinstance(error, sqlite3.OperationalError) or bool(
+            self._pg and isinstance(error, self._pg.OperationalError))
+
+    @property
+    def integrity_error(self) -> type:
+        """The database driver's error for a broken constraint (a duplicate key)."""
+        return self._pg.IntegrityError if self._pg else sqlite3.IntegrityError
 
     # Devices
 
     def name_taken(self, name: str, device_id: str) -> str | None:
         """The id of another device that has this name, or None."""
-        rows = self._query("SELECT id FROM devices WHERE name = ? AND id <> ?", (name, device_id))
+        rows = self.query("SELECT id FROM devices WHERE name = ? AND id <> ?", (name, device_id))
         return rows[0][0] if rows else None
 
     def add_device(self, device_id: str, name: str, platform: str | None = None) -> None:
@@ -229,9 +243,9 @@ class Registry:
         if not 0 < len(name) <= MAX_NAME:
             raise RegistryError(f"a device name has 1 to {MAX_NAME} characters, not '{name}'")
         platform = _text(platform, MAX_PLATFORM)
-        integrity_error = self._pg.IntegrityError if self._pg else sqlite3.IntegrityError
+        integrity_error = self.integrity_error
         try:
-            with self._transaction() as run:
+            with self.transaction() as run:
                 for (other,) in run("SELECT id FROM devices WHERE name = ?", (name,)):
                     if other != device_id:
                         raise RegistryError(f"the name '{name}' is taken by device {other}")
@@ -285,7 +299,7 @@ class Registry:
     def drops(self, device_id: str) -> dict:
         """{"count", "reason", "ts"} of the messages dropped from the device (count 0,
         reason and ts None, when there were none)."""
-        rows = self._query("SELECT count, reason, ts FROM dropped_messages WHERE device_id = ?",
+        rows = self.query("SELECT count, reason, ts FROM dropped_messages WHERE device_id = ?",
                            (device_id,))
         if not rows:
             return {"count": 0, "reason": None, "ts": None}
@@ -294,7 +308,7 @@ class Registry:
 
     def set_all_offline(self) -> None:
         """Every device offline (a broker that starts anew has no connections)."""
-        self._query("UPDATE devices SET online = 0")
+        self.query("UPDATE devices SET online = 0")
 
     def write_batch(self, writes: list) -> list:
         """What devices sent, in order, in one transaction (the fleet service's ingest):
@@ -320,7 +334,7 @@ class Registry:
         return out
 
     def _write_sorted(self, writes: list) -> list:
-        with self._transaction() as run:
+        with self.transaction() as run:
             ids = sorted({w.device_id for w in writes})
             names = {}
             for start in range(0, len(ids), 500):
@@ -371,15 +385,15 @@ class Registry:
         self._write_one("seen", device_id)
 
     def known(self, device_id: str) -> bool:
-        return bool(self._query("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
+        return bool(self.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
 
     def devices(self) -> list[dict]:
-        rows = self._query(f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES}")
+        rows = self.query(f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES}")
         # Sorted here, by code point: a database's collation may order names otherwise.
         return [_device(row) for row in sorted(rows, key=lambda row: row[1])]
 
     def device(self, name_or_id: str) -> dict | None:
-        rows = self._query(
+        rows = self.query(
             f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES} WHERE d.name = ? OR d.id = ? "
             "ORDER BY CASE WHEN d.name = ? THEN 0 ELSE 1 END",  # a name before an id
             (name_or_id, name_or_id, name_or_id),
@@ -394,9 +408,9 @@ class Registry:
                                 f"at most {MAX_NAME}; a letter or digit first)")
         if not 0 < len(platform or "") <= MAX_PLATFORM:
             raise RegistryError(f"a platform has 1 to {MAX_PLATFORM} characters, not '{platform}'")
-        integrity_error = self._pg.IntegrityError if self._pg else sqlite3.IntegrityError
+        integrity_error = self.integrity_error
         try:
-            with self._transaction() as run:
+            with self.transaction() as run:
                 for (other,) in run("SELECT platform FROM fleets WHERE name = ?", (name,)):
                     raise RegistryError(f"fleet '{name}' exists already (platform {other})")
                 run("INSERT INTO fleets (name, platform, created) VALUES (?, ?, ?)",
@@ -405,14 +419,14 @@ class Registry:
             raise RegistryError(f"fleet '{name}' exists already") from None
 
     def fleet(self, name: str) -> dict | None:
-        rows = self._query(
+        rows = self.query(
             "SELECT f.name, f.platform, f.created, COUNT(m.device_id) FROM fleets f "
             "LEFT JOIN fleet_members m ON m.fleet = f.name WHERE f.name = ? "
             "GROUP BY f.name, f.platform, f.created", (name,))
         return _fleet(rows[0]) if rows else None
 
     def fleets(self) -> list[dict]:
-        rows = self._query(
+        rows = self.query(
             "SELECT f.name, f.platform, f.created, COUNT(m.device_id) FROM fleets f "
             "LEFT JOIN fleet_members m ON m.fleet = f.name GROUP BY f.name, f.platform, f.created")
         return [_fleet(row) for row in sorted(rows, key=lambda row: row[0])]
@@ -425,17 +439,17 @@ class Registry:
         return fleet
 
     def fleet_devices(self, name: str) -> list[dict]:
-        rows = self._query(f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES} WHERE m.fleet = ?", (name,))
+        rows = self.query(f"SELECT {_DEVICE_COLUMNS} FROM {_DEVICES} WHERE m.fleet = ?", (name,))
         return [_device(row) for row in sorted(rows, key=lambda row: row[1])]
 
     def memberships(self) -> dict[str, str]:
         """{device id: fleet name} for every device in a fleet."""
-        return dict(self._query("SELECT device_id, fleet FROM fleet_members"))
+        return dict(self.query("SELECT device_id, fleet FROM fleet_members"))
 
     def add_to_fleet(self, name: str, devices: list[str]) -> dict:
         """Put devices (names or ids) in the fleet: all of them or, on an error, none.
         Returns {"added": [names], "already": [names]}."""
-        with self._transaction() as run:
+        with self.transaction() as run:
             fleet = self._fleet_in(run, name)
             found = [self._device_in(run, d) for d in devices]
             added, already = [], []
@@ -456,7 +470,7 @@ class Registry:
 
     def remove_from_fleet(self, name: str, devices: list[str]) -> list[str]:
         """Take devices out of the fleet (all of them or, on an error, none); their names."""
-        with self._transaction() as run:
+        with self.transaction() as run:
             self._fleet_in(run, name)
             found = [self._device_in(run, d) for d in devices]
             for _, device_name, _, current in found:
@@ -488,7 +502,7 @@ class Registry:
     def add_rollback(self, device_id: str, rollback: dict) -> bool:
         """Record a rollback a device reported (its describe's `rollback`); False when it
         was known already (a device reports it on every describe)."""
-        with self._transaction() as run:
+        with self.transaction() as run:
             return bool(self._add_rollback(run, device_id, rollback, time.time()))
 
     @staticmethod
@@ -512,7 +526,7 @@ class Registry:
     def rollbacks(self, device_id: str) -> list[dict]:
         """Oldest first: {function, index, version, sha256 (None if unknown), restored,
         reason, ts}."""
-        rows = self._query(
+        rows = self.query(
             "SELECT function, module_index, version, sha256, restored, reason, ts FROM rollbacks "
             "WHERE device_id = ? ORDER BY ts", (device_id,))
         return [{"function": f, "index": i, "version": v, "sha256": sha or None, "restored": r,
@@ -524,7 +538,7 @@ class Registry:
         """Stores the event and sets the device's last_seen to its time, in one
         transaction (write_batch sets the commit's time instead)."""
         now = time.time()
-        with self._transaction() as run:
+        with self.transaction() as run:
             self._lock_events(run)
             seq = self._insert_event(run, device_id, _text(name, MAX_NAME), _text(data), now)
             run("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
@@ -565,11 +579,11 @@ class Registry:
         args.append(limit)
         return [
             {"seq": r[0], "device": r[1], "id": r[2], "name": r[3], "data": r[4], "ts": r[5]}
-            for r in self._query(sql, args)
+            for r in self.query(sql, args)
         ]
 
     def last_event_seq(self) -> int:
-        rows = self._query("SELECT MAX(seq) FROM events")
+        rows = self.query("SELECT MAX(seq) FROM events")
         return rows[0][0] or 0
 
 
@@ -579,7 +593,7 @@ class Registry:
         """The instance is alive: its row written, and its leases renewed for ttl s.
         Returns the devices whose leases it holds."""
         now = time.time()
-        with self._transaction() as run:
+        with self.transaction() as run:
             if run("SELECT 1 FROM instances WHERE name = ?", (instance["name"],)):
                 run("UPDATE instances SET host = ?, pid = ?, http = ?, started = ?, beat = ? "
                     "WHERE name = ?", (instance.get("host"), instance.get("pid"), instance.get("http"),
@@ -595,7 +609,7 @@ class Registry:
                                       (instance["name"], now))}
 
     def instances(self) -> list[dict]:
-        rows = self._query("SELECT name, host, pid, http, started, beat FROM instances ORDER BY name")
+        rows = self.query("SELECT name, host, pid, http, started, beat FROM instances ORDER BY name")
         return [{"name": n, "host": h, "pid": p, "http": u, "started": s, "beat": b}
                 for n, h, p, u, s, b in rows]
 
@@ -603,7 +617,7 @@ class Registry:
         """A stopped instance: its row goes and its leases expire now (the next sweep of
         another instance takes its work over). With started: only that life of it (not
         the instance if it started again meanwhile)."""
-        with self._transaction() as run:
+        with self.transaction() as run:
             if started is not None and not run(
                     "SELECT 1 FROM instances WHERE name = ? AND started = ?", (name, started)):
                 return
@@ -615,21 +629,21 @@ class Registry:
         their MQTT sessions, keel_cloud.adopt): their beat is moved to now, so no other
         instance claims them while `me` holds them (hold_instance). [(name, started)]"""
         now = time.time()
-        return [tuple(r) for r in self._query(
+        return [tuple(r) for r in self.query(
             "UPDATE instances SET beat = ? WHERE name <> ? AND beat < ? RETURNING name, started",
             (now, me, now - ttl))]
 
     def hold_instance(self, name: str, started: float) -> bool:
         """Keep a claimed dead instance claimed; False when it has started again (or is
         forgotten)."""
-        return bool(self._query("UPDATE instances SET beat = ? WHERE name = ? AND started = ? "
+        return bool(self.query("UPDATE instances SET beat = ? WHERE name = ? AND started = ? "
                                 "RETURNING name", (time.time(), name, started)))
 
     def take_lease(self, device_id: str, owner: str, ttl: float, work: str) -> str:
         """The device's lease for owner, if it is free, expired or owner's already: returns
         the owner after the attempt (owner itself when it got it)."""
         now = time.time()
-        with self._transaction() as run:
+        with self.transaction() as run:
             run("INSERT INTO leases (device_id, owner, work, expires) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (device_id) DO UPDATE SET owner = excluded.owner, work = excluded.work, "
                 "expires = excluded.expires WHERE leases.owner = excluded.owner OR leases.expires < ?",
@@ -637,26 +651,26 @@ class Registry:
             return run("SELECT owner FROM leases WHERE device_id = ?", (device_id,))[0][0]
 
     def lease(self, device_id: str) -> dict | None:
-        rows = self._query("SELECT owner, work, expires FROM leases WHERE device_id = ?", (device_id,))
+        rows = self.query("SELECT owner, work, expires FROM leases WHERE device_id = ?", (device_id,))
         return {"owner": rows[0][0], "work": rows[0][1], "expires": rows[0][2]} if rows else None
 
     def lease_owners(self) -> dict[str, str]:
         """{device id: owner} of the leases not expired."""
-        return dict(self._query("SELECT device_id, owner FROM leases WHERE expires >= ?", (time.time(),)))
+        return dict(self.query("SELECT device_id, owner FROM leases WHERE expires >= ?", (time.time(),)))
 
     def release_lease(self, device_id: str, owner: str) -> None:
-        self._query("DELETE FROM leases WHERE device_id = ? AND owner = ?", (device_id, owner))
+        self.query("DELETE FROM leases WHERE device_id = ? AND owner = ?", (device_id, owner))
 
     def expired_leases(self) -> list[tuple[str, str]]:
         """Leases whose owner stopped renewing them, removed (by one instance only: it
         gets them): [(device id, owner)]."""
-        return [tuple(r) for r in self._query(
+        return [tuple(r) for r in self.query(
             "DELETE FROM leases WHERE expires < ? RETURNING device_id, owner", (time.time(),))]
 
     def state_of(self, device_id: str) -> tuple[dict | None, bool]:
         """(the device's stored describe, or None when there is none or it is unusable;
         whether it is online)."""
-        rows = self._query("SELECT describe, online FROM devices WHERE id = ?", (device_id,))
+        rows = self.query("SELECT describe, online FROM devices WHERE id = ?", (device_id,))
         if not rows:
             return None, False
         describe, _ = stored_describe(rows[0][0])

@@ -102,7 +102,7 @@ class Catalog:
         config = cloud_dir.config()
         self.root = cloud_dir.path / RELEASES_DIR
         self.registry = Registry(config.database or cloud_dir.registry_path)
-        with self.registry._transaction() as run:
+        with self.registry.transaction() as run:
             run(SCHEMA)
 
     def close(self) -> None:
@@ -138,7 +138,7 @@ class Catalog:
             seen[slot] = m
         version, prerelease = release_version(modules)
 
-        with self.registry._transaction() as run:
+        with self.registry.transaction() as run:
             new, already = self._check(run, platform, version, modules)
         written: list[Path] = []
         try:
@@ -152,7 +152,7 @@ class Catalog:
                 tmp.replace(path)
                 written.append(path)
             now = time.time()
-            with self.registry._transaction() as run:
+            with self.registry.transaction() as run:
                 new, already = self._check(run, platform, version, modules)  # again, under the lock
                 for m in new:
                     run(
@@ -208,7 +208,7 @@ class Catalog:
             args.append(platform)
         groups: dict[tuple, dict] = {}
         for (plat, release, pre, function, index, version, size, sha, _file, released) in \
-                self.registry._query(sql, args):
+                self.registry.query(sql, args):
             entry = groups.setdefault((plat, release), {
                 "version": release, "platform": plat, "prerelease": bool(pre),
                 "modules": [], "released": released,
@@ -225,7 +225,7 @@ class Catalog:
         return out
 
     def image(self, platform: str, function: str, index: int, version: str) -> bytes | None:
-        rows = self.registry._query(
+        rows = self.registry.query(
             "SELECT file FROM release_modules WHERE platform = ? AND function = ? AND "
             "module_index = ? AND version = ?", (platform, function, index, version))
         return (self.dir.path / rows[0][0]).read_bytes() if rows else None

@@ -414,7 +414,7 @@ def test_the_cloud_restarts_cleanly_after_it_all(setup):
                "every kind counted")
     poisoned = new_device_id()
     setup.registry.add_device(poisoned, "poisoned", "virtual")
-    setup.registry._query("UPDATE devices SET describe = ? WHERE id = ?",  # noqa: SLF001
+    setup.registry.query("UPDATE devices SET describe = ? WHERE id = ?",  # noqa: SLF001
                           ('{"modules": [1, {"function": 5}]}', poisoned))
     dropped = setup.registry.drops(setup.hostile.id)["count"]
     setup.stop()

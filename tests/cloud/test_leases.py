@@ -94,7 +94,7 @@ def test_a_restarted_instance_hands_its_old_leases_to_the_sweep(registry):
 
 def test_an_instance_that_stopped_beating_is_claimed_by_one_instance(registry):
     registry.beat({"name": "dead", "started": 1.0}, 9)
-    registry._query("UPDATE instances SET beat = ?", (time.time() - 60,))  # silent for a minute
+    registry.query("UPDATE instances SET beat = ?", (time.time() - 60,))  # silent for a minute
     claims = {"a": [], "b": []}
     survivors = [Leases(registry, n, ttl=9, beat=0.05, sweep=0.05,
                         on_dead=lambda name, started, n=n: claims[n].append((name, started)))

@@ -186,7 +186,7 @@ def test_a_stored_describe_of_the_wrong_shape_is_unknown_not_fatal(reg, stored):
     reg.add_device(good, "good")
     reg.set_describe(good, describe("1.2.3"))
     reg.add_device(bad, "poisoned", "virtual")
-    reg._query("UPDATE devices SET describe = ? WHERE id = ?", (stored, bad))  # as by hand
+    reg.query("UPDATE devices SET describe = ? WHERE id = ?", (stored, bad))  # as by hand
 
     listed = {d["name"]: d for d in reg.devices()}
     assert listed["good"]["system_version"] == "1.2.3" and listed["good"]["describe_error"] is None
@@ -302,8 +302,8 @@ def test_an_event_sets_last_seen_with_it(reg):
 def test_sqlite_registry_syncs_normally_in_wal(tmp_path):
     registry = Registry(tmp_path / "registry.db")
     try:
-        assert registry._query("PRAGMA journal_mode")[0][0] == "wal"
-        assert registry._query("PRAGMA synchronous")[0][0] == 1  # NORMAL
+        assert registry.query("PRAGMA journal_mode")[0][0] == "wal"
+        assert registry.query("PRAGMA synchronous")[0][0] == 1  # NORMAL
     finally:
         registry.close()
 
