@@ -253,7 +253,8 @@ def test_no_running_device_is_a_clear_error(device, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
-def test_keel_vdev_run_killed_takes_its_vm_with_it(device, hello_app, keel_env, sig):
+@pytest.mark.parametrize("board_name", ["virtual", "esp32_generic", "nrf52840_dk"], indirect=True)
+def test_keel_vdev_run_killed_takes_its_vm_with_it(device, hello_app, keel_env, sig, board_name):
     """`keel vdev run D & kill $!`: the VM stops with it, whichever signal (SIGTERM and
     SIGHUP as Ctrl-C does; SIGKILL through the VM's parent-death signal)."""
     dev = device("1.1.0")
