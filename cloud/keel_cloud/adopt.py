@@ -94,7 +94,7 @@ class SessionAdoption(threading.Thread):
                 return
             held = time.monotonic()
             while not (left.is_set() and time.monotonic() - last[0] >= QUIET_S):
-                if lost.is_set() or service._stop.is_set():
+                if lost.is_set() or service.stopping:
                     return
                 if time.monotonic() - held >= HOLD_S:
                     if not registry.hold_instance(self.name, self.started):

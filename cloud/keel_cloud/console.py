@@ -132,7 +132,6 @@ class Console:
         self._redirect(handler, "/", cookie=cookie)
 
     def _form(self, handler) -> dict:
-        handler.close_connection = True  # the body may be left unread on a refusal
         text = (handler.headers.get("Content-Length") or "0").strip()
         length = int(text) if text.isdigit() and len(text) < 8 else MAX_FORM + 1
         if length > MAX_FORM:

@@ -13,6 +13,7 @@ import paho.mqtt.client as mqtt
 
 from keel_cloud import pki, protocol
 from keel_cloud.fleets import Fleets
+from keel_cloud.adopt import SessionAdoption
 from keel_cloud.healer import Healer, SharedCatalog, rollback_of
 from keel_cloud.ingest import READ_LIMIT, EventStream, Ingest
 from keel_cloud.leases import Leases
@@ -116,6 +117,10 @@ class FleetService:
         if self._fleet_poll:
             threading.Thread(target=self._poll_fleets, name="keel-fleet-poll", daemon=True).start()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stopping = True
         self._stop.set()
@@ -171,8 +176,6 @@ class FleetService:
     def _adopt_session(self, name: str, started: float) -> None:
         """A dead instance's MQTT session: what the broker kept for it is written here
         (keel_cloud.adopt), on a thread of its own."""
-        from keel_cloud.adopt import SessionAdoption
-
         tls = self._session_tls(name) if self._session_tls else None
         if tls is None:
             log.warning("instance %s died: its certificate is not in this cloud directory, so "

@@ -25,12 +25,19 @@ def wait_until(predicate, timeout=5.0):
         time.sleep(0.02)
 
 
-def test_one_owner_at_a_time_and_a_dead_owners_lease_is_taken_over(registry):
+def two_instances(registry, ttl):
+    """Instances a and b, started, beating and sweeping every 0.1 s; b's sweep finds what
+    goes in the list."""
     orphans = []
-    a = Leases(registry, "a", ttl=0.6, beat=0.1, sweep=0.1)
-    b = Leases(registry, "b", ttl=0.6, beat=0.1, sweep=0.1, on_orphan=orphans.append)
+    a = Leases(registry, "a", ttl=ttl, beat=0.1, sweep=0.1)
+    b = Leases(registry, "b", ttl=ttl, beat=0.1, sweep=0.1, on_orphan=orphans.append)
     a.start()
     b.start()
+    return a, b, orphans
+
+
+def test_one_owner_at_a_time_and_a_dead_owners_lease_is_taken_over(registry):
+    a, b, orphans = two_instances(registry, ttl=0.6)
     try:
         a.take("dev1", "system-part 1 1.1.0")
         a.take("dev1", "again")  # its own: fine
@@ -48,11 +55,7 @@ def test_one_owner_at_a_time_and_a_dead_owners_lease_is_taken_over(registry):
 
 
 def test_a_clean_stop_gives_the_leases_up_for_the_next_sweep(registry):
-    orphans = []
-    a = Leases(registry, "a", ttl=30, beat=0.1, sweep=0.1)
-    b = Leases(registry, "b", ttl=30, beat=0.1, sweep=0.1, on_orphan=orphans.append)
-    a.start()
-    b.start()
+    a, b, orphans = two_instances(registry, ttl=30)
     try:
         a.take("dev1", "x")
         a.stop()
