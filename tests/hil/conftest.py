@@ -5,8 +5,9 @@
 Without --port every test here is skipped. With it:
 
 - test_hil_board.py checks the HAL peripheral by peripheral. The session copies the
-  HAL (hal/*.py and hal/ports/<the board's port>/ only, compiled with mpy-cross as
-  Keel's modules are) to /keel_hil on the board and
+  HAL (hal/*.py, and of hal/ports/ only the board's port and the backend it shares:
+  keel.build.port_folders; compiled with mpy-cross as Keel's modules are) to
+  /keel_hil on the board and
   the board's board.json to /keel/board.json, over mpremote's serial transport (the
   raw REPL), then each test runs a short snippet on the board and checks what it
   reports. The jumpers each board needs are listed in boards/<board>/hil.json.
@@ -250,17 +251,19 @@ class Board:
     def deploy(self) -> None:
         # Compiled, as Keel's own modules are: compiling .py on the board would take
         # heap the board may not have beside the HAL (the ESP32 has about 110 KB).
-        from keel.build import compile_py
+        from keel.build import compile_py, port_folders
 
         port = self.data["port"]
         files = {f"{DEVICE_ROOT}/hal/{p.stem}.mpy": p for p in sorted(HAL.glob("*.py"))}
         ports_init = HAL / "ports" / "__init__.py"
         if ports_init.is_file():
             files[f"{DEVICE_ROOT}/hal/ports/__init__.mpy"] = ports_init
-        for p in sorted((HAL / "ports" / port).glob("*.py")):
-            files[f"{DEVICE_ROOT}/hal/ports/{port}/{p.stem}.mpy"] = p
+        folders = port_folders(port)  # the port's own and the backend it shares
+        for folder in folders:
+            for p in sorted((HAL / "ports" / folder).glob("*.py")):
+                files[f"{DEVICE_ROOT}/hal/ports/{folder}/{p.stem}.mpy"] = p
         dirs = [DEVICE_ROOT, f"{DEVICE_ROOT}/hal", f"{DEVICE_ROOT}/hal/ports"]
-        dirs += [f"{DEVICE_ROOT}/hal/ports/{port}", BOARD_FILE.rsplit("/", 1)[0]]
+        dirs += [f"{DEVICE_ROOT}/hal/ports/{f}" for f in folders] + [BOARD_FILE.rsplit("/", 1)[0]]
         self.run(_PREPARE.format(root=DEVICE_ROOT, dirs=dirs), timeout=30)
         for dest, src in files.items():
             self._transport.fs_writefile(dest, compile_py(src, src.relative_to(REPO).as_posix()))

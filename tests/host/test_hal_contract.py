@@ -2,8 +2,9 @@
 
 1. Every port implements every interface: for each hal/<name>.py that calls
    backend("<name>"), each port under hal/ports/ has <name>.py defining the names
-   the interface takes from it, and the classes have the documented methods
-   (read with Python's ast: the esp32 and nrf backends cannot be imported here).
+   the interface takes from it, and the classes have the documented methods, their
+   own or those of the backend the port shares (hal/ports/machine/) (read with
+   Python's ast: the esp32 and nrf backends cannot be imported here).
 2. Every board definition is consistent: keys, pins, aliases, buses, and a flash
    layout whose partitions are aligned, inside the flash, apart, and complete.
 3. The esp32 and nrf backends run on the real MicroPython VM (the unix port),
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from keel.boards import PLATFORM_PORTS
+from keel.build import SHARED_PORT_FOLDERS
 
 REPO = Path(__file__).resolve().parents[2]
 HAL = REPO / "hal"
@@ -145,9 +147,46 @@ def _classes(tree: ast.Module) -> dict:
     return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
 
+def _hal_imports(tree: ast.Module) -> dict:
+    """{name: (module file, name in it, or None for the module)} for `from hal... import`."""
+    out = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ImportFrom) and (stmt.module or "").startswith("hal."):
+            package = REPO.joinpath(*stmt.module.split("."))
+            for alias in stmt.names:
+                module = package / f"{alias.name}.py"
+                found = (module, None) if module.is_file() else (package.with_suffix(".py"),
+                                                                alias.name)
+                out[alias.asname or alias.name] = found
+    return out
+
+
+def class_members(path: Path, cls: str) -> tuple[set, set] | None:
+    """(methods, constants) of class `cls` as module `path` defines or imports it from
+    another hal module (a port's from the backend it shares), its bases' included."""
+    tree = ast.parse(path.read_text(), str(path))
+    imports = _hal_imports(tree)
+    node = _classes(tree).get(cls)
+    if node is None:
+        module, name = imports.get(cls, (None, None))
+        return class_members(module, name) if name else None
+    methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+    constants = _bound_names(node.body) - methods
+    for base in node.bases:
+        if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
+            module, name = imports[base.value.id][0], base.attr
+        else:
+            module, name = imports[base.id]
+        inherited = class_members(module, name)
+        methods, constants = methods | inherited[0], constants | inherited[1]
+    return methods, constants
+
+
 def port_dirs() -> list[str]:
+    """The ports, not the backends they share (keel.build.SHARED_PORT_FOLDERS)."""
+    shared = {f for folders in SHARED_PORT_FOLDERS.values() for f in folders}
     present = {p.name for p in PORTS_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    return sorted(present | set(REQUIRED_PORTS) | set(PENDING_PORTS))
+    return sorted((present - shared) | set(REQUIRED_PORTS) | set(PENDING_PORTS))
 
 
 # An optional backend (the host link) is checked where a port has it.
@@ -179,14 +218,12 @@ def test_port_implements_interface(port, name):
     tree = ast.parse(module.read_text(), str(module))
     missing = req["names"] - _bound_names(tree.body)
     assert not missing, f"hal/ports/{port}/{name}.py does not define {sorted(missing)}"
-    classes = _classes(tree)
     for cls in sorted(req["names"] & set(CLASS_API)):
-        assert cls in classes, f"hal/ports/{port}/{name}.py: {cls} must be a class"
-        body = classes[cls].body
-        methods = {n.name for n in body if isinstance(n, ast.FunctionDef)}
+        members = class_members(module, cls)
+        assert members, f"hal/ports/{port}/{name}.py: {cls} must be a class"
+        methods, constants = members
         lacking = [m for m in CLASS_API[cls]["methods"] if m not in methods]
         assert not lacking, f"hal/ports/{port}/{name}.py: {cls} lacks methods {lacking}"
-        constants = _bound_names(body) - methods
         lacking = [c for c in CLASS_API[cls]["constants"] if c not in constants]
         assert not lacking, f"hal/ports/{port}/{name}.py: {cls} lacks constants {lacking}"
 
@@ -198,6 +235,26 @@ def test_class_api_matches_interface_docs():
             text = "".join((HAL / f).read_text() for f in req["interfaces"])
             for member in CLASS_API[cls]["methods"] + CLASS_API[cls]["constants"]:
                 assert member in text, f"{cls}.{member} is not documented in {req['interfaces']}"
+
+
+def test_system_part_1_carries_the_port_and_the_backend_it_shares(tmp_path):
+    """The build keeps, of hal/ports/, the board's port and the backend it shares
+    (keel.build.port_folders): hal/ports/machine/ on the ESP32 and the nRF52840, not
+    on the virtual board."""
+    from keel import build, romfs
+    from keel import module_format as mf
+    from keel.images import load_valid_image
+
+    expected = {"esp32": {"esp32", "machine"}, "nrf52840": {"nrf", "machine"},
+                "virtual": {"virtual"}}
+    for platform, folders in expected.items():
+        paths = build.build_system(platform, None, tmp_path / platform)
+        image = load_valid_image(next(p for p in paths if "system-part1" in p.name))
+        info = image.info
+        names = [n for n, _, _ in romfs.walk(mf.bytes_reader(image.data), info.header_size,
+                                              info.payload_size)]
+        kept = {n.split("/")[2] for n in names if n.startswith("hal/ports/") and n.count("/") == 3}
+        assert kept == folders, (platform, sorted(names))
 
 
 # ---------------------------------------------------------------- boards

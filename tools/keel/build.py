@@ -18,6 +18,14 @@ from keel.errors import KeelError
 from keel.paths import mpy_cross, source_root
 
 SYSTEM_PARTS_FILE = "system/parts.json"
+# Folders below a 'ports' folder that a port builds on besides its own: the esp32 and
+# nrf HAL backends share hal/ports/machine/, the backend over MicroPython's machine.
+SHARED_PORT_FOLDERS = {"esp32": ("machine",), "nrf": ("machine",)}
+
+
+def port_folders(port: str) -> tuple[str, ...]:
+    """The folders below a 'ports' folder that a build for `port` keeps."""
+    return (port, *SHARED_PORT_FOLDERS.get(port, ()))
 
 
 def parse_version(text: str) -> int:
@@ -96,8 +104,9 @@ def _expand_sources(root: Path, specs: list[str], port: str) -> dict[str, Path]:
     """Map ROMFS path (of the .py) -> source file.
 
     "dir/*.py" puts matching files at the top; "dir:dest" copies a package tree into
-    dest, keeping only ports/<port>/ below any 'ports' folder."""
+    dest, keeping only port_folders(port) below any 'ports' folder."""
     found: dict[str, Path] = {}
+    kept = port_folders(port)
     for spec in specs:
         if ":" in spec:
             src, dest = spec.split(":", 1)
@@ -107,7 +116,7 @@ def _expand_sources(root: Path, specs: list[str], port: str) -> dict[str, Path]:
                 parts = rel.parts
                 if "ports" in parts[:-1]:
                     i = parts.index("ports")
-                    if len(parts) <= i + 1 or parts[i + 1] != port:
+                    if len(parts) <= i + 1 or parts[i + 1] not in kept:
                         continue
                 found[f"{dest}/{rel.as_posix()}"] = path
         else:

@@ -1,8 +1,7 @@
 # nRF GPIO: machine.Pin by board pin name (ids are 0..47: P0.n is n, P1.n is 32 + n).
 #
-# Port facts (MicroPython nrf port, ports/nrf/modules/machine/pin.c, mphalport.h):
-# - machine.Pin.value() of an output reads the level it drives (the OUT register).
-# - machine.Pin has no toggle().
+# Port facts (MicroPython nrf port, ports/nrf/modules/machine/pin.c; what toggle()
+# relies on is in hal/ports/machine/gpio.py):
 # - Pin.irq(handler, trigger) takes no `hard` argument and returns None. Its handler
 #   runs inside the GPIOTE interrupt, so the handler given here only queues the app's
 #   handler with micropython.schedule (once per pending edge, no allocation); it is
@@ -16,16 +15,14 @@
 #   backend's own handler stays armed there and simply stops passing edges on.
 # - 8 GPIOTE channels: 8 pins with handlers at most.
 import sys
-import machine
 import hal
+from hal.ports.machine import gpio
 
 try:
     from micropython import schedule
 except ImportError:  # firmware built without the scheduler: the system loop polls
     schedule = None
 
-_MP = machine.Pin
-_BOTH_EDGES = _MP.IRQ_RISING | _MP.IRQ_FALLING
 _FREES = sys.implementation.version >= (1, 24)  # irq(None) frees the channel
 _polled = []  # pins with handlers, when there is no scheduler
 
@@ -36,45 +33,22 @@ def _poll():
             pin._deliver(None)
 
 
-class Pin:
-    IN = _MP.IN
-    OUT = _MP.OUT
-    PULL_UP = _MP.PULL_UP
-    PULL_DOWN = _MP.PULL_DOWN
-    IRQ_RISING = _MP.IRQ_RISING
-    IRQ_FALLING = _MP.IRQ_FALLING
-
+class Pin(gpio.Pin):
     def __init__(self, name, mode=-1, pull=None, value=None):
-        self._name = name
-        self._pin = _MP(hal.pin_id(name))
-        self._handler = None
         self._armed = False  # the port's irq() has our _isr on this pin
         self._pending = False
         self._deliver_ref = self._deliver  # bound once: the ISR must not allocate
-        if mode != -1:
-            self.init(mode, pull, value)
+        super().__init__(name, mode, pull, value)
 
     def init(self, mode, pull=None, value=None):
-        if mode == _MP.OUT:
+        # An output always gets a level, 0 unless given (the shared init() sets one only
+        # when given).
+        if mode == Pin.OUT:
             self._pin.init(mode, pull, value=1 if value else 0)
         else:
             self._pin.init(mode, pull)
 
-    def value(self, v=None):
-        if v is None:
-            return self._pin.value()
-        self._pin.value(1 if v else 0)
-
-    def on(self):
-        self._pin.value(1)
-
-    def off(self):
-        self._pin.value(0)
-
-    def toggle(self):
-        self._pin.value(1 - self._pin.value())
-
-    def irq(self, handler=None, trigger=_BOTH_EDGES):
+    def irq(self, handler=None, trigger=gpio.BOTH_EDGES):
         self._handler = handler
         if self._armed and _FREES:
             self._pin.irq(None)
@@ -96,11 +70,6 @@ class Pin:
             except Exception:  # queue full; nothing may escape an ISR on this port
                 self._pending = False  # this edge is dropped
 
-    def _deliver(self, _arg):
+    def _deliver(self, arg):
         self._pending = False
-        handler = self._handler
-        if handler is not None:
-            hal.schedule(handler, self)  # the system's runner: it keeps the app's errors
-
-    def __repr__(self):
-        return "Pin(%s)" % self._name
+        super()._deliver(arg)

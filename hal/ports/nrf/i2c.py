@@ -1,35 +1,5 @@
 # nRF52840 I2C controller (TWIM0 or TWIM1, "id" in the board's entry) on the board's
 # pins. The port runs at 100, 250 or 400 kHz: any other frequency snaps to one of
-# them. A device that does not answer raises OSError(ENODEV), from machine.I2C.
-import machine
-from hal.ports.nrf import buses
-
-
-class I2C:
-    def __init__(self, bus, freq=400000):
-        spec = buses.find("i2c", bus)
-        self._bus = bus
-        self._i2c = machine.I2C(
-            spec.get("id", bus),
-            scl=buses.pin(spec, "scl"),
-            sda=buses.pin(spec, "sda"),
-            freq=freq,
-        )
-
-    def scan(self):
-        return self._i2c.scan()
-
-    def readfrom(self, addr, nbytes, stop=True):
-        return self._i2c.readfrom(addr, nbytes, stop)
-
-    def writeto(self, addr, buf, stop=True):
-        return self._i2c.writeto(addr, buf, stop)
-
-    def readfrom_mem(self, addr, memaddr, nbytes, *, addrsize=8):
-        return self._i2c.readfrom_mem(addr, memaddr, nbytes, addrsize=addrsize)
-
-    def writeto_mem(self, addr, memaddr, buf, *, addrsize=8):
-        self._i2c.writeto_mem(addr, memaddr, buf, addrsize=addrsize)
-
-    def __repr__(self):
-        return "I2C(%d)" % self._bus
+# them. TWIM0/1 share their instance with SPIM0/1, so a board must not give I2C and SPI
+# the same id.
+from hal.ports.machine.buses import I2C

@@ -9,39 +9,18 @@
 # arrives; the REPL on the USB port stays, the UART one is back at the next reset.
 import os
 import machine
-from hal.ports.nrf import buses
+from hal.ports.machine import buses
 
 
-class UART:
-    def __init__(self, bus, baudrate=115200, bits=8, parity=None, stop=1, timeout=0):
-        spec = buses.find("uart", bus)
+class UART(buses.UART):
+    def _open(self, spec, baudrate, bits, parity, stop, timeout):
         if bits != 8 or parity is not None or stop != 1:
             raise ValueError("nrf: UART is 8N1 only")
-        self._bus = bus
         # timeout: ms to wait for the first byte; the port needs at least 1.
-        self._uart = machine.UART(
+        port_uart = machine.UART(
             spec.get("id", 0), baudrate=baudrate, timeout=max(1, timeout), timeout_char=1
         )
         repl = os.dupterm(None)
-        if repl is not None and repl is not self._uart:
+        if repl is not None and repl is not port_uart:
             os.dupterm(repl)  # another stream, not this UART: leave it attached
-
-    def deinit(self):
-        self._uart.deinit()
-
-    def write(self, buf):
-        return self._uart.write(buf)
-
-    def any(self):
-        return self._uart.any()
-
-    def read(self, nbytes=None):
-        if nbytes is None:
-            return self._uart.read()
-        return self._uart.read(nbytes)
-
-    def readline(self):
-        return self._uart.readline()
-
-    def __repr__(self):
-        return "UART(%d)" % self._bus
+        return port_uart
