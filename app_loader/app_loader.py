@@ -3,9 +3,8 @@
 import sys
 import gc
 import flashfs
+from keel_files import APP_STATE_FILE, CRASH_FILE, SAFE_REQUEST_FILE
 
-APP_STATE_FILE = "/keel/app_state.json"
-CRASH_FILE = "/keel/crash.txt"
 CRASH_LIMIT = 3
 # An app that has run this long without an exception is no longer crash-looping.
 STABLE_MS = 10000
@@ -16,8 +15,6 @@ SAFE_INTEGRITY = "integrity"
 SAFE_PLATFORM = "platform"
 SAFE_APP_CRASH = "app-crash"
 SAFE_REQUESTED = "requested"
-
-SAFE_REQUEST_FILE = "/keel/safe_request"
 
 
 class Decision:

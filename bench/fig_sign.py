@@ -69,13 +69,13 @@ def _image(ctx, size: int, sign) -> bytes:
 
 
 def _bootloader_code(ctx):
-    from keel import factory
+    from keel import factory, keel_files
     from keel.images import load_valid_image
 
     boot = load_valid_image(next(ctx.system().glob("*bootloader*")))
     out = ctx.work / "bl"
     for path, data in factory.bootloader_files(boot).items():
-        target = out / path[len(factory.BOOTLOADER_CODE_DIR) + 1:]
+        target = out / path[len(keel_files.BOOTLOADER_DIR) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     return out

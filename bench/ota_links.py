@@ -59,10 +59,10 @@ BIN = Path(sys.executable).parent
 def _serve(argv: list[str]) -> int:
     """`ota_links.py _serve RESULTS IN_FLIGHT SETTINGS serve-args…`: keel cloud serve,
     with each transfer's result (and timings) appended to RESULTS as a JSON line;
-    SETTINGS: JSON {name: value} of keel_cloud.ota's constants to change."""
+    SETTINGS: JSON {name: value} of keel_cloud.ota_sender's constants to change."""
     results, in_flight, settings, rest = argv[0], int(argv[1]), json.loads(argv[2]), argv[3:]
-    import keel_cloud.ota as ota
-    import keel_cloud.service as service
+    import keel_cloud.ota_sender as ota
+    import keel_cloud.fleet_service as service
     from keel.cli import main
 
     if os.environ.get("OTA_LINKS_LOG"):  # the sender's debug log, to a file
@@ -74,7 +74,7 @@ def _serve(argv: list[str]) -> int:
         logging.getLogger("keel.cloud.ota").setLevel(logging.DEBUG)
     for name, value in settings.items():
         if not hasattr(ota, name):
-            raise SystemExit(f"keel_cloud.ota has no {name}")
+            raise SystemExit(f"keel_cloud.ota_sender has no {name}")
         setattr(ota, name, value)
 
     base = ota.OtaSender
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--in-flight", type=int, default=0,
                         help="a fixed in-flight bound in bytes instead of the adaptive one (0: adaptive)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="change a constant of keel_cloud.ota in the cloud (e.g. GAIN=1.25)")
+                        help="change a constant of keel_cloud.ota_sender in the cloud (e.g. GAIN=1.25)")
     parser.add_argument("--seed", type=int, default=5, help="the shaper's seed (drop and stall points)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per transfer")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")

@@ -9,10 +9,9 @@ import json
 import module_format as mf
 import flashfs
 
-from handover import (BOARD_FILE, BOOTLOADER_DIR, BOOTLOADER_REJECTED_FILE,
-                      BOOTLOADER_TRIAL_FILE, INSTALLED, MODULE_ROOT, MODULES, OTA_PENDING_FILE,
-                      RESET_REASON_FILE, SLOTS, STATUS_FILE, TRIAL_FILE, Slot, give_up_trial,
-                      note_boot, reset, vm_info)
+from keel_files import (BOARD_FILE, BOOTLOADER_DIR, BOOTLOADER_REJECTED_FILE, BOOTLOADER_TRIAL_FILE,
+                        MODULE_ROOT, PENDING_FILE, RESET_REASON_FILE, STATUS_FILE, TRIAL_FILE)
+from handover import INSTALLED, MODULES, SLOTS, Slot, give_up_trial, note_boot, reset, vm_info
 from handover import port as _port
 
 _buf = bytearray(512)
@@ -223,7 +222,7 @@ def boot():
         if why:
             halt([], reset_reason, "layout", [], why)
     INSTALLED[0] = False  # did this boot install (its work leaves the heap used)
-    if flashfs.exists(OTA_PENDING_FILE) or flashfs.exists(TRIAL_FILE):
+    if flashfs.exists(PENDING_FILE) or flashfs.exists(TRIAL_FILE):
         import ota_apply  # only for an update or a trial: kept off the heap otherwise
 
         if ota_apply.apply_update(port, board):

@@ -1,6 +1,7 @@
 # What the bootloader hands the system, and all the system needs of the bootloader
-# while it runs: the /keel paths they share, the slots and what they hold, the port's
-# reset, whether this boot installed code. A leaf module (it imports only flashfs):
+# while it runs: the slots and what they hold, the port's reset, whether this boot
+# installed code (the /keel paths they share: keel_files). A leaf module (it imports
+# only flashfs and keel_files):
 # the bootloader's own code (boot_check, module_check, ota_apply) and the module
 # format's leave the heap once the app runs (release()); see docs/boot-flow.md.
 import sys
@@ -8,24 +9,11 @@ import gc
 import json
 import flashfs
 
-MODULE_ROOT = "/keel/m"  # extracted code: a directory per module
-BOOTLOADER_DIR = MODULE_ROOT + "/bl"
-# Code that runs in place: each module's payload mounted (vfs.VfsRom) from its slot
-# here; the digest of what was checked, a file per module, in MODULE_ROOT + "/rom".
-ROM_ROOT = "/keel/rom"
-BOARD_FILE = "/keel/board.json"
-STATUS_FILE = "/keel/status.json"
-RESET_REASON_FILE = "/keel/reset_reason"
+from keel_files import MODULE_ROOT, RESET_REASON_FILE, ROLLBACK_FILE, ROM_ROOT, STATUS_FILE, TRIAL_FILE
+
 # Boots since the last one that recorded its status: the bootloader adds one to the
 # count in the recorded status at every start, the system's next record has none.
 BOOT_ATTEMPTS = "boot_attempts"
-# A new bootloader on trial: stage 0 (/boot.py) counts its boots here and goes back to
-# the previous copy, kept in BOOTLOADER_DIR + ".prev", unless it proves itself.
-BOOTLOADER_TRIAL_FILE = "/keel/bl_trial"
-BOOTLOADER_REJECTED_FILE = "/keel/bl_rejected"  # the digest of the one stage 0 gave up
-OTA_PENDING_FILE = "/keel/ota/pending.json"  # written by system/core/ota.py
-TRIAL_FILE = "/keel/ota/trial.json"  # a new system part on trial (ota_apply.py)
-ROLLBACK_FILE = "/keel/ota/rollback"
 
 # Module functions, as module_format numbers them (a host test checks they agree): the
 # system tells its slots apart without loading the format.

@@ -35,7 +35,7 @@ MPY = "mpy"  # bytecode this VM does not load
 # a system part's or the app's are the one the bootloader (or the system) imports first.
 BOOTLOADER_MODULES = (
     "keel_boot", "boot_check", "handover", "flashfs", "romfs", "module_format", "module_check",
-    "ota_apply",
+    "ota_apply", "keel_files",
 )
 # The bootloader's flash port by platform id ("port_sources" in parts.json); the virtual
 # board's (vboard) is part of the VM.
@@ -181,14 +181,15 @@ def _keep_trust(slot, fresh):
     keeps the board's: the keys live in the bootloader's code directory."""
     import flashfs
     import trust
+    from keel_files import TRUST_FILE
 
     try:
         if flashfs.exists(fresh + "/" + trust.BUNDLED):
             if trust.parse_keys(flashfs.read_json(fresh + "/" + trust.BUNDLED)) is None:
                 return refuse(slot, CONTENT, "its trust.json is not a list of keys")
             print("keel: the new bootloader brings the keys this board trusts from now on")
-        elif flashfs.exists(trust.TRUST_FILE):
-            flashfs.write_atomic(fresh + "/" + trust.BUNDLED, flashfs.read_text(trust.TRUST_FILE))
+        elif flashfs.exists(TRUST_FILE):
+            flashfs.write_atomic(fresh + "/" + trust.BUNDLED, flashfs.read_text(TRUST_FILE))
         return True
     finally:
         sys.modules.pop("trust", None)
@@ -203,7 +204,7 @@ def _install_in_place(slot):
     is stored once)."""
     import binascii
     import flashfs
-    from handover import MODULE_ROOT
+    from keel_files import MODULE_ROOT
 
     flashfs.remove_tree(MODULE_ROOT + "/" + slot.code_dir.rsplit("/", 1)[1])
     flashfs.makedirs(slot.marker.rsplit("/", 1)[0])
@@ -230,7 +231,7 @@ def install_code(slot):
     import binascii
     import hashlib
     import flashfs
-    from handover import BOOTLOADER_TRIAL_FILE
+    from keel_files import BOOTLOADER_TRIAL_FILE
     from boot_check import _buf
 
     _, _, sha_ok = mf.check_image(slot.read, slot.size, hashlib.sha256, _buf)

@@ -17,23 +17,18 @@ import flashfs
 from handover import Slot
 from boot_check import _buf
 
-OTA_DIR = "/keel/ota"
-PENDING_FILE = OTA_DIR + "/pending.json"  # written by system/core/ota.py
-APPLY_FILE = OTA_DIR + "/apply.json"  # the journal of a copy or a swap
-SCRATCH_FILE = OTA_DIR + "/scratch"  # the slot's block being swapped, tagged with its number
-INSTALLED_FILE = OTA_DIR + "/installed.json"  # read by the system, reported to the cloud
-TRIAL_FILE = OTA_DIR + "/trial.json"  # a new system part proving itself
-ROLLBACK_FILE = OTA_DIR + "/rollback"  # the system asks for a rollback: the reason
-ROLLED_BACK_FILE = OTA_DIR + "/rolled_back.json"  # what the last rollback did, and why
-REFUSED_FILE = OTA_DIR + "/refused.json"  # the last update refused (also system/core/ota.py)
+from keel_files import (APPLY_FILE, BITMAP_FILE, INSTALLED_FILE, PENDING_FILE, REFUSED_FILE,
+                        ROLLBACK_FILE, ROLLED_BACK_FILE, SCRATCH_FILE, TRANSFER_FILE, TRIAL_FILE)
+
+# (SCRATCH_FILE holds the slot's block being swapped, tagged with its number)
 MAX_TRIAL_BOOTS = 3  # boots a new system part gets to reach the cloud
 DEFAULT_TRIAL_S = 300
-_OTA_STATE = ("/transfer.json", "/bitmap", "/pending.json", "/apply.json", "/scratch")
+_OTA_STATE = (TRANSFER_FILE, BITMAP_FILE, PENDING_FILE, APPLY_FILE, SCRATCH_FILE)
 
 
 def _drop_update():
-    for name in _OTA_STATE:
-        flashfs.remove_tree(OTA_DIR + name)
+    for path in _OTA_STATE:
+        flashfs.remove_tree(path)
 
 
 def _sha256_of(part, size):

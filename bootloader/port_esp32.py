@@ -13,8 +13,8 @@
 # port's modules as MicroPython v1.28.0 has them) in the device tests.
 import esp32
 import machine
+from keel_files import BOARD_FILE
 
-BOARD_FILE = "/keel/board.json"
 exiting = False  # a reset here restarts the chip; nothing unwinds the stack
 
 _CAUSES = {

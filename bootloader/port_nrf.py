@@ -15,9 +15,8 @@
 import os
 import machine
 import nrf
+from keel_files import BOARD_FILE, DEEP_SLEEP_MARKER
 
-BOARD_FILE = "/keel/board.json"
-DEEP_SLEEP_MARKER = "/keel/deep-sleep"  # as hal/ports/nrf/power.py writes it
 _PAGE = 4096
 exiting = False  # a reset here restarts the chip; nothing unwinds the stack
 _table = {}  # label -> (address, size), worked out once

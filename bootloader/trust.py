@@ -7,7 +7,6 @@
 # (tools/keel/trust.py and cloud/keel_cloud/trust.py are links to this file).
 import binascii
 
-TRUST_FILE = "/keel/m/bl/trust.json"
 BUNDLED = "trust.json"  # in a bootloader module's payload: the keys it brings
 SIGNED_PREFIX = b"KEELSIG1"  # a signature covers this, then the module's digest
 
@@ -58,11 +57,13 @@ def document(keys):
     return {"keys": [binascii.hexlify(k).decode() for k in keys]}
 
 
-def board_keys(path=TRUST_FILE):
+def board_keys(path=None):
     """Device: the keys this board trusts ([] in development mode); None when the file is
     there but unreadable, so that a damaged trust file never opens the board."""
     import flashfs
 
+    if path is None:
+        from keel_files import TRUST_FILE as path
     if not flashfs.exists(path):
         return []
     return parse_keys(flashfs.read_json(path))

@@ -21,7 +21,6 @@ PORT = _port_of_this_vm()
 if PORT is None:
     raise ImportError("keel: no HAL port for platform '%s'" % sys.platform)
 
-BOARD_FILE = "/keel/board.json"
 _board = None
 # The pins as one string, a line each: "\nNAME ID CAPS" (CAPS: bits in the order of
 # _CAPS), and "\nALIAS =NAME" for an alias. The parsed definition's pin dicts cost
@@ -61,6 +60,7 @@ def board():
     its pins (pin_id, pin_has, pin_name), flash layout and descriptions."""
     if _board is None:
         import json
+        from keel_files import BOARD_FILE  # (the system gives it the board it read: use_board)
 
         with open(BOARD_FILE) as f:
             use_board(json.load(f))

@@ -9,6 +9,10 @@ from keel import build, romfs
 from keel import module_format as mf
 
 # What a good .mpy file starts with on every Keel target today (mpy-cross's output).
+# A bootloader version one patch above this tree's (bootloader/VERSION): what an update
+# to a new bootloader brings, which the system parts' dependency on it still accepts.
+NEXT_BOOTLOADER = "%d.%d.%d" % tuple(n + (i == 2) for i, n in enumerate(
+    int(x) for x in build.bootloader_version().split("-")[0].split(".")))
 MPY_HEAD = b"M\x06\x00\x1f"
 
 

@@ -14,10 +14,7 @@ import sys
 import os
 import gc
 import vfs
-
-RESET_EXIT = 100  # the runner's exit statuses (tools/keel/vdev.py)
-DEEP_SLEEP_EXIT = 101
-POWER_CUT_EXIT = 102
+import vm_exit  # (loaded by vm_startup.py: boards/virtual/vm_exit.py)
 
 hw = None  # the device: board, flash, host link files, uid, wires, what started the boot
 event = None  # what started this boot: power-on, reset, panic, watchdog, deep-sleep, soft-reboot
@@ -27,7 +24,7 @@ _port = None
 def halt(code):
     """Stop the board at once, as the chip stops: nothing unwinds, no finally block
     runs, nothing more reaches the flash. The runner reads why in io.log (a "halt"
-    record: code RESET_EXIT, DEEP_SLEEP_EXIT or POWER_CUT_EXIT) and starts it again."""
+    record: code: a vm_exit status) and starts it again."""
     if hw.ctl is not None:
         hw.ctl.write(b"R")  # resetting: a Ctrl-C from now on is for the next boot
     hw.io_out.write('{"k": "halt", "code": %d}\n' % code)
@@ -126,7 +123,7 @@ def start(hw_, load):
     _port.install()
     if hw.faults:
         load(("vm_faults",))[0].install(hw.device_dir, hw.flash,
-                                        lambda: halt(POWER_CUT_EXIT))
+                                        lambda: halt(vm_exit.POWER_CUT))
     _start_hardware()
     _account_heap(int(os.getenv("KEEL_BOARD_HEAP") or hw.board["heap"]))  # (keel vdev run --heap)
     _port.boot()

@@ -11,7 +11,7 @@ import os
 def install(device_dir, flash, power_gone):
     """Wrap flash's operations (a vm_flash.Flash) as faults.json in device_dir asks.
     power_gone() ends the boot as the power going does, and does not return: the
-    virtual board raises SystemExit(102) with the flash frozen, a twin stops at once."""
+    virtual board raises SystemExit(vm_exit.POWER_CUT) with the flash frozen, a twin stops at once."""
     path = device_dir + "/faults.json"
     with open(path) as f:
         doc = json.load(f)

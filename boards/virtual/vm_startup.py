@@ -16,10 +16,6 @@ import os
 import vfs
 import json
 
-_RESET_EXIT = 100  # exit status that asks the host runner for a reset
-_DEEP_SLEEP_EXIT = 101  # ... and for a deep sleep (the length is in the I/O log)
-_POWER_CUT_EXIT = 102  # ... and after a power cut by fault injection
-_SOFT_REBOOT_EXIT = {"friendly": 103, "raw": 104}  # ... for a soft reboot, by REPL mode
 _HERE = sys.argv[0].rsplit("/", 1)[0] if "/" in sys.argv[0] else "."
 # The firmware's other modules, compiled (tools/keel/vmfirmware.py); else boards/'s sources.
 _FIRMWARE = os.getenv("KEEL_VM_FIRMWARE")
@@ -173,22 +169,22 @@ class Partition:
 _hw = None
 
 
-def _exit(code=_POWER_CUT_EXIT):
+def _exit(code=None):
     # A reset, a deep sleep or (by default) a power cut of fault injection, whose flash
     # is frozen (vm_faults.py): the stack unwinds to the runner, which starts the board
     # again; not an app crash (vboard.exiting is set).
     sys.modules["vboard"].exiting = True
     if _ctl is not None:
         _ctl.write(b"R")  # resetting: a Ctrl-C from now on is for the next boot
-    sys.exit(code)
+    sys.exit(vm_exit.POWER_CUT if code is None else code)
 
 
 def reset():
-    _exit(_RESET_EXIT)
+    _exit(vm_exit.RESET)
 
 
 def deep_sleep():
-    _exit(_DEEP_SLEEP_EXIT)
+    _exit(vm_exit.DEEP_SLEEP)
 
 
 _sims = {}
@@ -315,12 +311,13 @@ def _console(mode, ctl, banner):
         vm_console = load(("vm_console",))[0]
         mode = vm_console.repl(mode, ctl, g, _print_exception, banner)
     sys.stdout.write("MPY: soft reboot\r\n")
-    sys.exit(_SOFT_REBOOT_EXIT[mode])
+    sys.exit(vm_exit.SOFT_REBOOT_RAW if mode == "raw" else vm_exit.SOFT_REBOOT_FRIENDLY)
 
 
 if not _HERE.startswith("/"):
     _HERE = os.getcwd() + "/" + _HERE
 _BOARDS = _HERE.rsplit("/", 1)[0]
+vm_exit = load(("vm_exit",))[0]  # why the VM stops, as the runner reads it
 # (opened before / becomes the flash's filesystem)
 _ctl = open("/proc/self/fd/" + sys.argv[4], "wb") if len(sys.argv) > 4 else None
 # A host tool's question to the board (keel device provision: its id), instead of boot.py

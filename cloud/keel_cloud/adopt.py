@@ -1,6 +1,6 @@
 """Taking up the MQTT session of a fleet service instance that died.
 
-An instance's MQTT session is persistent (keel_cloud.service), and it acknowledges a
+An instance's MQTT session is persistent (keel_cloud.fleet_service), and it acknowledges a
 device message only once its write is committed (keel_cloud.ingest). When it dies, the
 broker keeps its session: the messages it had been given and had not acknowledged, and
 its share of the shared subscriptions given to it since (Mosquitto 2.0 goes on queueing

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 from keel_cloud import module_format as mf
 from keel_cloud import signatures
-from keel_cloud.ota import LeaseElsewhere, OtaError
+from keel_cloud.ota_sender import LeaseElsewhere, OtaError
 from keel_cloud.releases import SCHEMA as RELEASES_SCHEMA, RELEASES_DIR, Catalog, version_key
 
 log = logging.getLogger("keel.cloud.healer")

@@ -45,12 +45,12 @@ from keel_cloud import protocol
 from keel_cloud import signatures
 from keel_cloud.config import CloudError
 from keel_cloud.console import Console, csrf_token, session_cookie, session_valid
-from keel_cloud.fleets import AppImage
-from keel_cloud.fleets import member_state
+from keel_cloud.fleet_releases import AppImage
+from keel_cloud.fleet_releases import member_state
 from keel_cloud.healer import installed_app
-from keel_cloud.ota import OtaError
+from keel_cloud.ota_sender import OtaError
 from keel_cloud.registry import RegistryError
-from keel_cloud.service import DeviceError, FleetService
+from keel_cloud.fleet_service import DeviceError, FleetService
 
 log = logging.getLogger("keel.cloud.http")
 MAX_BODY = 16 * 1024

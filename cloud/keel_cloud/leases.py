@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 
-from keel_cloud.ota import LeaseElsewhere
+from keel_cloud.ota_sender import LeaseElsewhere
 
 log = logging.getLogger("keel.cloud.leases")
 

@@ -5,10 +5,10 @@ from /keel/cloud/. The device is registered under its name at the same time."""
 import json
 import re
 
+from keel_cloud import keel_files
 from keel_cloud.config import CloudDir, CloudError, device_address
 from keel_cloud.registry import Registry, RegistryError
 
-DEVICE_DIR = "/keel/cloud"
 # The board's own id (hal/device_id.py): 12 hex digits on an ESP32 (its MAC), 16 on an
 # nRF52840 (FICR), 24 on the virtual board; at most the protocol's MAX_DEVICE_ID (32).
 _ID = re.compile(r"^[0-9a-f]{12,32}$")
@@ -37,10 +37,10 @@ def identity_files(cloud_dir: CloudDir, device_id: str, name: str, platform: str
         settings = {"host": host, "port": port, "server_name": config.server_name,
                     "keepalive": config.keepalive}
         files = {
-            f"{DEVICE_DIR}/key.der": identity.key_der,
-            f"{DEVICE_DIR}/cert.der": identity.cert_der,
-            f"{DEVICE_DIR}/ca.der": ca.cert_der,
-            f"{DEVICE_DIR}/cloud.json": json.dumps(settings).encode(),
+            keel_files.CLOUD_KEY_FILE: identity.key_der,
+            keel_files.CLOUD_CERT_FILE: identity.cert_der,
+            keel_files.CLOUD_CA_FILE: ca.cert_der,
+            keel_files.CLOUD_FILE: json.dumps(settings).encode(),
         }
         if install is not None:
             install(files)

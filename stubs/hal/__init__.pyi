@@ -3,7 +3,6 @@
 from typing import Any, Callable
 
 PORT: str
-BOARD_FILE: str
 
 def board() -> dict[str, Any]: ...
 def pin_id(name: str) -> int: ...

@@ -24,9 +24,8 @@ import runtime
 import events
 import led
 import mqtt
-
-CLOUD_DIR = "/keel/cloud"
-CONFIG_FILE = CLOUD_DIR + "/cloud.json"
+from keel_files import (CHECKED_FILE, CLOUD_CA_FILE, CLOUD_CERT_FILE, CLOUD_DIR, CLOUD_FILE, CLOUD_KEY_FILE,
+                        INSTALLED_FILE)
 DEFAULT_PORT = const(8883)
 DEFAULT_KEEPALIVE_S = const(30)
 BACKOFF_MIN_MS = const(1000)
@@ -52,9 +51,9 @@ def current():
 def start(status):
     """Start the session if the device is provisioned; status is the record the
     system keeps of this boot (keel_system.Status.doc). Returns it, or None."""
-    config = flashfs.read_json(CONFIG_FILE)
+    config = flashfs.read_json(CLOUD_FILE)
     if not isinstance(config, dict):
-        print("keel: cloud: %s is not a JSON object; staying offline" % CONFIG_FILE)
+        print("keel: cloud: %s is not a JSON object; staying offline" % CLOUD_FILE)
         return None
     try:
         session = Session(config, _tls_context(), status)
@@ -69,16 +68,16 @@ def start(status):
     return session
 
 
-def _read(name):
-    with open(CLOUD_DIR + "/" + name, "rb") as f:
+def _read(path):
+    with open(path, "rb") as f:
         return f.read()
 
 
 def _tls_context():
     ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
     ctx.verify_mode = tls.CERT_REQUIRED
-    ctx.load_verify_locations(_read("ca.der"))
-    ctx.load_cert_chain(_read("cert.der"), _read("key.der"))
+    ctx.load_verify_locations(_read(CLOUD_CA_FILE))
+    ctx.load_cert_chain(_read(CLOUD_CERT_FILE), _read(CLOUD_KEY_FILE))
     return ctx
 
 
@@ -272,13 +271,12 @@ class Session:
     def _report_update(self):
         # What became of an update at the last boots, told once: it went in (the
         # bootloader's installed.json), or the checks it was left to failed (ota.py).
-        for name in ("installed.json", "checked.json"):
-            path = "/keel/ota/" + name
+        for path in (INSTALLED_FILE, CHECKED_FILE):
             if not flashfs.exists(path):
                 continue  # (the usual case: nothing to tell)
             doc = flashfs.read_json(path)
             flashfs.remove_tree(path)
-            if isinstance(doc, dict) and name == "installed.json":
+            if isinstance(doc, dict) and path == INSTALLED_FILE:
                 doc = {"state": "installed", "version": doc.get("version")}
             if isinstance(doc, dict):
                 self.ota_status(json.dumps(doc))

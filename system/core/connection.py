@@ -11,8 +11,8 @@ import events
 import flashfs
 import led
 from hal import network
+from keel_files import WIFI_FILE
 
-CREDENTIALS_FILE = "/keel/wifi.json"
 MAX_NETWORKS = const(5)
 JOIN_TIMEOUT_MS = const(15000)  # one access point's chance (a join takes a few seconds)
 BACKOFF_MIN_MS = const(2000)
@@ -32,7 +32,7 @@ _current = [None]
 
 def credentials():
     """The stored networks, [{"ssid", "password"}], newest last."""
-    doc = flashfs.read_json(CREDENTIALS_FILE)
+    doc = flashfs.read_json(WIFI_FILE)
     nets = doc.get("networks") if isinstance(doc, dict) else None
     if not isinstance(nets, list):
         return []

@@ -9,6 +9,7 @@ import app_loader
 import hal
 import runtime
 import led
+from keel_files import CLOUD_FILE, RECEIVED_FILE, REFUSED_FILE, ROLLED_BACK_FILE, TRIAL_FILE
 
 _LOOP_PAUSE_MS = 1
 _IDLE_PAUSE_MS = 20
@@ -17,7 +18,7 @@ RESET_REASON = [None]
 
 
 class Status:
-    """What the device records about its last boot in /keel/status.json."""
+    """What the device records about its last boot (keel_files.STATUS_FILE)."""
 
     def __init__(self, board, slots, reset_reason):
         from hal import device
@@ -50,7 +51,7 @@ def _trust(status):
     del sys.modules["trust"]
     if status.doc["trust"]["mode"] == "development":
         print("keel: development mode: this board takes unsigned modules")
-    refused = flashfs.read_json("/keel/ota/refused.json")
+    refused = flashfs.read_json(REFUSED_FILE)
     if isinstance(refused, dict):
         status.doc["refused"] = refused
 
@@ -58,13 +59,13 @@ def _trust(status):
 def _updates(status):
     """What the bootloader did with the last system update: a part on trial, or
     one it rolled back (kept in the status until the next update goes in)."""
-    rolled = flashfs.read_json("/keel/ota/rolled_back.json")
+    rolled = flashfs.read_json(ROLLED_BACK_FILE)
     if isinstance(rolled, dict):
         status.doc["rollback"] = rolled
         print("keel: %s %d %s was rolled back to %s (%s)" % (
             rolled.get("function"), rolled.get("index") or 0, rolled.get("version"),
             rolled.get("restored"), rolled.get("reason")))
-    if flashfs.exists("/keel/ota/trial.json"):
+    if flashfs.exists(TRIAL_FILE):
         import trial
 
         trial.start(status)
@@ -110,7 +111,7 @@ def _start_network(status):
 
 def _start_cloud(status):
     # Only provisioned devices load the session's code (docs/protocol.md).
-    if flashfs.exists("/keel/cloud/cloud.json"):
+    if flashfs.exists(CLOUD_FILE):
         from hal import network
 
         if network.KIND is None:
@@ -256,7 +257,7 @@ def start(board, slots, reset_reason):
     SLOTS[:] = slots
     RESET_REASON[0] = reset_reason
     status = Status(board, slots, reset_reason)
-    if flashfs.exists("/keel/ota/received.json"):
+    if flashfs.exists(RECEIVED_FILE):
         # An update whose checks did not fit beside the session and the app at the last
         # boot: checked now, on a fresh heap (ota.py); resets to install it if it passes.
         import ota
@@ -279,7 +280,7 @@ def start(board, slots, reset_reason):
             sys.path.insert(0, s.code_dir)
     led.set_state("offline")
     status.set(app=decision.app)
-    if flashfs.exists("/keel/cloud/cloud.json"):
+    if flashfs.exists(CLOUD_FILE):
         # The session's buffer, while the heap still has room in one piece (the app and
         # the session's code come after, in smaller pieces).
         runtime.SESSION_RX[0] = bytearray(runtime.SESSION_RX_SIZE)

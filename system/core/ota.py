@@ -22,16 +22,8 @@ import flashfs
 import events
 import led
 import handover
-
-OTA_DIR = "/keel/ota"
-TRANSFER_FILE = OTA_DIR + "/transfer.json"
-BITMAP_FILE = OTA_DIR + "/bitmap"
-PENDING_FILE = OTA_DIR + "/pending.json"
-TRIAL_FILE = OTA_DIR + "/trial.json"  # a system part proving itself (bootloader/ota_apply.py)
-INSTALLED_FILE = OTA_DIR + "/installed.json"
-REFUSED_FILE = OTA_DIR + "/refused.json"  # the last update refused (also ota_apply.py)
-RECEIVED_FILE = OTA_DIR + "/received.json"  # received, its checks left to the next boot
-CHECKED_FILE = OTA_DIR + "/checked.json"  # what those checks said, for the cloud
+from keel_files import (BITMAP_FILE, CHECKED_FILE, OTA_DIR, PENDING_FILE, RECEIVED_FILE, REFUSED_FILE,
+                        TRANSFER_FILE, TRIAL_FILE)
 # Module functions by name, as the offer names them (handover's numbers: the format's)
 _FUNCTIONS = ((handover.BOOTLOADER, "bootloader"), (handover.SYSTEM_PART, "system-part"),
               (handover.USER_PART, "user-part"))

@@ -8,7 +8,7 @@ import binascii
 import module_format as mf
 import module_check
 import flashfs
-import handover
+from keel_files import BOOTLOADER_REJECTED_FILE
 
 
 def verify(receiver, read, buf):
@@ -52,7 +52,7 @@ def _refusal(read, info, doc):
     bootloader must not be one stage 0 already went back from."""
     problem = module_check.check(read, info, doc["function"], doc["index"])
     if problem is None and info.function == mf.FUNCTION_BOOTLOADER:
-        if flashfs.read_text(handover.BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
+        if flashfs.read_text(BOOTLOADER_REJECTED_FILE) == doc["sha256"]:
             problem = ("rejected", "this bootloader did not start the system when it was "
                        "installed")
     return problem

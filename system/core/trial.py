@@ -5,9 +5,7 @@
 import time
 import flashfs
 import runtime
-
-TRIAL_FILE = "/keel/ota/trial.json"
-ROLLBACK_FILE = "/keel/ota/rollback"
+from keel_files import CLOUD_FILE, ROLLBACK_FILE, TRIAL_FILE
 
 _trial = [None]  # the trial's record while it runs
 _status = [None]
@@ -23,7 +21,7 @@ def start(status):
     _status[0] = status
     status.doc["trial"] = {"slot": doc.get("slot"), "version": doc.get("version"),
                            "previous": doc.get("backup", {}).get("version")}
-    if not flashfs.exists("/keel/cloud/cloud.json"):
+    if not flashfs.exists(CLOUD_FILE):
         passed("booted; this device has no cloud to reach")
         return
     limit_ms = int(doc.get("trial_s") or 300) * 1000

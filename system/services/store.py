@@ -3,8 +3,8 @@
 # to a new file renamed over the old one: a power cut keeps the old or the new.
 import json
 import flashfs
+from keel_files import DATA_DIR, STORE_FILE
 
-PATH = "/keel/data/store.json"
 MAX_BYTES = 4096
 MAX_KEY = 32
 
@@ -13,7 +13,7 @@ _cache = [None]
 
 def _data():
     if _cache[0] is None:
-        _cache[0] = flashfs.read_json(PATH, {})
+        _cache[0] = flashfs.read_json(STORE_FILE, {})
     return _cache[0]
 
 
@@ -28,8 +28,8 @@ def _save(data):
     size = len(text.encode())
     if size > MAX_BYTES:
         raise ValueError("store full: %d bytes, the limit is %d" % (size, MAX_BYTES))
-    flashfs.makedirs("/keel/data")
-    flashfs.write_atomic(PATH, text)
+    flashfs.makedirs(DATA_DIR)
+    flashfs.write_atomic(STORE_FILE, text)
     _cache[0] = stored
 
 

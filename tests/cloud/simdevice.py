@@ -73,11 +73,12 @@ def provision(cloud_path, name: str, directory, platform: str = "virtual", devic
     certificate and key written in directory. The SimDevice (kwargs: its), not started."""
     from cryptography.hazmat.primitives import serialization as ser
     from keel_cloud.config import CloudDir
-    from keel_cloud.provision import DEVICE_DIR, identity_files
+    from keel_cloud import keel_files
+    from keel_cloud.provision import identity_files
 
     device_id = device_id or secrets.token_hex(12)
     files = {k.rsplit("/", 1)[1]: v for k, v in identity_files(
-        CloudDir(cloud_path), device_id, name, platform).items() if k.startswith(DEVICE_DIR)}
+        CloudDir(cloud_path), device_id, name, platform).items() if k.startswith(keel_files.CLOUD_DIR + "/")}
     cert, key = Path(directory) / f"{name}.crt", Path(directory) / f"{name}.key"
     cert.write_text(ssl.DER_cert_to_PEM_cert(files["cert.der"]))
     key.write_bytes(ser.load_der_private_key(files["key.der"], None).private_bytes(

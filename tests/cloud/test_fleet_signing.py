@@ -6,7 +6,7 @@ import pytest
 
 from keel import build, signing
 from keel_cloud.config import CloudDir
-from keel_cloud.fleets import Fleets
+from keel_cloud.fleet_releases import Fleets
 
 try:
     from test_fleets import free_port, keel, refused
@@ -210,7 +210,7 @@ def test_an_offer_carries_a_signed_modules_signature(keys):
     unsigned = FakeCatalog([]).image("virtual", "system-part", 2, "1.1.0")
     assert signatures.offer_fields(unsigned) == {}
     # The OTA sender puts them in its offer.
-    from keel_cloud.ota import OtaSender
+    from keel_cloud.ota_sender import OtaSender
 
     sent = []
     sender = OtaSender(lambda topic, payload, qos: sent.append((topic, payload)), silence=0.2)

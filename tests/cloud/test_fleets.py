@@ -16,9 +16,9 @@ import pytest
 from keel import build, vio
 from keel.cli import main
 from keel_cloud.config import CloudDir
-from keel_cloud.ota import OtaSender
+from keel_cloud.ota_sender import OtaSender
 from keel_cloud.registry import Registry
-from keel_cloud.server import Cloud as InProcessCloud
+from keel_cloud.serve import Cloud as InProcessCloud
 
 try:
     from test_cloud_e2e import Cloud, RunningDevice, make_device, wait_until

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from keel_cloud import pki, protocol
 from keel_cloud.client import ApiClient
 from keel_cloud.config import CloudDir, CloudError
-from keel_cloud.server import Cloud
+from keel_cloud.serve import Cloud
 
 from conftest import free_port, new_device_id, running_mosquitto
 

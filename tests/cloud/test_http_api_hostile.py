@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from keel_cloud import http_api
 from keel_cloud.config import CloudDir
-from keel_cloud.server import Cloud
+from keel_cloud.serve import Cloud
 
 from conftest import free_port
 from test_hostile_devices import TEMPERATURE, FakeDevice, new_device_id, wait_until

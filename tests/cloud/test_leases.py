@@ -7,7 +7,7 @@ import time
 import pytest
 
 from keel_cloud.leases import Leases
-from keel_cloud.ota import LeaseElsewhere
+from keel_cloud.ota_sender import LeaseElsewhere
 from keel_cloud.registry import Registry
 
 

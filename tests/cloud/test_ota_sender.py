@@ -21,9 +21,9 @@ from keel import module_format as mf
 from keel.cli import main
 from keel_cloud import pki
 from keel_cloud.config import CloudDir
-from keel_cloud import ota
-from keel_cloud.ota import INITIAL_CHUNKS, OtaError, PathEstimate
-from keel_cloud.server import Cloud
+from keel_cloud import ota_sender as ota
+from keel_cloud.ota_sender import INITIAL_CHUNKS, OtaError, PathEstimate
+from keel_cloud.serve import Cloud
 
 
 def free_port() -> int:

@@ -497,7 +497,7 @@ def test_app_releases_alike_in_both(reg, tmp_path):
     import hashlib
 
     from keel import module_format as mf
-    from keel_cloud.fleets import AppImage, Fleets
+    from keel_cloud.fleet_releases import AppImage, Fleets
 
     class NoSystems:  # apps without dependencies need no system release
         def releases(self, platform=None):
@@ -577,7 +577,7 @@ def test_the_cloud_uses_postgresql_when_cloud_json_says(postgres_url, tmp_path):
     from keel_cloud.client import ApiClient
     from keel_cloud.config import CloudDir
     from keel_cloud.provision import identity_files
-    from keel_cloud.server import Cloud
+    from keel_cloud.serve import Cloud
 
     pg_rows(postgres_url, f"DROP TABLE IF EXISTS {TABLES}")
     cloud_dir = CloudDir(tmp_path / "cloud")

@@ -74,9 +74,9 @@ def copy_of(template, dest):
 
 
 def new_bootloader(images, tmp_path, kind=None):
-    """Bootloader 1.0.1: this tree's code, or broken as BROKEN[kind] says."""
+    """The next bootloader (hostile.NEXT_BOOTLOADER): this tree's code, or broken as BROKEN[kind] says."""
     source = BROKEN[kind] if kind else SOURCE
-    data = hostile.bootloader_with(images["bootloader"], source, "1.0.1", tmp_path)
+    data = hostile.bootloader_with(images["bootloader"], source, hostile.NEXT_BOOTLOADER, tmp_path)
     path = tmp_path / f"bootloader-{kind or 'good'}.bin"
     path.write_bytes(data)
     return path, data
@@ -117,10 +117,11 @@ def test_a_failing_new_bootloader_is_replaced_by_the_previous_one(template, tmp_
     assert status["stage"] == "system" and "boot_attempts" not in status
     assert status["reset_reason"] == "rollback"
     boot = next(m for m in status["modules"] if m["slot"] == "bootloader")
-    assert (boot["version"], boot["valid"], boot["invalid_reason"]) == ("1.0.1", False, "rejected")
-    # system part 1 needs a bootloader >= 1.0.0 and the slot holds none it can use
+    assert (boot["version"], boot["valid"], boot["invalid_reason"]) == (hostile.NEXT_BOOTLOADER, False, "rejected")
+    # system part 1 needs a bootloader (system/parts.json) and the slot holds none it can use
     assert (status["mode"], status["safe_mode_reason"]) == ("safe", "dependency")
-    assert {"function": "bootloader", "index": 0, "version": "1.0.0"} in status["missing"]
+    needs = json.loads((build.source_root() / "system/parts.json").read_text())["parts"][0]["depends"][0]
+    assert needs in status["missing"]
     assert_no_trial_left(path)
 
     # It is never installed again: the next boot goes straight to the system.

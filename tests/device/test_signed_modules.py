@@ -13,8 +13,9 @@ from conftest import Device
 from test_cloud_session import (  # noqa: F401 (fixtures)
     MOSQUITTO, broker, cloud, pki, provision)
 from test_ota import Updater
+from hostile_images import NEXT_BOOTLOADER
 
-from keel import build, signing, trust, vdev
+from keel import build, keel_files, signing, trust, vdev
 from keel.errors import KeelError
 from keel.images import load_valid_image
 from keel_cloud import signatures
@@ -137,7 +138,7 @@ def test_a_board_without_keys_is_in_development_mode(device, apps, tmp_path):
 def test_an_unreadable_trust_file_takes_nothing(tmp_path, keys, signed_system, apps):
     dev = trusting(tmp_path, signed_system, [keys["release.pub"]])
     dev.run(until="no app installed")  # the system goes in while the keys read
-    vdev.write_files(dev.path, {trust.TRUST_FILE: b"{not json"})
+    vdev.write_files(dev.path, {keel_files.TRUST_FILE: b"{not json"})
     write_into_slot(dev, apps["signed"])
     dev.run(until="SAFE MODE")
     status = dev.status()
@@ -145,7 +146,7 @@ def test_an_unreadable_trust_file_takes_nothing(tmp_path, keys, signed_system, a
     assert status["trust"]["mode"] == "enforced" and status["trust"]["error"]
     # On a new board, nothing goes in: the bootloader waits for firmware, and says why.
     fresh = trusting(tmp_path, signed_system, [keys["release.pub"]], name="fresh")
-    vdev.write_files(fresh.path, {trust.TRUST_FILE: b"[]"})
+    vdev.write_files(fresh.path, {keel_files.TRUST_FILE: b"[]"})
     assert "waiting for firmware" in fresh.run(until="waiting for firmware")
     status = fresh.status()
     assert status["stage"] == "bootloader" and status["safe_mode_reason"] == "untrusted"
@@ -187,7 +188,7 @@ def test_a_signed_bootloader_can_bring_new_keys(tmp_path, keys, apps):
     write_into_slot(dev, load_valid_image(boot).data, "bootloader")
     console = dev.run(until="no app installed", seconds=30)
     assert "brings the keys this board trusts" in console, console
-    assert json.loads(vdev.read_file(dev.path, trust.TRUST_FILE)) == trust.document(
+    assert json.loads(vdev.read_file(dev.path, keel_files.TRUST_FILE)) == trust.document(
         [keys["next.pub"]])
     assert dev.status()["trust"]["keys"] == [signing.fingerprint(keys["next.pub"])]
     # The old key's app is refused now; one signed by the new key runs.
@@ -203,7 +204,7 @@ def test_a_signed_bootloader_can_bring_new_keys(tmp_path, keys, apps):
     assert "SIGNED-APP-RUNNING" in dev.run(until="SIGNED-APP-RUNNING")
 
 
-def newer(image: bytes, key, version="1.0.1") -> bytes:
+def newer(image: bytes, key, version=NEXT_BOOTLOADER) -> bytes:
     """The same module as a new version (other bytes, so the board installs it), signed."""
     from keel import module_format as mf
 
@@ -221,14 +222,14 @@ def test_a_bootloader_update_keeps_the_boards_keys(tmp_path, keys, signed_system
     # A new bootloader signed by a key the board does not trust: refused.
     write_into_slot(dev, newer(boot, keys["other"]), "bootloader")
     console = dev.run(until="keel: system", seconds=30)
-    assert "keel: refusing bootloader 1.0.1 (untrusted)" in console, console
+    assert f"keel: refusing bootloader {NEXT_BOOTLOADER} (untrusted)" in console, console
     # Signed by the trusted key, bringing no keys of its own: the board keeps its keys.
     write_into_slot(dev, newer(boot, keys["release"]), "bootloader")
     console = dev.run(until="no app installed", seconds=30)
     assert "bootloader updated" in console, console
     assert [m["version"] for m in dev.status()["modules"]
-            if m["function"] == "bootloader"] == ["1.0.1"]
-    assert json.loads(vdev.read_file(dev.path, trust.TRUST_FILE)) == trust.document(
+            if m["function"] == "bootloader"] == [NEXT_BOOTLOADER]
+    assert json.loads(vdev.read_file(dev.path, keel_files.TRUST_FILE)) == trust.document(
         [keys["release.pub"]])
 
 

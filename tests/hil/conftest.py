@@ -37,13 +37,14 @@ from pathlib import Path
 
 import pytest
 
+from keel import keel_files
 REPO = Path(__file__).resolve().parents[2]
 HIL_DIR = Path(__file__).resolve().parent
 HAL = REPO / "hal"
 BOARDS = REPO / "boards"
 NO_BOARD = "no board attached: run pytest tests/hil --port PORT --board BOARD"
 DEVICE_ROOT = "/keel_hil"  # where the HAL goes on the board
-BOARD_FILE = "/keel/board.json"  # where hal.board() reads it
+BOARD_FILE = keel_files.BOARD_FILE  # where hal.board() reads it
 APP_MARK_FILE = "/keel_hil_app.txt"  # what the test apps of test_hil_keel.py write
 RESULT_MARK = "\x1eKEEL-HIL "
 # The order the files run in: the peripherals with Keel stopped, then Keel (which
@@ -255,6 +256,7 @@ class Board:
 
         port = self.data["port"]
         files = {f"{DEVICE_ROOT}/hal/{p.stem}.mpy": p for p in sorted(HAL.glob("*.py"))}
+        files[f"{DEVICE_ROOT}/keel_files.mpy"] = REPO / "lib" / "keel_files.py"  # (hal reads BOARD_FILE)
         ports_init = HAL / "ports" / "__init__.py"
         if ports_init.is_file():
             files[f"{DEVICE_ROOT}/hal/ports/__init__.mpy"] = ports_init

@@ -4,6 +4,7 @@ real mpy-cross."""
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -342,6 +343,40 @@ def test_build_system_invalid_version(keel_cli, expect_cli_error, tmp_path):
     )
     assert not out.exists()
 
+
+@pytest.mark.parametrize("platform", ["esp32", "nrf52840"])
+def test_the_bootloader_fits_every_board_of_its_platform(platform, tmp_path):
+    """The 32 KB bootloader slot of the ESP32 and nRF52840 boards, with room for a
+    signature, and compiled without line numbers (they would not fit)."""
+    from keel import boards, build
+
+    out = tmp_path / platform
+    build.build_system(platform, None, out)
+    [bl] = out.glob("*-bootloader-*.bin")
+    image = images.read_image(bl)
+    slots = [boards.load_board(name).slot_for(mf.FUNCTION_BOOTLOADER, 0).size
+             for name in boards.known_boards() if boards.load_board(name).platform == platform]
+    assert slots and len(image.data) + 256 <= min(slots), (len(image.data), slots)
+    with_lines = build.compile_py(build.source_root() / "bootloader/boot_check.py", "b.py")
+    assert len(build.compile_py(build.source_root() / "bootloader/boot_check.py", "b.py", lines=False)) \
+        < len(with_lines) - 100
+
+
+def test_a_system_that_does_not_fit_its_boards_is_refused(tmp_path, monkeypatch):
+    from keel import boards, build
+    from keel.errors import KeelError
+
+    def small_slot(name):  # a board whose bootloader slot is 16 KB
+        board = boards.load_board(name)
+        parts = [replace(p, size=16384) if p.label == "bootloader" else p for p in board.partitions]
+        return replace(board, partitions=parts)
+
+    monkeypatch.setattr(build, "load_board", small_slot)
+    out = tmp_path / "sys"
+    with pytest.raises(KeelError, match=r"nrf52840-bootloader-.*\.bin: \d+ bytes do not fit the bootloader "
+                                        r"slot of board .* \(16384 bytes\)"):
+        build.build_system("nrf52840", None, out)
+    assert not out.exists()
 
 
 def test_app_module_named_like_a_system_module_is_refused(tmp_path):

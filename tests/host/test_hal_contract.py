@@ -452,6 +452,7 @@ NRF_DRIVER = r"""
 exec(open("boot.py").read(), {})
 import sys, time
 sys.path.insert(0, "/_repo")
+sys.path.insert(1, "/_repo/lib")  # keel_files, where the HAL reads the board
 import machine
 import hal
 from hal.gpio import Pin
@@ -652,6 +653,7 @@ def _shown(output: str) -> dict:
 ESP32_DRIVER = r"""
 import sys, time
 sys.path.insert(0, "/_repo")
+sys.path.insert(1, "/_repo/lib")  # keel_files, where the HAL reads the board
 import machine
 import hal
 from hal.gpio import Pin

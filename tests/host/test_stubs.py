@@ -127,7 +127,7 @@ def test_hal_stubs_match_the_port(name):
 
 def test_hal_package_stub_matches():
     source = _api(_tree(ROOT / "hal" / "__init__.py"),
-                  ["PORT", "BOARD_FILE", "board", "pin_id", "pin_has", "pin_name", "schedule"])
+                  ["PORT", "board", "pin_id", "pin_has", "pin_name", "schedule"])
     assert _stub("hal/__init__.pyi") == source
     assert _stub("hal/device.pyi") == {"unique_id": []}
     # hal.hostlink: what both of its branches define (the virtual board's link, or none)

@@ -13,7 +13,7 @@ from mpremote.romfs import VfsRomWriter
 
 from keel import module_format as mf
 from keel import trust
-from keel.boards import PLATFORM_PORTS
+from keel.boards import PLATFORM_PORTS, known_boards, load_board
 from keel.errors import KeelError
 from keel.paths import mpy_cross, source_root
 
@@ -54,13 +54,16 @@ def check_platform(platform: str) -> int:
 _TRACE_LINE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
 
 
-def compile_py(source: Path, shown_name: str, error_name: str | None = None) -> bytes:
+def compile_py(source: Path, shown_name: str, error_name: str | None = None,
+               lines: bool = True) -> bytes:
     """Compile one file to .mpy bytecode. shown_name is the file name tracebacks on
-    the device show; errors name error_name (default: the same) and the line."""
+    the device show; errors name error_name (default: the same) and the line. Without
+    lines, tracebacks name the functions but not the lines (smaller bytecode)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.mpy"
         proc = subprocess.run(
-            [mpy_cross(), "-o", str(out), "-s", shown_name, str(source)],
+            [mpy_cross(), "-o", str(out), "-s", shown_name, *([] if lines else ["-X", "no-source-lines"]),
+             str(source)],
             capture_output=True,
             text=True,
         )
@@ -128,11 +131,11 @@ def _expand_sources(root: Path, specs: list[str], port: str) -> dict[str, Path]:
     return found
 
 
-def _compile_tree(sources: dict[str, Path], root: Path) -> dict[str, bytes]:
+def _compile_tree(sources: dict[str, Path], root: Path, lines: bool = True) -> dict[str, bytes]:
     files = {}
     for dest, path in sources.items():
         shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        files[dest[:-3] + ".mpy"] = compile_py(path, shown)
+        files[dest[:-3] + ".mpy"] = compile_py(path, shown, lines=lines)
     return files
 
 
@@ -175,7 +178,10 @@ def build_system(platform: str, version: str | None, out_dir: Path, sign=None,
         images.append((filename, mf.build_image(info, make_romfs(files), hashlib.sha256, sign)))
 
     bl = spec["bootloader"]
-    bl_files = _compile_tree(_expand_sources(root, _bootloader_sources(bl, port), port), root)
+    # The bootloader without line numbers: its slot is 32 KB on the ESP32 and nRF52840
+    # boards, and they cost it 2 KB (docs/boot-flow.md, "The bootloader's size").
+    bl_files = _compile_tree(_expand_sources(root, _bootloader_sources(bl, port), port), root,
+                             lines=False)
     if trust_keys is not None:
         bl_files[trust.BUNDLED] = json.dumps(trust.document(trust_keys)).encode()
     bl_version = parse_version(bootloader_version())
@@ -196,12 +202,28 @@ def build_system(platform: str, version: str | None, out_dir: Path, sign=None,
             f"{platform}-system-part{part['index']}-{version}.bin",
         )
 
+    _check_fits(platform, images)
     if out_dir.exists() and not out_dir.is_dir():
         raise KeelError(f"{out_dir}: not a directory")
     written = []
     for filename, data in images:
         written.append(_write_atomic(out_dir / filename, data))
     return written
+
+
+def _check_fits(platform: str, images: list[tuple[str, bytes]]) -> None:
+    """Refuse a build whose modules a board of the platform has no room for: a bootloader
+    or system part that does not fit its slot could never be installed over the air."""
+    for name in known_boards():
+        board = load_board(name)
+        if board.platform != platform:
+            continue
+        for filename, data in images:
+            info = mf.parse_header(data)
+            slot = board.slot_for(info.function, info.index)
+            if slot is not None and len(data) > slot.size:
+                raise KeelError(f"{filename}: {len(data)} bytes do not fit the {slot.label} slot of "
+                                f"board {name} ({slot.size} bytes)")
 
 
 def system_module_names(platform: str) -> set[str]:

@@ -170,7 +170,7 @@ def cmd_image_esp32(args) -> int:
 
 def cmd_image_nrf52840(args) -> int:
     """The files an nRF52840 gets over its raw REPL: the factory files, then the modules."""
-    from keel import esp32image, factory
+    from keel import esp32image, factory, keel_files
     from keel import module_format as mf
     from keel.boards import load_board
     from keel.images import module_label
@@ -191,7 +191,8 @@ def cmd_image_nrf52840(args) -> int:
         name = module_label(image.info).replace(" ", "-") + ".bin"
         (out / "modules" / name).write_bytes(image.data)
         names.append(name)
-    print(f"wrote {out}/fs (the board's filesystem: /boot.py, /keel/board.json, /keel/m/bl) "
+    print(f"wrote {out}/fs (the board's filesystem: /boot.py, {keel_files.BOARD_FILE}, "
+          f"{keel_files.BOOTLOADER_DIR}) "
           f"and {out}/modules ({', '.join(sorted(names))})")
     print("install (docs/boards/nrf52840.md):")
     print(f"  cd {out}/fs && mpremote connect PORT cp -r boot.py main.py keel :")

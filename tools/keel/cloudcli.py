@@ -17,7 +17,7 @@ from pathlib import Path
 from keel_cloud.client import ApiClient
 from keel_cloud.config import CloudDir, CloudError
 
-from keel import deviceid, images, vdev
+from keel import deviceid, images, keel_files, vdev
 from keel import module_format as mf
 from keel.errors import KeelError
 from keel.progress import Progress
@@ -50,7 +50,7 @@ def tell_the_cloud(args) -> None:
 
 
 def cmd_cloud_serve(args) -> int:
-    from keel_cloud.server import serve
+    from keel_cloud.serve import serve
 
     import logging
 
@@ -63,7 +63,7 @@ def cmd_cloud_serve(args) -> int:
 
 def cmd_cloud_add_instance(args) -> int:
     from keel_cloud import pki
-    from keel_cloud.server import add_instance
+    from keel_cloud.serve import add_instance
 
     directory = cloud_dir(args).require()
     path, new = add_instance(directory, args.name)
@@ -173,7 +173,7 @@ def cmd_device_provision(args) -> int:
         check_can_join(args, args.fleet, device_id, board.platform)
     extra = {}
     if args.wifi:
-        extra["/keel/wifi.json"] = _with_network(device, args)
+        extra[keel_files.WIFI_FILE] = _with_network(device, args)
     elif args.password is not None:
         raise KeelError("--password goes with --wifi SSID")
     # The device's files first, the registry last: a failure leaves both as they were.
@@ -219,7 +219,7 @@ def cmd_device_wifi(args) -> int:
 
 
 def _with_network(device, args) -> bytes:
-    """The device's /keel/wifi.json with args.wifi added (newest last, at most 5)."""
+    """The device's networks file (keel_files.WIFI_FILE) with args.wifi added (newest last, at most 5)."""
     from keel import wifi
 
     wifi.check_ssid(args.wifi)
@@ -264,12 +264,12 @@ def _provision_board(args) -> int:
         transport.enter_raw_repl()
         device_id = deviceid.on_board(transport, args.port)  # as its system will connect
         try:  # the platform Keel was installed for (sys.platform names the board on nrf)
-            platform = json.loads(transport.fs_readfile("/keel/board.json"))["platform"]
+            platform = json.loads(transport.fs_readfile(keel_files.BOARD_FILE))["platform"]
         except Exception:  # noqa: BLE001 - mpremote raises its own errors for a missing file
             raise KeelError(f"{args.port}: Keel is not installed on this board (no "
-                            "/keel/board.json): install it first (docs/boards/)") from None
+                            f"{keel_files.BOARD_FILE}): install it first (docs/boards/)") from None
         def install(files):  # on the board first, then the registry (identity_files)
-            for path in ("/keel", "/keel/cloud"):
+            for path in (keel_files.KEEL_DIR, keel_files.CLOUD_DIR):
                 transport.exec(f"import os\ntry:\n os.mkdir('{path}')\nexcept OSError:\n pass")
             for path, data in files.items():
                 transport.fs_writefile(path, data)
@@ -480,7 +480,7 @@ def cmd_release_list(args) -> int:
 
 
 def cmd_release_app(args) -> int:
-    from keel_cloud.fleets import AppImage, Fleets
+    from keel_cloud.fleet_releases import AppImage, Fleets
     from keel_cloud.releases import Catalog
 
     image = images.load_valid_image(args.file)  # refuses a corrupt image
@@ -573,7 +573,7 @@ def cmd_fleet_create(args) -> int:
     with open_registry(args) as registry:
         registry.create_fleet(args.name, args.platform)
     if keys:
-        from keel_cloud.fleets import Fleets
+        from keel_cloud.fleet_releases import Fleets
 
         with Fleets.open(cloud_dir(args)) as fleets:
             fleets.require_signed(args.name, keys)
@@ -597,7 +597,7 @@ def _key_names(keys: list[bytes]) -> str:
 
 def cmd_fleet_require_signed(args) -> int:
     """keel fleet require-signed NAME KEYFILE.pub... | --off"""
-    from keel_cloud.fleets import Fleets
+    from keel_cloud.fleet_releases import Fleets
 
     if args.off == bool(args.keys):
         raise KeelError("give the public keys the fleet's modules must be signed by, or --off")

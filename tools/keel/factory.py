@@ -18,14 +18,12 @@ import json
 from littlefs import LittleFS
 
 from keel import module_format as mf
-from keel import romfs
+from keel import keel_files, romfs
 from keel import trust
 from keel.errors import KeelError
 from keel.images import Image
 from keel.paths import source_root
 
-BOOTLOADER_CODE_DIR = "/keel/m/bl"
-BOARD_FILE = "/keel/board.json"
 # Stage-0 files at the filesystem root, from the source tree (path on the board ->
 # path in the tree). Where the boot is split into more files, list them here.
 # /boot.py runs after every reset, soft reboots included (recovery only); /main.py,
@@ -50,9 +48,9 @@ def bootloader_files(image: Image) -> dict[str, bytes]:
         if offset < 0:
             continue  # a directory: made on the way to its files
         start = info.header_size + offset
-        files[f"{BOOTLOADER_CODE_DIR}/{path}"] = bytes(image.data[start : start + length])
+        files[f"{keel_files.BOOTLOADER_DIR}/{path}"] = bytes(image.data[start : start + length])
     digest = image.data[info.header_size + info.payload_size :][:32]
-    files[f"{BOOTLOADER_CODE_DIR}/.sha256"] = digest.hex().encode()
+    files[f"{keel_files.BOOTLOADER_DIR}/.sha256"] = digest.hex().encode()
     return files
 
 
@@ -65,17 +63,17 @@ def device_files(board_data: dict, bootloader: Image,
     root = source_root()
     for target, source in STAGE0_FILES.items():
         files[target] = (root / source).read_bytes()
-    files[BOARD_FILE] = json.dumps(board_data).encode()
+    files[keel_files.BOARD_FILE] = json.dumps(board_data).encode()
     files.update(bootloader_files(bootloader))
     if trusted:
-        files[trust.TRUST_FILE] = json.dumps(trust.document(trusted)).encode()
+        files[keel_files.TRUST_FILE] = json.dumps(trust.document(trusted)).encode()
     return files
 
 
 def trusted_keys(files: dict[str, bytes]) -> list[bytes] | None:
     """The keys a board with these factory files trusts ([]: development mode; None:
     a trust file that cannot be read, which the board treats as trusting nothing)."""
-    data = files.get(trust.TRUST_FILE)
+    data = files.get(keel_files.TRUST_FILE)
     if data is None:
         return []
     try:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 
+from keel import keel_files
 from keel import module_format as mf
 from keel.errors import KeelError
 from keel.images import Image, load_valid_image, module_label
@@ -26,10 +27,11 @@ CHUNK = 2048  # bytes per exec; divides the 4 KB flash block, so no write crosse
 # Board side: run through the raw REPL once per connection. Uses the bootloader's own
 # code on the board (/keel/m/bl): its port (the flash partitions of this board) and
 # its slot scan, so host and board agree on what a slot holds.
-_PRELUDE = """\
+_PRELUDE = "_BL, _BOARD_FILE, _TRUST_FILE = %r, %r, %r\n" % (
+    keel_files.BOOTLOADER_DIR, keel_files.BOARD_FILE, keel_files.TRUST_FILE) + """\
 import sys, json
-if '/keel/m/bl' not in sys.path:
-    sys.path.insert(0, '/keel/m/bl')
+if _BL not in sys.path:
+    sys.path.insert(0, _BL)
 try:  # the bootloader's boot work and its hand-over module (older bootloaders: one)
     import boot_check as _boot
     import handover as _ho
@@ -41,7 +43,7 @@ from binascii import a2b_base64 as _unb64, hexlify as _hex
 _PORT = _ho.port() if hasattr(_ho, 'port') else _boot._port()
 
 def _probe():
-    board = json.load(open('/keel/board.json'))
+    board = json.load(open(_BOARD_FILE))
     platform = _mf.platform_id(board['platform'])
     slots = []
     for s in _boot.load_slots(board):
@@ -52,7 +54,7 @@ def _probe():
         d['capacity'] = s.size
         slots.append(d)
     try:
-        trust = json.load(open('/keel/m/bl/trust.json'))
+        trust = json.load(open(_TRUST_FILE))
     except OSError:
         trust = {'keys': []}
     except ValueError:
@@ -88,15 +90,15 @@ def _sha256(label, size):
 _HAS_KEEL = """\
 import os
 try:
-    os.stat('/keel/m/bl/keel_boot.py')
+    os.stat('%s/keel_boot.py')
     print(1)
 except OSError:
     try:
-        os.stat('/keel/m/bl/keel_boot.mpy')
+        os.stat('%s/keel_boot.mpy')
         print(1)
     except OSError:
         print(0)
-"""
+""" % (keel_files.BOOTLOADER_DIR, keel_files.BOOTLOADER_DIR)
 
 _FUNCTION_ORDER = {mf.FUNCTION_BOOTLOADER: 0, mf.FUNCTION_SYSTEM_PART: 1, mf.FUNCTION_USER_PART: 2}
 
@@ -143,7 +145,7 @@ class BoardLink:
         if self._exec(_HAS_KEEL).strip() != "1":
             self.close()
             raise KeelError(f"{self.port}: Keel is not installed on this board (no bootloader in "
-                            "/keel/m/bl): install it first (docs/boards/)")
+                            f"{keel_files.BOOTLOADER_DIR}): install it first (docs/boards/)")
         self._exec(_PRELUDE)
 
     def _exec(self, code: str, timeout: float = 30) -> str:

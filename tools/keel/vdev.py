@@ -22,7 +22,7 @@ from pathlib import Path
 from littlefs import LittleFS, LittleFSError
 
 from keel import module_format as mf
-from keel import factory, twin_nrf, vmfirmware
+from keel import factory, keel_files, twin_nrf, vm_exit, vmfirmware
 from keel.boards import Board, board_dir, board_from_dict, load_board
 from keel.errors import KeelError
 from keel.images import Image, folder_images, load_valid_image, module_label
@@ -33,14 +33,11 @@ FLASH_FILE = "flash.bin"
 BOARD_FILE = "board.json"
 PID_FILE = "vm.pid"
 UID_FILE = "uid"  # the board's unique id (hal.device.unique_id)
-RESET_EXIT = 100  # exit status of the VM when the device asks for a reset
-DEEP_SLEEP_EXIT = 101  # ... and when it goes into deep sleep
-POWER_CUT_EXIT = 102  # ... and when fault injection cut its power (faults.json)
-SOFT_REBOOT_EXITS = {103: "friendly", 104: "raw"}  # a soft reboot at the console's REPL, by mode
+# A soft reboot at the console's REPL, by the REPL mode the next VM starts in
+SOFT_REBOOT_EXITS = {vm_exit.SOFT_REBOOT_FRIENDLY: "friendly", vm_exit.SOFT_REBOOT_RAW: "raw"}
 FAULTS_FILE = "faults.json"  # fault injection for the next boot (docs/virtual-board.md)
 FAULTS_OUT = "faults.out"  # what it counted: "COUNT STATE" (STATE "----------" or cut-/torn-write/-erase)
 WIRES_FILE = "wires.json"  # simulated jumpers for the run (keel vdev run --wires)
-STATUS_PATH = "/keel/status.json"
 
 
 class VirtualDevice:
@@ -327,7 +324,7 @@ def status(path: Path | str) -> dict:
     fs = device.open_fs(device.read_flash(), board)
     try:
         fs.mount()
-        with fs.open(STATUS_PATH, "r") as f:
+        with fs.open(keel_files.STATUS_FILE, "r") as f:
             doc = json.loads(f.read())
     except (LittleFSError, OSError):
         raise KeelError(f"{device.path}: no status recorded yet (has the device booted?)") from None
@@ -403,7 +400,7 @@ def trusted_keys(path: Path | str) -> list[bytes] | None:
     from keel import trust
 
     try:
-        data = read_file(path, trust.TRUST_FILE)
+        data = read_file(path, keel_files.TRUST_FILE)
     except (LittleFSError, OSError):
         return []
     try:
@@ -839,16 +836,16 @@ def run(
             if code in SOFT_REBOOT_EXITS:
                 note(f"soft reboot ({repl_mode} REPL)")
                 event = "soft-reboot"
-            elif code == RESET_EXIT:
+            elif code == vm_exit.RESET:
                 event = "reset"
-            elif code == DEEP_SLEEP_EXIT:
+            elif code == vm_exit.DEEP_SLEEP:
                 ms = monitor.sleep_ms
                 note(f"deep sleep for {ms} ms" if ms is not None else "deep sleep, no timer")
                 wake = time.monotonic() + (ms if ms is not None else float("inf")) / 1000
                 while time.monotonic() < wake and not stop_now():
                     time.sleep(0.02)
                 event = "deep-sleep"
-            elif code == POWER_CUT_EXIT:
+            elif code == vm_exit.POWER_CUT:
                 note("power cut (fault injection): powering on again")
                 event = "power-on"
             elif code == 0:

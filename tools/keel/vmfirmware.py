@@ -23,7 +23,7 @@ from keel.paths import mpy_cross, source_root
 ENV = "KEEL_VM_FIRMWARE"
 # What is compiled, under boards/: every module the VM imports from there while it runs
 # (vm_startup.py itself runs as a script).
-PARTS = ("virtual/sim_*.py", "virtual/vm_console.py", "virtual/vm_faults.py",
+PARTS = ("virtual/sim_*.py", "virtual/vm_console.py", "virtual/vm_faults.py", "virtual/vm_exit.py",
          "twins/*.py", "twins/*/*.py")
 
 

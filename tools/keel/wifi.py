@@ -6,10 +6,11 @@ A password is never printed or logged."""
 import json
 from pathlib import Path
 
+from keel import keel_files
 from keel.errors import KeelError
 
 AIR_FILE = "wifi.json"  # in a device directory: the access points around the board
-CREDENTIALS_FILE = "/keel/wifi.json"  # on the board: its networks (system/core/connection.py)
+CREDENTIALS_FILE = keel_files.WIFI_FILE  # on the board: its networks (system/core/connection.py)
 MAX_NETWORKS = 5
 _SSID_MAX, _PASSWORD_MIN, _PASSWORD_MAX = 32, 8, 64  # 802.11 SSID; WPA2 passphrase
 
@@ -121,13 +122,13 @@ _BOARD_WRITE = """\
 def _wifi_write(nets):
     import json, os
     try:
-        os.mkdir("/keel")
+        os.mkdir(%r)
     except OSError:
         pass
     with open(%r, "w") as f:
         json.dump({"networks": nets}, f)
     os.rename(%r, %r)
-""" % (CREDENTIALS_FILE + ".tmp", CREDENTIALS_FILE + ".tmp", CREDENTIALS_FILE)
+""" % (keel_files.KEEL_DIR, CREDENTIALS_FILE + ".tmp", CREDENTIALS_FILE + ".tmp", CREDENTIALS_FILE)
 
 
 def board_networks(link) -> list[str]:

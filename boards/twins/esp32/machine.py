@@ -11,9 +11,11 @@ import sim_link
 import sim_pins
 import sim_analog
 import sim_i2c
+import machine_i2c
 import sim_serial
 import sim_watchdog
 import vm_twin
+import vm_exit
 
 # ---------------------------------------------------------------- resets (modmachine.c)
 
@@ -34,7 +36,7 @@ def reset_cause():
 
 
 def reset():
-    vm_twin.halt(vm_twin.RESET_EXIT)  # esp_restart(): the chip restarts, nothing unwinds
+    vm_twin.halt(vm_exit.RESET)  # esp_restart(): the chip restarts, nothing unwinds
 
 
 def soft_reset():
@@ -45,7 +47,7 @@ def deepsleep(ms=0):
     # The timer wakes the chip after ms (none: it sleeps until the run ends); it then
     # boots as after a reset (mp_machine_deepsleep ends in mp_machine_reset).
     sim_link.emit("deep-sleep", ms=ms if ms > 0 else None)
-    vm_twin.halt(vm_twin.DEEP_SLEEP_EXIT)
+    vm_twin.halt(vm_exit.DEEP_SLEEP)
 
 
 def lightsleep(ms=None):
@@ -461,56 +463,12 @@ def _check_duty_u16(duty):
 
 # ---------------------------------------------------------------- I2C (machine_i2c.c)
 
-_ENODEV = 19
-
-
-class _I2CBus:
-    """The controller's transfers (extmod/machine_i2c.c), on the devices its pins reach."""
+class _I2CBus(machine_i2c.I2CBus):
+    """The controller's transfers (machine_i2c.py), on the devices its pins reach."""
 
     def _devices(self):
         vm_twin.poll()
         return sim_i2c.on_pins(_name(self._sda), _name(self._scl))
-
-    def scan(self):
-        return sorted(self._devices())
-
-    def writeto(self, addr, buf, stop=True):
-        sim_i2c.write(sim_i2c.target(self._devices(), addr), buf)
-        return len(buf)  # the number of bytes ACKed
-
-    def writevto(self, addr, vector, stop=True):
-        device = sim_i2c.target(self._devices(), addr)
-        device.start()
-        count = 0
-        for buf in vector:
-            for byte in buf:
-                device.receive(byte)
-            count += len(buf)
-        return count
-
-    def readfrom_into(self, addr, buf, stop=True):
-        sim_i2c.read_into(sim_i2c.target(self._devices(), addr), buf)
-
-    def readfrom(self, addr, nbytes, stop=True):
-        buf = bytearray(nbytes)
-        self.readfrom_into(addr, buf, stop)
-        return bytes(buf)
-
-    def readfrom_mem_into(self, addr, memaddr, buf, *, addrsize=8):
-        device = sim_i2c.target(self._devices(), addr)
-        sim_i2c.select(device, memaddr, addrsize)
-        sim_i2c.read_into(device, buf)
-
-    def readfrom_mem(self, addr, memaddr, nbytes, *, addrsize=8):
-        buf = bytearray(nbytes)
-        self.readfrom_mem_into(addr, memaddr, buf, addrsize=addrsize)
-        return bytes(buf)
-
-    def writeto_mem(self, addr, memaddr, buf, *, addrsize=8):
-        device = sim_i2c.target(self._devices(), addr)
-        sim_i2c.select(device, memaddr, addrsize)
-        for byte in buf:
-            device.receive(byte)
 
 
 class I2C(_I2CBus):

@@ -13,9 +13,11 @@ import sim_link
 import sim_pins
 import sim_analog
 import sim_i2c
+import machine_i2c
 import sim_serial
 import sim_watchdog
 import vm_twin
+import vm_exit
 
 _board = {}  # the board's firmware (port.py BOARDS): pins.csv, UART REPL
 
@@ -52,7 +54,7 @@ def reset_cause():
 
 
 def reset():
-    vm_twin.halt(vm_twin.RESET_EXIT)  # NVIC_SystemReset(): the chip restarts at once
+    vm_twin.halt(vm_exit.RESET)  # NVIC_SystemReset(): the chip restarts at once
 
 
 def soft_reset():
@@ -401,7 +403,7 @@ def _check_freq(value):
 # ---------------------------------------------------------------- I2C (i2c.c)
 
 
-class I2C:
+class I2C(machine_i2c.I2CBus):  # (its transfers: machine_i2c.py)
     _objs = {}
 
     def __new__(cls, id, scl, sda, *, freq=-1):
@@ -422,37 +424,6 @@ class I2C:
     def _devices(self):
         vm_twin.poll()
         return sim_i2c.on_pins(self._sda.line.name, self._scl.line.name)
-
-    def scan(self):
-        return sorted(self._devices())
-
-    def writeto(self, addr, buf, stop=True):
-        sim_i2c.write(sim_i2c.target(self._devices(), addr), buf)
-        return len(buf)
-
-    def readfrom_into(self, addr, buf, stop=True):
-        sim_i2c.read_into(sim_i2c.target(self._devices(), addr), buf)
-
-    def readfrom(self, addr, nbytes, stop=True):
-        buf = bytearray(nbytes)
-        self.readfrom_into(addr, buf, stop)
-        return bytes(buf)
-
-    def readfrom_mem_into(self, addr, memaddr, buf, *, addrsize=8):
-        device = sim_i2c.target(self._devices(), addr)
-        sim_i2c.select(device, memaddr, addrsize)
-        sim_i2c.read_into(device, buf)
-
-    def readfrom_mem(self, addr, memaddr, nbytes, *, addrsize=8):
-        buf = bytearray(nbytes)
-        self.readfrom_mem_into(addr, memaddr, buf, addrsize=addrsize)
-        return bytes(buf)
-
-    def writeto_mem(self, addr, memaddr, buf, *, addrsize=8):
-        device = sim_i2c.target(self._devices(), addr)
-        sim_i2c.select(device, memaddr, addrsize)
-        for byte in buf:
-            device.receive(byte)
 
     def __repr__(self):
         return "I2C(%u)" % self._id

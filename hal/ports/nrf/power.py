@@ -17,8 +17,8 @@ import time
 import machine
 from micropython import const
 from hal.ports.nrf import watchdog
+from keel_files import DEEP_SLEEP_MARKER as _MARKER
 
-_MARKER = "/keel/deep-sleep"
 _FEED_MS = const(1000)
 _cause = []
 

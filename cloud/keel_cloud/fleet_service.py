@@ -12,12 +12,12 @@ import time
 import paho.mqtt.client as mqtt
 
 from keel_cloud import pki, protocol
-from keel_cloud.fleets import Fleets
+from keel_cloud.fleet_releases import Fleets
 from keel_cloud.adopt import SessionAdoption
 from keel_cloud.healer import Healer, SharedCatalog, rollback_of
 from keel_cloud.ingest import READ_LIMIT, EventStream, Ingest
 from keel_cloud.leases import Leases
-from keel_cloud.ota import TRIAL_S, OtaSender
+from keel_cloud.ota_sender import TRIAL_S, OtaSender
 from keel_cloud.registry import Registry, Write
 
 log = logging.getLogger("keel.cloud.service")

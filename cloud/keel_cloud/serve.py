@@ -17,7 +17,7 @@ from keel_cloud.config import (AUTO, EMBEDDED, EXTERNAL, INSTANCE_NAME, MOSQUITT
                                CloudError, broker_kind, device_address, parse_address)
 from keel_cloud.http_api import ApiServer
 from keel_cloud.registry import Registry
-from keel_cloud.service import FleetService
+from keel_cloud.fleet_service import FleetService
 
 log = logging.getLogger("keel.cloud")
 

@@ -1,0 +1,1 @@
+../../lib/keel_files.py

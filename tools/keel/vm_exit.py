@@ -1,0 +1,1 @@
+../../boards/virtual/vm_exit.py
