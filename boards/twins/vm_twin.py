@@ -284,7 +284,22 @@ def _start_hardware():
     import sim_link
 
     _link = sim_link
+    sim_link.on("press", _press)
     sys.modules["time"] = TimeProxy(_time)
+
+
+def _press(cmd):
+    # Host command {"op": "press", "button": PIN, "ms": MS}: a twin's button is a pin
+    # (board.json "button"), held at its active level for ms, then let go.
+    import sim_board
+    import sim_pins
+
+    spec = sim_board.board()["button"]
+    line = sim_pins.line(spec["pin"])
+    ms = max(1, int(cmd.get("ms", 100)))
+    sim_pins.drive(line, 0 if spec.get("active", "low") == "low" else 1)
+    _link.emit("button", pressed=True, ms=ms)
+    after(ms, lambda: sim_pins.drive(line, None))
 
 
 # ---------------------------------------------------------------- the heap

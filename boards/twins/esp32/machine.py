@@ -11,7 +11,7 @@ import sim_link
 import sim_pins
 import sim_analog
 import sim_i2c
-import machine_i2c
+import extmod_buses
 import sim_serial
 import sim_watchdog
 import vm_twin
@@ -463,8 +463,8 @@ def _check_duty_u16(duty):
 
 # ---------------------------------------------------------------- I2C (machine_i2c.c)
 
-class _I2CBus(machine_i2c.I2CBus):
-    """The controller's transfers (machine_i2c.py), on the devices its pins reach."""
+class _I2CBus(extmod_buses.I2CBus):
+    """The controller's transfers (extmod_buses.py), on the devices its pins reach."""
 
     def _devices(self):
         vm_twin.poll()
@@ -512,7 +512,7 @@ class SoftI2C(_I2CBus):
 # ---------------------------------------------------------------- SPI (machine_hw_spi.c)
 
 
-class SPI:
+class SPI(extmod_buses.SPIBus):  # (its transfers: extmod_buses.py)
     MSB = 0
     LSB = 1
     _PINS = {1: (14, 13, 12), 2: (18, 23, 19)}  # HSPI, VSPI: sck, mosi, miso
@@ -532,26 +532,6 @@ class SPI:
     def init(self, baudrate=500000, *, polarity=0, phase=0, bits=8, firstbit=MSB, **pins):
         self._baudrate, self._polarity, self._phase = baudrate, polarity, phase
         self._bits, self._firstbit = bits, firstbit
-
-    def deinit(self):
-        pass
-
-    def write(self, buf):
-        scratch = bytearray(len(buf))
-        self._wires.transfer(buf, scratch)
-
-    def read(self, nbytes, write=0x00):
-        buf = bytearray(nbytes)
-        self._wires.transfer(write & 0xFF, buf)
-        return bytes(buf)
-
-    def readinto(self, buf, write=0x00):
-        self._wires.transfer(write & 0xFF, buf)
-
-    def write_readinto(self, write_buf, read_buf):
-        if len(write_buf) != len(read_buf):
-            raise ValueError("buffers must be the same length")
-        self._wires.transfer(write_buf, read_buf)
 
     def __repr__(self):
         return "SPI(id=%d, baudrate=%d, polarity=%d, phase=%d, bits=%d, firstbit=%d, " \
@@ -712,19 +692,3 @@ def _report_led():
     _led[0], _led[1], _led[2] = rgb, None, time.ticks_ms()
     sim_link.emit("led", rgb=list(rgb), pattern="frames")
 
-
-# ---------------------------------------------------------------- the mode button
-
-
-def _press(cmd):
-    # Host command {"op": "press", "button": PIN, "ms": MS}: the button is a pin here
-    # (board.json "button"): it is held at its active level for ms, then let go.
-    spec = sim_board.board()["button"]
-    line = sim_pins.line(spec["pin"])
-    ms = max(1, int(cmd.get("ms", 100)))
-    sim_pins.drive(line, 0 if spec.get("active", "low") == "low" else 1)
-    sim_link.emit("button", pressed=True, ms=ms)
-    vm_twin.after(ms, lambda: sim_pins.drive(line, None))
-
-
-sim_link.on("press", _press)

@@ -13,7 +13,7 @@ import sim_link
 import sim_pins
 import sim_analog
 import sim_i2c
-import machine_i2c
+import extmod_buses
 import sim_serial
 import sim_watchdog
 import vm_twin
@@ -403,7 +403,7 @@ def _check_freq(value):
 # ---------------------------------------------------------------- I2C (i2c.c)
 
 
-class I2C(machine_i2c.I2CBus):  # (its transfers: machine_i2c.py)
+class I2C(extmod_buses.I2CBus):  # (its transfers: extmod_buses.py)
     _objs = {}
 
     def __new__(cls, id, scl, sda, *, freq=-1):
@@ -435,7 +435,7 @@ _SPI_RATES = (125000, 250000, 500000, 1000000, 2000000, 4000000, 8000000, 160000
               32000000)
 
 
-class SPI:
+class SPI(extmod_buses.SPIBus):  # (its transfers: extmod_buses.py)
     MSB = 0
     LSB = 1
 
@@ -459,25 +459,6 @@ class SPI:
                 self._baudrate = rate
                 break
         self._polarity, self._phase = polarity, phase
-
-    def deinit(self):
-        pass
-
-    def write(self, buf):
-        self._wires.transfer(buf, bytearray(len(buf)))
-
-    def read(self, nbytes, write=0x00):
-        buf = bytearray(nbytes)
-        self._wires.transfer(write & 0xFF, buf)
-        return bytes(buf)
-
-    def readinto(self, buf, write=0x00):
-        self._wires.transfer(write & 0xFF, buf)
-
-    def write_readinto(self, write_buf, read_buf):
-        if len(write_buf) != len(read_buf):
-            raise ValueError("buffers must be the same length")
-        self._wires.transfer(write_buf, read_buf)
 
     def __repr__(self):
         return "SPI(%u, baudrate=%u, polarity=%u, phase=%u)" % (
@@ -710,17 +691,3 @@ def _report_led():
         return
     _led[0], _led[1], _led[2] = rgb, time.ticks_ms(), None
     sim_link.emit("led", rgb=rgb, pattern="frames")
-
-
-def _press(cmd):
-    # Host command {"op": "press", "button": PIN, "ms": MS}: the button is a pin
-    # (board.json "button"), held at its active level for ms, then let go.
-    spec = sim_board.board()["button"]
-    line = sim_pins.line(spec["pin"])
-    ms = max(1, int(cmd.get("ms", 100)))
-    sim_pins.drive(line, 0 if spec.get("active", "low") == "low" else 1)
-    sim_link.emit("button", pressed=True, ms=ms)
-    vm_twin.after(ms, lambda: sim_pins.drive(line, None))
-
-
-sim_link.on("press", _press)

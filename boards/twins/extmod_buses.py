@@ -1,8 +1,10 @@
-# The I2C transfers MicroPython gives every port's machine.I2C: extmod/machine_i2c.c at
-# v1.28.0 (mp_machine_i2c_locals_dict, the methods of ports/esp32/machine_i2c.c's
-# I2C and SoftI2C and of ports/nrf/modules/machine/i2c.c's I2C alike), here on the
-# virtual board's simulated bus (boards/virtual/sim_i2c.py). A twin's I2C subclasses
-# I2CBus and says which devices its pins reach (_devices).
+# The bus transfers MicroPython gives every port, at v1.28.0, here on the virtual board's
+# simulated buses; a twin's classes subclass these and say what their pins reach:
+# - I2C: extmod/machine_i2c.c, mp_machine_i2c_locals_dict (the methods of
+#   ports/esp32/machine_i2c.c's I2C and SoftI2C and of ports/nrf/modules/machine/i2c.c's
+#   I2C alike), over boards/virtual/sim_i2c.py; the subclass gives _devices();
+# - SPI: extmod/machine_spi.c, mp_machine_spi_locals_dict (ports/esp32/machine_hw_spi.c's
+#   and ports/nrf/modules/machine/spi.c's SPI), over sim_serial.SPIWires in self._wires.
 import sim_i2c
 
 
@@ -50,3 +52,24 @@ class I2CBus:
         sim_i2c.select(device, memaddr, addrsize)
         for byte in buf:
             device.receive(byte)
+
+
+class SPIBus:
+    def deinit(self):
+        pass
+
+    def write(self, buf):
+        self._wires.transfer(buf, bytearray(len(buf)))
+
+    def read(self, nbytes, write=0x00):
+        buf = bytearray(nbytes)
+        self._wires.transfer(write & 0xFF, buf)
+        return bytes(buf)
+
+    def readinto(self, buf, write=0x00):
+        self._wires.transfer(write & 0xFF, buf)
+
+    def write_readinto(self, write_buf, read_buf):
+        if len(write_buf) != len(read_buf):
+            raise ValueError("buffers must be the same length")
+        self._wires.transfer(write_buf, read_buf)
