@@ -28,7 +28,7 @@ def _root():
     vfs.umount("/flash")
     try:
         vfs.mount(bdev, "/")
-    except OSError:
+    except BaseException:  # (a Ctrl-C too: never leave the board with no filesystem)
         vfs.mount(bdev, "/flash")  # as the port had it, for the REPL
         raise
     os.chdir("/")
