@@ -1,6 +1,6 @@
 """The device code's layers, checked. On the device every module is imported by a bare name,
-placed where system/parts.json puts it (the bootloader's sources and lib/module_format.py at
-the top level, system part 1's system/core/*.py and app_loader/*.py beside them and the hal
+placed where system/parts.json puts it (the bootloader's sources and lib/*.py at the top
+level, system part 1's system/core/*.py and app_loader/*.py beside them and the hal
 package, part 2's system/services/*.py), so neither an editor nor a reader can follow an
 import to its layer. This test resolves every import the way parts.json places the modules
 and fails on one against the layering:
