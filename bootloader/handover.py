@@ -10,6 +10,8 @@ import json
 import flashfs
 
 from keel_files import MODULE_ROOT, RESET_REASON_FILE, ROLLBACK_FILE, ROM_ROOT, STATUS_FILE, TRIAL_FILE
+# (a system built before bootloader 1.1.0 reads this one here: its ota_check.py)
+from keel_files import BOOTLOADER_REJECTED_FILE  # noqa: F401
 
 # Boots since the last one that recorded its status: the bootloader adds one to the
 # count in the recorded status at every start, the system's next record has none.
