@@ -1,17 +1,11 @@
-# /boot.py: stage 0's recovery work. A board runs /boot.py after every reset, soft
-# reboots included, and /main.py (bootloader/stage0_main.py, which starts Keel) only
-# when its REPL is in friendly mode. So a tool that soft-reboots into the raw REPL
-# (mpremote, keel flash --usb) finds Keel stopped and the filesystem consistent.
-#
-# A bootloader that installs a new one keeps itself in /keel/m/bl.prev and writes
-# /keel/bl_trial ("0"): the new one is on trial until it gets to the system, when it
-# deletes both. Each boot of it is counted here; at the fourth, or when /main.py wrote
-# why it failed into the file, the previous one goes back in place and the new one's
-# digest is recorded as rejected (docs/boot-flow.md, "Bootloader updates").
-#
-# Keel's paths are absolute from the filesystem's root. The nrf port mounts its
-# filesystem at /flash and runs this file there (/flash/boot.py, its cwd /flash); it is
-# mounted again at / here, so /keel/... and the port's next script, main.py, are found.
+# /boot.py: stage 0's recovery work, after every reset (soft reboots included); /main.py
+# (stage0_main.py) starts Keel in friendly-REPL mode only, so a raw-REPL tool finds Keel
+# stopped. It finishes an interrupted bootloader install and runs a new bootloader's
+# trial: at its fourth boot, or when /main.py wrote why it failed, the previous one goes
+# back (docs/boot-flow.md, "Bootloader updates"). The nrf port runs it from /flash: the
+# filesystem moves to /, where Keel's paths are. (One 4 KiB block: test_boot_ports.)
+
+
 def _root():
     import os
 
@@ -28,7 +22,7 @@ def _root():
     vfs.umount("/flash")
     try:
         vfs.mount(bdev, "/")
-    except BaseException:  # (a Ctrl-C too: never leave the board with no filesystem)
+    except BaseException:  # (a Ctrl-C too)
         vfs.mount(bdev, "/flash")  # as the port had it, for the REPL
         raise
     os.chdir("/")

@@ -45,10 +45,12 @@ MAX_SIZE = 1 << 20  # the largest module slot
 FUNCTIONS = {"bootloader": 2, "system-part": 4, "user-part": 5}  # (the format's numbers)
 TOPICS = ("call", "get", "inbox/#", "ota/offer", "ota/chunk")
 _IDLE, _RECEIVING, _VERIFY, _PENDING = "idle", "receiving", "verify", "pending"
+# A sim device runs this tree's bootloader (bootloader/VERSION), as one made from it would
+BOOTLOADER = (Path(__file__).resolve().parents[2] / "bootloader" / "VERSION").read_text().strip()
 DEFAULT_MODULES = [
-    {"function": "bootloader", "index": 0, "version": "1.0.0"},
+    {"function": "bootloader", "index": 0, "version": BOOTLOADER},
     {"function": "system-part", "index": 1, "version": "1.0.0",
-     "dependencies": [{"function": "bootloader", "index": 0, "version": "1.0.0"}]},
+     "dependencies": [{"function": "bootloader", "index": 0, "version": BOOTLOADER}]},
     {"function": "system-part", "index": 2, "version": "1.0.0",
      "dependencies": [{"function": "system-part", "index": 1, "version": "1.0.0"}]},
 ]

@@ -522,6 +522,17 @@ def test_nrf_filesystem_holds_keel(tmp_path, fs_kib, enough):
     assert (spare >= 16) == enough, f"{fs_kib}K: {spare} blocks to spare"
 
 
+def test_stage0_files_take_one_block_each():
+    """Stage 0 is source on the filesystem: a file past 4 KiB takes a second block of the
+    nRF52840's, which has none to spare (test_nrf_filesystem_holds_keel)."""
+    from keel import factory
+    from keel.paths import source_root
+
+    for source in factory.STAGE0_FILES.values():
+        size = (source_root() / source).stat().st_size
+        assert size <= 4096 - 128, f"{source}: {size} bytes; keep it within one 4 KiB block"
+
+
 def test_image_nrf52840_files(keel_cli, tmp_path):
     """keel image nrf52840: the factory files to copy with mpremote, and the modules."""
     proc = keel_cli("image", "nrf52840", "--board", "nrf52840_dk", "-o", tmp_path / "nrf")
