@@ -19,8 +19,6 @@ from boot_check import _buf
 
 from keel_files import (APPLY_FILE, BITMAP_FILE, INSTALLED_FILE, PENDING_FILE, REFUSED_FILE,
                         ROLLBACK_FILE, ROLLED_BACK_FILE, SCRATCH_FILE, TRANSFER_FILE, TRIAL_FILE)
-
-# (SCRATCH_FILE holds the slot's block being swapped, tagged with its number)
 MAX_TRIAL_BOOTS = 3  # boots a new system part gets to reach the cloud
 DEFAULT_TRIAL_S = 300
 _OTA_STATE = (TRANSFER_FILE, BITMAP_FILE, PENDING_FILE, APPLY_FILE, SCRATCH_FILE)

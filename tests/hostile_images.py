@@ -11,8 +11,8 @@ from keel import module_format as mf
 # What a good .mpy file starts with on every Keel target today (mpy-cross's output).
 # A bootloader version one patch above this tree's (bootloader/VERSION): what an update
 # to a new bootloader brings, which the system parts' dependency on it still accepts.
-NEXT_BOOTLOADER = "%d.%d.%d" % tuple(n + (i == 2) for i, n in enumerate(
-    int(x) for x in build.bootloader_version().split("-")[0].split(".")))
+_MAJOR, _MINOR, _PATCH = build.bootloader_version().split("-")[0].split(".")
+NEXT_BOOTLOADER = f"{_MAJOR}.{_MINOR}.{int(_PATCH) + 1}"
 MPY_HEAD = b"M\x06\x00\x1f"
 
 

@@ -169,13 +169,16 @@ def build_system(platform: str, version: str | None, out_dir: Path, sign=None,
 
     images: list[tuple[str, bytes]] = []
     seen: dict[str, str] = {}
+    boards = [b for b in map(load_board, known_boards()) if b.platform == platform]
 
     def add(label: str, files: dict[str, bytes], info: mf.ModuleInfo, filename: str) -> None:
         for name in _top_names(files):
             if name in seen:
                 raise KeelError(f"module '{name}' is in both {seen[name]} and {label}")
             seen[name] = label
-        images.append((filename, mf.build_image(info, make_romfs(files), hashlib.sha256, sign)))
+        image = mf.build_image(info, make_romfs(files), hashlib.sha256, sign)
+        _check_fits(filename, image, info, boards)
+        images.append((filename, image))
 
     bl = spec["bootloader"]
     # The bootloader without line numbers: its slot is 32 KB on the ESP32 and nRF52840
@@ -202,7 +205,6 @@ def build_system(platform: str, version: str | None, out_dir: Path, sign=None,
             f"{platform}-system-part{part['index']}-{version}.bin",
         )
 
-    _check_fits(platform, images)
     if out_dir.exists() and not out_dir.is_dir():
         raise KeelError(f"{out_dir}: not a directory")
     written = []
@@ -211,19 +213,14 @@ def build_system(platform: str, version: str | None, out_dir: Path, sign=None,
     return written
 
 
-def _check_fits(platform: str, images: list[tuple[str, bytes]]) -> None:
-    """Refuse a build whose modules a board of the platform has no room for: a bootloader
-    or system part that does not fit its slot could never be installed over the air."""
-    for name in known_boards():
-        board = load_board(name)
-        if board.platform != platform:
-            continue
-        for filename, data in images:
-            info = mf.parse_header(data)
-            slot = board.slot_for(info.function, info.index)
-            if slot is not None and len(data) > slot.size:
-                raise KeelError(f"{filename}: {len(data)} bytes do not fit the {slot.label} slot of "
-                                f"board {name} ({slot.size} bytes)")
+def _check_fits(filename: str, image: bytes, info: mf.ModuleInfo, boards) -> None:
+    """Refuse a module a board of the platform has no room for: a bootloader or system
+    part that does not fit its slot could never be installed over the air."""
+    for board in boards:
+        slot = board.slot_for(info.function, info.index)
+        if slot is not None and len(image) > slot.size:
+            raise KeelError(f"{filename}: {len(image)} bytes do not fit the {slot.label} slot of "
+                            f"board {board.name} ({slot.size} bytes)")
 
 
 def system_module_names(platform: str) -> set[str]:

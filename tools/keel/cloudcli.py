@@ -225,7 +225,7 @@ def _with_network(device, args) -> bytes:
     wifi.check_ssid(args.wifi)
     password = wifi.ask_password(args.wifi, args.password)
     try:
-        nets = json.loads(vdev.read_file(device.path, wifi.CREDENTIALS_FILE))["networks"]
+        nets = json.loads(vdev.read_file(device.path, keel_files.WIFI_FILE))["networks"]
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         nets = []
     nets = [n for n in nets if isinstance(n, dict) and n.get("ssid") != args.wifi]

@@ -10,7 +10,6 @@ from keel import keel_files
 from keel.errors import KeelError
 
 AIR_FILE = "wifi.json"  # in a device directory: the access points around the board
-CREDENTIALS_FILE = keel_files.WIFI_FILE  # on the board: its networks (system/core/connection.py)
 MAX_NETWORKS = 5
 _SSID_MAX, _PASSWORD_MIN, _PASSWORD_MAX = 32, 8, 64  # 802.11 SSID; WPA2 passphrase
 
@@ -116,7 +115,7 @@ def _wifi_read():
         doc = {}
     nets = doc.get("networks") if isinstance(doc, dict) else None
     return nets if isinstance(nets, list) else []
-""" % CREDENTIALS_FILE
+""" % keel_files.WIFI_FILE
 
 _BOARD_WRITE = """\
 def _wifi_write(nets):
@@ -128,7 +127,7 @@ def _wifi_write(nets):
     with open(%r, "w") as f:
         json.dump({"networks": nets}, f)
     os.rename(%r, %r)
-""" % (keel_files.KEEL_DIR, CREDENTIALS_FILE + ".tmp", CREDENTIALS_FILE + ".tmp", CREDENTIALS_FILE)
+""" % (keel_files.KEEL_DIR, keel_files.WIFI_FILE + ".tmp", keel_files.WIFI_FILE + ".tmp", keel_files.WIFI_FILE)
 
 
 def board_networks(link) -> list[str]:
